@@ -1,0 +1,1 @@
+"""Evaluation tasks: synthetic long-context retrieval (no downloads) and LongBench JSONL files."""
