@@ -1,0 +1,326 @@
+"""Hann-STFT magnitudes of attention columns, reduced by NAMM's EMA, with carried state.
+
+For each (kv head, token) the column a[n_q] of attention from the latest queries is
+left-padded with the 16 values carried from the previous chunk (zeros at a sequence's
+first chunk), cut into n_T = n_q / 16 frames of 32 samples (periodic Hann, hop 16,
+``center=False``) and turned into 17 one-sided magnitudes m_t. Then, as evo-memory's
+``reduce_ema_values`` does (newest frame weight γ⁰, oldest γ^(n_T−1), all × (1−γ),
+frames before a token entered the cache masked out):
+
+    state' = Σ_t [t ≥ first_frame] (1−γ) γ^(n_T−1−t) m_t  +  γ^(n_T) state,      pad' = a[-16:]
+
+γ is per *frame* (default 0.99**16: the seed's 0.99 per query step, hop 16).
+
+With a hop of 16 and a window of 32, frame t is exactly (previous 16 rows, current 16
+rows) of the column. The STFT of one frame is therefore two small matmuls with constant
+Hann·cos and Hann·sin bases ``[32 (17 used) × 16]`` per half — done with ``tl.dot`` on
+``[32, 16] @ [16, BLOCK_N]``, BLOCK_N tokens at a time. Each program walks the query
+axis 16 rows at a time keeping only the previous 16 rows, so nothing of size n_q × n
+tokens is ever held.
+
+``paged_spectrogram_ema`` fuses the whole feature pipeline: it takes the paged cache,
+runs the row-normaliser pass of ``paged_attention_columns`` and then computes the
+16-row column chunks in registers straight from q·kᵀ, never writing the
+[kv_heads, n_q, n_tokens] attention matrix. That is the path for the GPU engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention_columns import (
+    LOG2E,
+    PagedKeyLayout,
+    _group_probs,
+    _load_keys_t,
+    attention_columns_paged_ref,
+    exact_fp32_dot,
+    row_lse,
+)
+
+N_FFT = 32
+HOP = 16
+N_BINS = N_FFT // 2 + 1
+DEFAULT_GAMMA = 0.99**HOP
+
+_BASIS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def stft_basis(device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[4, 32, 16]`` fp32: Hann·cos and Hann·sin for the first and second half of a frame.
+
+    Order: cos_prev, sin_prev, cos_cur, sin_cur; rows are frequency bins (17..31 zero),
+    columns the 16 samples of that half.
+    """
+    device = torch.device(device)
+    if device not in _BASIS_CACHE:
+        n = torch.arange(N_FFT, dtype=torch.float64)
+        k = torch.arange(N_BINS, dtype=torch.float64)[:, None]
+        win = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64)
+        ang = 2 * math.pi * k * n / N_FFT
+        basis = torch.zeros(2, N_FFT, N_FFT, dtype=torch.float64)
+        basis[0, :N_BINS] = win * torch.cos(ang)
+        basis[1, :N_BINS] = -win * torch.sin(ang)
+        # [cos|sin, bin, sample] -> [half, cos|sin, bin, 16]
+        halves = basis.view(2, N_FFT, 2, HOP).permute(2, 0, 1, 3).reshape(4, N_FFT, HOP)
+        _BASIS_CACHE[device] = halves.to(device=device, dtype=torch.float32).contiguous()
+    return _BASIS_CACHE[device]
+
+
+def frame_weights(n_frames: int, gamma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1−γ)·γ^(n_T−1−t) for t = 0..n_T−1 (oldest frame first), fp32."""
+    t = torch.arange(n_frames, dtype=torch.float64)
+    return ((1 - gamma) * gamma ** (n_frames - 1 - t)).to(device=device, dtype=torch.float32)
+
+
+def first_valid_frame(positions: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """First frame a token may count in: (number of queries older than it) // 16, int32.
+
+    0 for tokens older than every query; for tokens of this chunk it is evo-memory's
+    strided causal mask (``reconstruct_strided_causal_mask``). ``query_positions`` sorted.
+    """
+    entered = torch.searchsorted(query_positions.contiguous(), positions.contiguous(), right=False)
+    return (entered // HOP).to(torch.int32)
+
+
+def _defaults(hkv, n_tok, device, prev_pad, prev_state, first_frame):
+    if prev_pad is None:
+        prev_pad = torch.zeros(hkv, n_tok, HOP, device=device)
+    if prev_state is None:
+        prev_state = torch.zeros(hkv, n_tok, N_BINS, device=device)
+    if first_frame is None:
+        first_frame = torch.zeros(n_tok, device=device, dtype=torch.int32)
+    return prev_pad, prev_state, first_frame
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def spectrogram_ema_ref(
+    columns: torch.Tensor,
+    prev_pad: torch.Tensor | None = None,
+    prev_state: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.stft version. columns ``[kv_heads, n_q, n_tok]`` → (state ``[kv_heads, n_tok, 17]``, pad ``[kv_heads, n_tok, 16]``)."""
+    hkv, n_q, n_tok = columns.shape
+    if n_q % HOP or n_q == 0:
+        raise ValueError(f"n_q={n_q} must be a positive multiple of {HOP}")
+    prev_pad, prev_state, first_frame = _defaults(hkv, n_tok, columns.device, prev_pad, prev_state, first_frame)
+    x = torch.cat([prev_pad.float(), columns.float().transpose(1, 2)], dim=-1)  # [hkv, n, 16 + n_q]
+    spec = torch.stft(
+        x.reshape(-1, HOP + n_q), n_fft=N_FFT, hop_length=HOP, win_length=N_FFT,
+        window=torch.hann_window(N_FFT, periodic=True, device=x.device), center=False,
+        onesided=True, return_complex=True,
+    ).abs()
+    n_frames = n_q // HOP
+    spec = spec.view(hkv, n_tok, N_BINS, n_frames)
+    t = torch.arange(n_frames, device=x.device)
+    w = frame_weights(n_frames, gamma, x.device) * (t[None, :] >= first_frame[:, None].to(t.device))
+    state = (spec * w[None, :, None, :]).sum(-1) + gamma**n_frames * prev_state.float()
+    return state, x[..., -HOP:].contiguous()
+
+
+def paged_spectrogram_ema_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    layout: PagedKeyLayout,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    scale: float,
+    prev_pad: torch.Tensor | None = None,
+    prev_state: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for the fused path: materialise the columns, then ``spectrogram_ema_ref``."""
+    cols = attention_columns_paged_ref(q, key_cache, layout, block_table, positions, query_positions, scale)
+    return spectrogram_ema_ref(cols, prev_pad, prev_state, first_frame, gamma)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, keep,
+                   STFT_PREC: tl.constexpr):
+    """Add one frame's weighted Hann-STFT magnitudes ``[32, BLOCK_N]`` to the EMA accumulator."""
+    re = tl.dot(wc_prev, p_prev, input_precision=STFT_PREC)
+    re = tl.dot(wc_cur, p_cur, re, input_precision=STFT_PREC)
+    im = tl.dot(ws_prev, p_prev, input_precision=STFT_PREC)
+    im = tl.dot(ws_cur, p_cur, im, input_precision=STFT_PREC)
+    mag = tl.sqrt(re * re + im * im)
+    return acc + tl.where(keep[None, :], mag * w_t, 0.0)
+
+
+@triton.jit
+def _load_basis(basis_ptr):
+    r = tl.arange(0, 32)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    return (tl.load(basis_ptr + r), tl.load(basis_ptr + 512 + r),
+            tl.load(basis_ptr + 1024 + r), tl.load(basis_ptr + 1536 + r))
+
+
+@triton.jit
+def _finish(acc, tok, tok_ok, kv, n_tok, p_last, prev_state_ptr, state_ptr, pad_ptr, carry):
+    """state' = acc + γ^(n_T)·state for bins < 17, pad' = last 16 column rows."""
+    k = tl.arange(0, 32)
+    base = (kv * n_tok + tok).to(tl.int64)
+    st_ptrs = base[None, :] * 17 + k[:, None]
+    st_mask = (k[:, None] < 17) & tok_ok[None, :]
+    old = tl.load(prev_state_ptr + st_ptrs, mask=st_mask, other=0.0)
+    tl.store(state_ptr + st_ptrs, acc + carry * old, mask=st_mask)
+    i = tl.arange(0, 16)
+    tl.store(pad_ptr + base[None, :] * 16 + i[:, None], p_last, mask=tok_ok[None, :])
+
+
+@triton.jit
+def _load_pad(prev_pad_ptr, kv, tok, tok_ok, n_tok):
+    i = tl.arange(0, 16)
+    base = (kv * n_tok + tok).to(tl.int64)
+    return tl.load(prev_pad_ptr + base[None, :] * 16 + i[:, None], mask=tok_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _spectrogram_ema_kernel(
+    col_ptr, s_ch, s_cq, s_cn, prev_pad_ptr, prev_state_ptr, first_ptr, frame_w_ptr, basis_ptr,
+    state_ptr, pad_ptr, n_q, n_tok, carry,
+    BLOCK_N: tl.constexpr, STFT_PREC: tl.constexpr,
+):
+    kv = tl.program_id(0)
+    tok = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_ok = tok < n_tok
+    wc_prev, ws_prev, wc_cur, ws_cur = _load_basis(basis_ptr)
+    first = tl.load(first_ptr + tok, mask=tok_ok, other=0)
+    p_prev = _load_pad(prev_pad_ptr, kv, tok, tok_ok, n_tok)
+    acc = tl.zeros([32, BLOCK_N], tl.float32)
+    rows = tl.arange(0, 16)
+    for f in range(0, n_q // 16):
+        qi = f * 16 + rows
+        p_cur = tl.load(col_ptr + kv.to(tl.int64) * s_ch + qi[:, None] * s_cq + tok[None, :] * s_cn,
+                        mask=tok_ok[None, :], other=0.0).to(tl.float32)
+        w_t = tl.load(frame_w_ptr + f)
+        acc = _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, f >= first, STFT_PREC)
+        p_prev = p_cur
+    _finish(acc, tok, tok_ok, kv, n_tok, p_prev, prev_state_ptr, state_ptr, pad_ptr, carry)
+
+
+@triton.jit
+def _paged_spectrogram_ema_kernel(
+    q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, key_ptr, block_table_ptr, kpos_ptr,
+    prev_pad_ptr, prev_state_ptr, first_ptr, frame_w_ptr, basis_ptr, state_ptr, pad_ptr,
+    n_q, n_live, qk_scale, carry,
+    s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOK_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
+    IS_FP32: tl.constexpr, STFT_PREC: tl.constexpr,
+):
+    kv = tl.program_id(0)
+    tok = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_ok = tok < n_live
+    offs_d = tl.arange(0, BLOCK_D)
+    kt = _load_keys_t(key_ptr, block_table_ptr, tok, n_live, kv, offs_d,
+                      s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
+                      BLOCK_SIZE, TOK_TILE, DIM_TILE, HEAD_DIM)
+    kpos = tl.load(kpos_ptr + tok, mask=tok_ok, other=0)
+    wc_prev, ws_prev, wc_cur, ws_cur = _load_basis(basis_ptr)
+    first = tl.load(first_ptr + tok, mask=tok_ok, other=0)
+    p_prev = _load_pad(prev_pad_ptr, kv, tok, tok_ok, n_live)
+    acc = tl.zeros([32, BLOCK_N], tl.float32)
+    for f in range(0, n_q // 16):
+        p_cur = _group_probs(q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, kt, kpos, tok_ok, kv, f * 16, n_q,
+                             qk_scale, offs_d, GROUP, 16, BLOCK_N, HEAD_DIM, IS_FP32)
+        w_t = tl.load(frame_w_ptr + f)
+        acc = _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, f >= first, STFT_PREC)
+        p_prev = p_cur
+    _finish(acc, tok, tok_ok, kv, n_live, p_prev, prev_state_ptr, state_ptr, pad_ptr, carry)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _prepare(hkv, n_q, n_tok, device, prev_pad, prev_state, first_frame, gamma, out):
+    if n_q % HOP or n_q == 0:
+        raise ValueError(f"n_q={n_q} must be a positive multiple of {HOP}")
+    prev_pad, prev_state, first_frame = _defaults(hkv, n_tok, device, prev_pad, prev_state, first_frame)
+    if prev_pad.shape != (hkv, n_tok, HOP) or prev_state.shape != (hkv, n_tok, N_BINS):
+        raise ValueError("prev_pad must be [kv_heads, n_tok, 16] and prev_state [kv_heads, n_tok, 17]")
+    n_frames = n_q // HOP
+    if out is None:
+        state = torch.empty(hkv, n_tok, N_BINS, device=device, dtype=torch.float32)
+        pad = torch.empty(hkv, n_tok, HOP, device=device, dtype=torch.float32)
+    else:
+        state, pad = out
+        if (state.shape != (hkv, n_tok, N_BINS) or pad.shape != (hkv, n_tok, HOP) or not state.is_contiguous()
+                or not pad.is_contiguous() or state.dtype != torch.float32 or pad.dtype != torch.float32):
+            raise ValueError("out must be contiguous fp32 (state [kv_heads, n_tok, 17], pad [kv_heads, n_tok, 16])")
+    return (prev_pad.float().contiguous(), prev_state.float().contiguous(),
+            first_frame.to(torch.int32).contiguous(), frame_weights(n_frames, gamma, device),
+            float(gamma**n_frames), state, pad)
+
+
+def _stft_precision(device: torch.device) -> str:
+    # exact fp32 under the interpreter; on GPU 3×tf32 keeps ~fp32 accuracy on tensor cores
+    return "tf32x3" if device.type == "cuda" else "ieee"
+
+
+def spectrogram_ema_triton(
+    columns: torch.Tensor,
+    prev_pad: torch.Tensor | None = None,
+    prev_state: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    block_n: int = 32,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``spectrogram_ema_ref`` (same arguments and outputs; ``out`` = (state, pad) buffers)."""
+    hkv, n_q, n_tok = columns.shape
+    prev_pad, prev_state, first, frame_w, carry, state, pad = _prepare(
+        hkv, n_q, n_tok, columns.device, prev_pad, prev_state, first_frame, gamma, out)
+    if n_tok == 0:
+        return state, pad
+    _spectrogram_ema_kernel[(hkv, triton.cdiv(n_tok, block_n))](
+        columns, *columns.stride(), prev_pad, prev_state, first, frame_w, stft_basis(columns.device),
+        state, pad, n_q, n_tok, carry, BLOCK_N=block_n, STFT_PREC=_stft_precision(columns.device),
+    )
+    return state, pad
+
+
+def paged_spectrogram_ema_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    layout: PagedKeyLayout,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    scale: float,
+    prev_pad: torch.Tensor | None = None,
+    prev_state: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    block_n: int = 64,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused paged q/k → EMA features; never writes the attention matrix to memory."""
+    n_q, hq, d = q.shape
+    hkv = layout.num_kv_heads
+    n_live = positions.numel()
+    prev_pad, prev_state, first, frame_w, carry, state, pad = _prepare(
+        hkv, n_q, n_live, q.device, prev_pad, prev_state, first_frame, gamma, out)
+    if n_live == 0:
+        return state, pad
+    lse = row_lse(q, key_cache, layout, block_table, positions, query_positions, scale, block_n)
+    _paged_spectrogram_ema_kernel[(hkv, triton.cdiv(n_live, block_n))](
+        q, q.stride(0), q.stride(1), query_positions, lse, key_cache, block_table, positions,
+        prev_pad, prev_state, first, frame_w, stft_basis(q.device), state, pad,
+        n_q, n_live, scale * LOG2E, carry, *layout.kernel_args(),
+        GROUP=hq // hkv, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
+        BLOCK_SIZE=layout.block_size, TOK_TILE=layout.tok_tile, DIM_TILE=layout.dim_tile,
+        IS_FP32=exact_fp32_dot(q), STFT_PREC=_stft_precision(q.device),
+    )
+    return state, pad
