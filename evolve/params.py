@@ -1,0 +1,107 @@
+"""The evolved vector ↔ weights file ↔ per-request settings.
+
+The CMA-ES vector is the scorer's flat parameter vector (``NammWeights.params``, the
+layout of the weights file the server was started with), optionally followed by the
+extra evolved scalars of :class:`~evolve.config.ExtraParamsConfig`. This module is the
+only place that knows that layout.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolve.config import EvictionName, ExtraParamsConfig
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+class ParamSpace:
+    """Layout of the evolved vector for one start weights file."""
+
+    def __init__(self, weights: Any, extra: ExtraParamsConfig) -> None:
+        self.weights = weights  # vllm_namm.weights.NammWeights
+        self.extra = extra
+        self.num_scorer = int(weights.params.numel())
+        self.dim = self.num_scorer + int(extra.evolve_gamma) + int(extra.evolve_threshold)
+
+    @classmethod
+    def from_file(cls, path: str | Path, extra: ExtraParamsConfig) -> ParamSpace:
+        from vllm_namm.weights import load_weights
+
+        return cls(load_weights(path), extra)
+
+    def x0(self) -> np.ndarray:
+        """Start point: the file's parameters (all 0 for a fresh NAMM: evicts nothing), then extras."""
+        parts = [self.weights.params.double().numpy()]
+        if self.extra.evolve_gamma:
+            g = self.extra.gamma_init if self.extra.gamma_init is not None else self.weights.features.ema_coeff_per_step
+            parts.append(np.array([_logit(g)]))
+        if self.extra.evolve_threshold:
+            t = self.extra.threshold_init if self.extra.threshold_init is not None else self.weights.threshold
+            parts.append(np.array([t]))
+        return np.concatenate(parts).astype(np.float64)
+
+    def split(self, x: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+        """(scorer params, EMA coefficient per step or None, threshold or None)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.dim,):
+            raise ValueError(f"expected a vector of {self.dim} parameters, got shape {x.shape}")
+        i = self.num_scorer
+        gamma = threshold = None
+        if self.extra.evolve_gamma:
+            gamma = _sigmoid(float(x[i]))
+            i += 1
+        if self.extra.evolve_threshold:
+            threshold = float(x[i])
+        return x[: self.num_scorer], gamma, threshold
+
+    def xargs(self, x: np.ndarray, eviction: EvictionName = "namm") -> dict[str, Any]:
+        """``vllm_xargs`` for one candidate: the full flat vector travels with every request."""
+        params, gamma, threshold = self.split(x)
+        out: dict[str, Any] = {"kv_eviction": eviction, "namm_params": params.tolist()}
+        if threshold is not None:
+            out["namm_threshold"] = threshold
+        if gamma is not None:
+            out["namm_ema_coeff_per_step"] = gamma
+        return out
+
+    def export(self, path: str | Path, x: np.ndarray, *, base_model: str | None, stages: list[str],
+               generations: int, fitness: float | None, retained_fraction: float | None) -> Path:
+        """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
+        import torch
+
+        from vllm_namm.weights import NammWeights, Provenance, save_weights
+
+        params, gamma, threshold = self.split(x)
+        w = self.weights
+        features = w.features if gamma is None else w.features.model_copy(update={"ema_coeff_per_step": gamma})
+        out = NammWeights(
+            scorer=w.scorer,
+            features=features,
+            params=torch.tensor(params, dtype=torch.float32),
+            norm_mean=w.norm_mean.clone(),
+            norm_std=w.norm_std.clone(),
+            threshold=w.threshold if threshold is None else threshold,
+            provenance=Provenance(
+                description="evolved with python -m evolve (CMA-ES; best mean)",
+                base_model=base_model, stages=stages, generations=generations,
+                fitness=None if fitness is None else float(fitness),
+                retained_fraction=None if retained_fraction is None else float(retained_fraction),
+            ),
+        )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_weights(tmp, out)
+        tmp.replace(path)
+        return path
