@@ -1,0 +1,148 @@
+"""Validated settings for eviction: features, protection, budgets and the policy choice.
+
+Every model is ``extra="forbid"`` so a typo in a flag, a request's ``vllm_xargs`` or a
+weights file's metadata is an error rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+PageRule = Literal["all", "majority", "any"]
+BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureConfig(_Strict):
+    """NAMM's token features (paper Table 9; evo-memory ``attn_spec_norm`` + ``namm_bam_i1``).
+
+    The EMA coefficient is given per query step, as in evo-memory's
+    ``embedding_ema_coeff``; the per-frame discount is ``gamma = coeff ** s_w``.
+    """
+
+    n_up: int = Field(512, gt=0, description="queries between two NAMM executions")
+    n_w: int = Field(32, gt=0, description="STFT (Hann) window")
+    s_w: int = Field(16, gt=0, description="STFT hop")
+    ema_coeff_per_step: float = Field(0.99, gt=0.0, lt=1.0)
+    pos_dims: int = Field(8, ge=0, description="sinusoidal oldness embedding size (even)")
+    pos_max_freq: float = Field(50000.0, gt=1.0)
+    start_oldness_from: int = Field(
+        1, ge=0, description="oldness of the newest token (evo-memory start_recency_from=1)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureConfig:
+        if self.n_w % 2:
+            raise ValueError(f"n_w must be even (one-sided STFT), got {self.n_w}")
+        if self.s_w > self.n_w:
+            raise ValueError(f"s_w ({self.s_w}) must not exceed n_w ({self.n_w})")
+        if self.n_up % self.s_w:
+            raise ValueError(f"n_up ({self.n_up}) must be a multiple of s_w ({self.s_w})")
+        if self.pos_dims % 2:
+            raise ValueError(f"pos_dims must be even (sin/cos pairs), got {self.pos_dims}")
+        return self
+
+    @property
+    def bins(self) -> int:
+        """One-sided STFT bins: 17 for n_w = 32."""
+        return self.n_w // 2 + 1
+
+    @property
+    def pad(self) -> int:
+        """Attention values carried from one chunk to the next (n_w - s_w = 16)."""
+        return self.n_w - self.s_w
+
+    @property
+    def gamma(self) -> float:
+        """EMA discount per STFT frame (0.99 ** 16)."""
+        return self.ema_coeff_per_step**self.s_w
+
+    @property
+    def input_dim(self) -> int:
+        """Scorer input size: oldness embedding + spectrogram bins (8 + 17 = 25)."""
+        return self.pos_dims + self.bins
+
+
+class ProtectConfig(_Strict):
+    """Tokens no policy may evict.
+
+    Defaults are the paper's rule (evo-memory ``BinarySelection``: only the newest token is
+    forced in). Attention-sink protection is off by default at token level because the paged
+    engine always keeps the first page anyway (see :mod:`vllm_namm.paging`); set
+    ``sink_tokens`` (e.g. 4, StreamingLLM) to get it in the reference runner too.
+    """
+
+    sink_tokens: int = Field(0, ge=0, description="oldest cached tokens always kept")
+    recent_tokens: int = Field(1, ge=1, description="newest cached tokens always kept (>= 1)")
+    new_tokens: bool = Field(
+        False, description="also keep every token cached since the previous eviction step"
+    )
+
+
+class BudgetConfig(_Strict):
+    """Cache size per layer and KV head for the fixed-budget baselines.
+
+    Exactly one of ``tokens`` (absolute) or ``ratio`` (fraction of the tokens cached at the
+    step) must be given.
+    """
+
+    tokens: int | None = Field(None, gt=0)
+    ratio: float | None = Field(None, gt=0.0, le=1.0)
+    streaming_sinks: int = Field(4, ge=0, description="StreamingLLM attention-sink tokens")
+    snapkv_window: int = Field(32, gt=0, description="SnapKV observation window (latest queries)")
+    snapkv_kernel: int = Field(7, gt=0, description="SnapKV max-pool kernel (odd)")
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetConfig:
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError("budget: give exactly one of 'tokens' or 'ratio'")
+        if self.snapkv_kernel % 2 == 0:
+            raise ValueError(f"snapkv_kernel must be odd, got {self.snapkv_kernel}")
+        if self.tokens is not None and self.tokens <= self.streaming_sinks:
+            raise ValueError(
+                f"budget tokens ({self.tokens}) must exceed streaming_sinks ({self.streaming_sinks})"
+            )
+        return self
+
+    def size(self, n_tokens: int) -> int:
+        """Tokens to keep out of ``n_tokens`` (never more than there are)."""
+        if self.tokens is not None:
+            return min(self.tokens, n_tokens)
+        assert self.ratio is not None
+        return min(n_tokens, max(1, math.ceil(self.ratio * n_tokens)))
+
+
+class EvictionConfig(_Strict):
+    """Which policy runs, how often, and how its token decisions are applied."""
+
+    policy: PolicyName = "none"
+    interval: int = Field(512, gt=0, description="n_up: tokens between two eviction steps")
+    budget: BudgetConfig | None = None
+    protect: ProtectConfig = ProtectConfig()
+    weights: Path | None = Field(None, description="NAMM weights file; None = shipped default")
+    threshold: float | None = Field(
+        None, description="NAMM keep threshold (keep score >= threshold); None = the weights file's"
+    )
+    page_rule: PageRule = "all"
+
+    @model_validator(mode="after")
+    def _check(self) -> EvictionConfig:
+        if self.interval % 16:
+            raise ValueError(
+                f"interval must be a multiple of 16 (the STFT hop), got {self.interval}"
+            )
+        if self.policy in BUDGET_POLICIES and self.budget is None:
+            raise ValueError(f"policy '{self.policy}' needs a budget (budget.tokens or budget.ratio)")
+        if self.policy not in BUDGET_POLICIES and self.budget is not None:
+            raise ValueError(f"policy '{self.policy}' takes no budget (only {sorted(BUDGET_POLICIES)})")
+        if self.policy != "namm" and (self.weights is not None or self.threshold is not None):
+            raise ValueError(f"weights/threshold only apply to policy 'namm', not '{self.policy}'")
+        return self
