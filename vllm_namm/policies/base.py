@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from vllm_namm.config import ProtectConfig
+
 
 @dataclass
 class LayerView:
@@ -72,3 +74,89 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
         """Token-level keep mask bool [kv_heads, n_tokens] *before* protection."""
+
+
+def _token_rank(view: LayerView, n_tokens: int, device: torch.device) -> Tensor:
+    """[kv_heads, n_tokens] rank of each token by position (0 = oldest)."""
+    kv_heads = view.positions.shape[0]
+    order = torch.argsort(view.positions, dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n_tokens, device=device).expand(kv_heads, -1))
+    return rank
+
+
+def protected_mask(view: LayerView, cfg: ProtectConfig) -> Tensor:
+    """bool [kv_heads, n_tokens]: tokens no policy may evict under ``cfg``.
+
+    The ``sink_tokens`` oldest and ``recent_tokens`` newest tokens of each head (by logical
+    position), and, with ``cfg.new_tokens``, the ``num_new_tokens`` cached since the last step.
+    """
+    n = view.positions.shape[-1]
+    rank = _token_rank(view, n, view.positions.device)
+    mask = (rank < cfg.sink_tokens) | (rank >= n - cfg.recent_tokens)
+    if cfg.new_tokens and view.num_new_tokens > 0:
+        mask |= rank >= n - view.num_new_tokens
+    return mask
+
+
+def protect(keep: Tensor, view: LayerView, cfg: ProtectConfig) -> Tensor:
+    """``keep`` with every protected token forced in (see :func:`protected_mask`)."""
+    return keep | protected_mask(view, cfg)
+
+
+def sanitize_scores(scores: Tensor) -> Tensor:
+    """NaN scores become +inf: a broken score must keep a token, never evict it."""
+    return torch.nan_to_num(scores.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def equalize_head_drops(keep: Tensor, scores: Tensor) -> Tensor:
+    """evo-memory ``BinarySelection``/``threshold_score_idxs`` count rule for per-head caches.
+
+    Each KV head drops its *own* lowest-scored tokens among those ``keep`` rejects, but every
+    head drops the same number: the smallest count of rejected tokens over the heads, so the
+    per-layer cache stays rectangular. Tokens ``keep`` accepts are never dropped.
+    """
+    dropped = ~keep
+    d = int(dropped.sum(dim=-1).min().item()) if keep.numel() else 0
+    if d == 0:
+        return torch.ones_like(keep)
+    s = sanitize_scores(scores)
+    order = torch.argsort(s, dim=-1, stable=True)
+    order = torch.gather(order, -1, torch.argsort(torch.gather(keep, -1, order).to(torch.int8), dim=-1, stable=True))
+    out = torch.ones_like(keep)
+    out.scatter_(-1, order[:, :d], False)
+    return out
+
+
+def topk_keep(scores: Tensor, k: int) -> Tensor:
+    """bool [kv_heads, n_tokens] keeping exactly the ``k`` best-scored tokens of each head.
+
+    Ties break towards the newer token (stable sort over oldest-first tokens); NaN counts as
+    the best score.
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    order = torch.argsort(sanitize_scores(scores), dim=-1, stable=True)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, order[:, n - k :], True)
+    return keep
+
+
+def filter_tokens(x: Tensor, keep: Tensor) -> Tensor:
+    """Gather kept tokens of ``x`` [kv_heads, n_tokens, ...] with a [n_tokens] or per-head mask.
+
+    A per-head mask must keep the same count on every head (the reference runner's rule), so
+    the result stays rectangular.
+    """
+    keep = keep.to(device=x.device, dtype=torch.bool)
+    if keep.shape[-1] != x.shape[1]:
+        raise ValueError(f"keep mask covers {keep.shape[-1]} tokens, state holds {x.shape[1]}")
+    if keep.dim() == 1:
+        return x[:, keep]
+    counts = keep.sum(dim=-1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"per-head keep masks must keep equal counts, got {counts.tolist()}")
+    idx = torch.nonzero(keep, as_tuple=False)[:, 1].view(keep.shape[0], -1)  # row-major per head
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
