@@ -1,0 +1,103 @@
+"""Weights file format: round trip, every error path, the inspect CLI on the shipped file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_namm.policies import DEFAULT_WEIGHTS
+from vllm_namm.scorers import ScorerConfig
+from vllm_namm.weights import NammWeights, WeightsError, load_weights, save_weights
+
+
+def _weights():
+    w = NammWeights.zeros()
+    w.params = torch.randn(w.params.numel())
+    w.threshold = 0.25
+    return w
+
+
+def test_round_trip(tmp_path):
+    w = _weights()
+    save_weights(tmp_path / "w.safetensors", w)
+    back = load_weights(tmp_path / "w.safetensors")
+    assert torch.equal(back.params, w.params) and back.threshold == 0.25
+    assert back.scorer == w.scorer and back.features == w.features
+    mlp = NammWeights.zeros(ScorerConfig(kind="mlp"))
+    save_weights(tmp_path / "m.safetensors", mlp)
+    assert load_weights(tmp_path / "m.safetensors").build_scorer().num_params == 1326
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="no such weights file"):
+        load_weights(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_weights(p)
+
+
+def _write_raw(path, meta_edit=None, tensors_edit=None):
+    w = _weights()
+    save_weights(path, w)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["namm"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if meta_edit:
+        meta_edit(meta)
+    if tensors_edit:
+        tensors_edit(tensors)
+    save_file(tensors, str(path), metadata={"namm": json.dumps(meta)})
+    return path
+
+
+def test_unknown_format_version(tmp_path):
+    p = _write_raw(tmp_path / "v.safetensors", meta_edit=lambda m: m.update(format_version=99))
+    with pytest.raises(WeightsError, match="unknown format_version 99"):
+        load_weights(p)
+
+
+def test_unknown_scorer_kind(tmp_path):
+    p = _write_raw(tmp_path / "k.safetensors", meta_edit=lambda m: m["scorer"].update(kind="transformer"))
+    with pytest.raises(WeightsError, match="unknown scorer kind 'transformer'"):
+        load_weights(p)
+
+
+def test_shape_mismatch(tmp_path):
+    p = _write_raw(tmp_path / "s.safetensors", tensors_edit=lambda t: t.update(norm_mean=torch.zeros(16)))
+    with pytest.raises(WeightsError, match="norm_mean.*shape"):
+        load_weights(p)
+    p = _write_raw(tmp_path / "p.safetensors", meta_edit=lambda m: m["scorer"].update(hidden=16))
+    with pytest.raises(WeightsError, match="parameters|shape"):
+        load_weights(p)
+
+
+def test_nan_values(tmp_path):
+    def poison(t):
+        t["params"][3] = float("nan")
+
+    p = _write_raw(tmp_path / "n.safetensors", tensors_edit=poison)
+    with pytest.raises(WeightsError, match="NaN or inf"):
+        load_weights(p)
+    w = _weights()
+    w.norm_std[0] = float("inf")
+    with pytest.raises(WeightsError, match="NaN or inf"):
+        save_weights(tmp_path / "never.safetensors", w)
+
+
+def test_inspect_cli_on_shipped_file():
+    r = subprocess.run([sys.executable, "-m", "vllm_namm.weights", "inspect", str(DEFAULT_WEIGHTS)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "BAM" in r.stdout and "4172" in r.stdout and "n_up 512" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "vllm_namm.weights", "inspect", "/nonexistent"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such weights file" in bad.stderr

@@ -1,0 +1,214 @@
+"""NAMM weights files: safetensors tensors + pydantic-validated JSON metadata. Never pickle.
+
+Tensors: ``params`` [P] (the scorer's flat vector), ``norm_mean`` / ``norm_std`` [bins]
+(normalisation statistics of the spectrogram features). Metadata: the safetensors header's
+``__metadata__["namm"]`` holds the JSON of :class:`WeightsMeta`.
+
+``python -m vllm_namm.weights inspect FILE`` prints what a file holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from vllm_namm.config import FeatureConfig
+from vllm_namm.scorers import Scorer, ScorerConfig, make_scorer
+
+FORMAT_VERSION = 1
+META_KEY = "namm"
+
+
+class WeightsError(ValueError):
+    """A weights file is unusable; the message names the file and the problem."""
+
+
+class Provenance(BaseModel):
+    """Where the weights came from (optional, informative only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = None
+    base_model: str | None = None
+    stages: list[str] = Field(default_factory=list)
+    generations: int | None = None
+    fitness: float | None = None
+    retained_fraction: float | None = None
+
+
+class WeightsMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["vllm-namm-weights"] = "vllm-namm-weights"
+    format_version: int
+    scorer: ScorerConfig
+    features: FeatureConfig
+    num_params: int
+    threshold: float = 0.0
+    provenance: Provenance | None = None
+
+
+@dataclass
+class NammWeights:
+    """Everything a NAMM policy needs besides the runtime config."""
+
+    scorer: ScorerConfig
+    features: FeatureConfig
+    params: Tensor
+    norm_mean: Tensor
+    norm_std: Tensor
+    threshold: float = 0.0
+    provenance: Provenance | None = None
+
+    def build_scorer(self) -> Scorer:
+        scorer = make_scorer(self.scorer)
+        scorer.from_flat(self.params)
+        return scorer
+
+    @classmethod
+    def zeros(cls, scorer: ScorerConfig | None = None, features: FeatureConfig | None = None) -> NammWeights:
+        """The evolution starting point: all parameters 0 (scores 0, evicts nothing), identity stats."""
+        features = features or FeatureConfig()
+        scorer = scorer or ScorerConfig(input_dim=features.input_dim)
+        n = make_scorer(scorer).num_params
+        return cls(scorer, features, torch.zeros(n), torch.zeros(features.bins), torch.ones(features.bins))
+
+
+def _check(w: NammWeights, where: str) -> None:
+    if w.scorer.input_dim != w.features.input_dim:
+        raise WeightsError(
+            f"{where}: scorer input_dim {w.scorer.input_dim} != features "
+            f"({w.features.pos_dims} oldness + {w.features.bins} bins)"
+        )
+    n = make_scorer(w.scorer).num_params
+    shapes = {"params": (w.params, (n,)), "norm_mean": (w.norm_mean, (w.features.bins,)),
+              "norm_std": (w.norm_std, (w.features.bins,))}
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata implies {shape}")
+        if not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{where}: tensor '{name}' contains NaN or inf")
+    if bool((w.norm_std < 0).any()):
+        raise WeightsError(f"{where}: norm_std must be >= 0")
+
+
+def save_weights(path: str | Path, weights: NammWeights) -> None:
+    """Write ``weights`` to ``path`` (validated first, so a bad file is never produced)."""
+    path = Path(path)
+    _check(weights, str(path))
+    meta = WeightsMeta(
+        format_version=FORMAT_VERSION,
+        scorer=weights.scorer,
+        features=weights.features,
+        num_params=int(weights.params.numel()),
+        threshold=weights.threshold,
+        provenance=weights.provenance,
+    )
+    tensors = {
+        "params": weights.params.detach().float().contiguous().cpu(),
+        "norm_mean": weights.norm_mean.detach().float().contiguous().cpu(),
+        "norm_std": weights.norm_std.detach().float().contiguous().cpu(),
+    }
+    save_file(tensors, str(path), metadata={META_KEY: meta.model_dump_json()})
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+
+
+def load_weights(path: str | Path) -> NammWeights:
+    """Read and validate a weights file; every problem is a :class:`WeightsError`."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise WeightsError(f"{where}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{where}: not a safetensors file ({e})") from e
+    if META_KEY not in header:
+        raise WeightsError(f"{where}: no '{META_KEY}' metadata in the safetensors header (not a NAMM weights file)")
+    try:
+        raw = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{where}: metadata is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{where}: metadata must be a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise WeightsError(f"{where}: unknown format_version {version!r} (this vllm-namm reads {FORMAT_VERSION})")
+    kind = (raw.get("scorer") or {}).get("kind") if isinstance(raw.get("scorer"), dict) else None
+    if kind not in ("bam", "mlp"):
+        raise WeightsError(f"{where}: unknown scorer kind {kind!r} (expected 'bam' or 'mlp')")
+    try:
+        meta = WeightsMeta.model_validate(raw)
+    except ValidationError as e:
+        raise WeightsError(f"{where}: invalid metadata: {_first_error(e)}") from e
+    missing = [k for k in ("params", "norm_mean", "norm_std") if k not in tensors]
+    if missing:
+        raise WeightsError(f"{where}: missing tensor(s) {missing}")
+    w = NammWeights(
+        scorer=meta.scorer,
+        features=meta.features,
+        params=tensors["params"].float(),
+        norm_mean=tensors["norm_mean"].float(),
+        norm_std=tensors["norm_std"].float(),
+        threshold=meta.threshold,
+        provenance=meta.provenance,
+    )
+    if meta.num_params != w.params.numel():
+        raise WeightsError(
+            f"{where}: metadata says {meta.num_params} parameters, tensor 'params' has {w.params.numel()}"
+        )
+    _check(w, where)
+    return w
+
+
+def describe(w: NammWeights) -> str:
+    f = w.features
+    lines = [
+        f"scorer: {w.scorer.kind.upper()} (input {w.scorer.input_dim}, hidden {w.scorer.hidden}, "
+        f"bias {w.scorer.bias}" + (f", {w.scorer.mlp_layers} layers" if w.scorer.kind == "mlp" else "") + ")",
+        f"parameters: {w.params.numel()} (|p|max {w.params.abs().max().item():.4g})",
+        f"features: n_up {f.n_up}, n_w {f.n_w}, s_w {f.s_w}, bins {f.bins}, "
+        f"ema {f.ema_coeff_per_step}/step (gamma {f.gamma:.4f}/frame), oldness {f.pos_dims} dims "
+        f"(max freq {f.pos_max_freq:g})",
+        f"threshold: keep score >= {w.threshold}",
+        f"normalisation mean: {[round(x, 5) for x in w.norm_mean.tolist()]}",
+        f"normalisation std: {[round(x, 5) for x in w.norm_std.tolist()]}",
+    ]
+    if w.provenance is not None:
+        lines.append(f"provenance: {w.provenance.model_dump_json(exclude_none=True)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_namm.weights", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("inspect", help="print a weights file's contents").add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        w = load_weights(args.file)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe(w))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
