@@ -1,0 +1,75 @@
+"""Eviction policies and their registry.
+
+``make_policy(config)`` is what the engine and the reference runner call; the NAMM weights
+default to the shipped ``vllm_namm/data/initial_weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vllm_namm.config import EvictionConfig
+from vllm_namm.policies.base import (
+    EvictionPolicy,
+    LayerView,
+    PolicyState,
+    equalize_head_drops,
+    filter_tokens,
+    protect,
+    protected_mask,
+    sanitize_scores,
+    topk_keep,
+)
+from vllm_namm.policies.h2o import H2OPolicy
+from vllm_namm.policies.l2 import L2Policy
+from vllm_namm.policies.namm import NammPolicy
+from vllm_namm.policies.none import NoEviction
+from vllm_namm.policies.snapkv import SnapKVPolicy
+from vllm_namm.policies.streaming import StreamingPolicy
+from vllm_namm.weights import NammWeights, load_weights
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "initial_weights.safetensors"
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (NoEviction, NammPolicy, H2OPolicy, L2Policy, StreamingPolicy, SnapKVPolicy)
+}
+
+
+def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> EvictionPolicy:
+    """The policy ``config`` names. For ``namm``: ``weights`` if given, else ``config.weights``,
+    else the shipped default; ``config.threshold`` overrides the file's threshold."""
+    cls = POLICIES[config.policy]
+    if cls is NammPolicy:
+        if weights is None:
+            weights = load_weights(config.weights or DEFAULT_WEIGHTS)
+        if config.interval % weights.features.s_w:
+            raise ValueError(
+                f"interval {config.interval} is not a multiple of the weights' STFT hop {weights.features.s_w}"
+            )
+        return NammPolicy(weights, threshold=config.threshold)
+    if cls is NoEviction:
+        return NoEviction()
+    assert config.budget is not None
+    return cls(config.budget, config.protect)  # type: ignore[call-arg]
+
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "POLICIES",
+    "EvictionPolicy",
+    "H2OPolicy",
+    "L2Policy",
+    "LayerView",
+    "NammPolicy",
+    "NoEviction",
+    "PolicyState",
+    "SnapKVPolicy",
+    "StreamingPolicy",
+    "equalize_head_drops",
+    "filter_tokens",
+    "make_policy",
+    "protect",
+    "protected_mask",
+    "sanitize_scores",
+    "topk_keep",
+]

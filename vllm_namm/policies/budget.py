@@ -1,0 +1,26 @@
+"""Shared base of the fixed-budget baselines (h2o, l2, streaming, snapkv)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from vllm_namm.config import BudgetConfig, ProtectConfig
+from vllm_namm.policies.base import EvictionPolicy, LayerView, protected_mask, topk_keep
+
+
+class BudgetPolicy(EvictionPolicy):
+    """Keep exactly ``budget.size(n_tokens)`` tokens per KV head, the best-scored ones.
+
+    Protected tokens count inside the budget (they are ranked first), so after
+    :func:`~vllm_namm.policies.base.protect` the cache still holds exactly the budget
+    whenever the budget is at least the number of protected tokens.
+    """
+
+    def __init__(self, budget: BudgetConfig, protect: ProtectConfig | None = None) -> None:
+        self.budget = budget
+        self.protect_cfg = protect or ProtectConfig()
+
+    def select(self, scores: Tensor, view: LayerView) -> Tensor:
+        prot = protected_mask(view, self.protect_cfg)
+        ranked = scores.float().masked_fill(prot, float("inf"))
+        return topk_keep(ranked, self.budget.size(scores.shape[-1]))

@@ -1,0 +1,72 @@
+"""``namm``: the evolved Neural Attention Memory Model (paper §3, DESIGN.md §1).
+
+score: attention spectrogram EMA (state) -> normalise -> + oldness -> BAM/MLP;
+select: keep ``score >= threshold`` (0 by default), i.e. evict exactly the tokens scoring
+below it. NaN/inf attention or scores keep the token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import vllm_namm.features as feats  # module import: features imports policies.base (cycle-safe)
+from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, sanitize_scores
+from vllm_namm.weights import NammWeights
+
+
+class NammPolicy(EvictionPolicy):
+    """NAMM with one shared scorer for every layer and KV head (evo-memory ``per_layer: false,
+    per_head: false``).
+
+    A request may bring its own flat parameter vector (``new_state(params=...)``): evolution
+    evaluates a whole CMA-ES population in one batch that way.
+    """
+
+    name = "namm"
+
+    def __init__(self, weights: NammWeights, threshold: float | None = None) -> None:
+        self.weights = weights
+        self.features = weights.features
+        self.scorer = weights.build_scorer()
+        self.threshold = weights.threshold if threshold is None else threshold
+        self.norm_mean = weights.norm_mean
+        self.norm_std = weights.norm_std
+
+    @property
+    def num_params(self) -> int:
+        return self.scorer.num_params
+
+    def new_state(self, params: Tensor | None = None) -> feats.NammFeatureState:
+        if params is not None:
+            params = torch.as_tensor(params, dtype=torch.float32).flatten()
+            if params.numel() != self.num_params:
+                raise ValueError(
+                    f"candidate parameter vector has {params.numel()} values, the "
+                    f"{self.weights.scorer.kind} scorer needs {self.num_params}"
+                )
+        return feats.NammFeatureState(self.features, params)
+
+    def features_for(self, view: LayerView, state: feats.NammFeatureState) -> tuple[Tensor, Tensor]:
+        """Scorer input [kv, n, 25] and the bad-token mask [kv, n]; updates ``state``."""
+        if view.attn is None:
+            raise ValueError("namm needs the attention of the latest queries (view.attn is None)")
+        ema, bad = feats.spectral_features(
+            view.attn, view.positions, view.query_positions, view.num_new_tokens, state
+        )
+        newest = view.query_positions.max() if view.query_positions.numel() else view.positions.max()
+        x = feats.token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)
+        return x.masked_fill(bad.unsqueeze(-1), 0.0), bad
+
+    @torch.no_grad()
+    def score(self, view: LayerView, state: PolicyState) -> Tensor:
+        assert isinstance(state, feats.NammFeatureState)
+        x, bad = self.features_for(view, state)
+        if self.scorer.flat.device != x.device:
+            self.scorer.to(x.device)
+        flat = None if state.params is None else state.params.to(x.device)
+        scores = self.scorer(x, flat)
+        return scores.masked_fill(bad, float("inf"))
+
+    def select(self, scores: Tensor, view: LayerView) -> Tensor:
+        return sanitize_scores(scores) >= self.threshold
