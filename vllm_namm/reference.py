@@ -1,0 +1,237 @@
+"""Reference runner: any eviction policy on a Hugging Face Llama, exactly as the paper runs it.
+
+This is the ground truth the vLLM engine is compared with, so it favours being obviously
+right over being fast (batch size 1, greedy decoding, eager attention math).
+
+How it follows evo-memory (``memory_llms/llama.py``, ``memory_policy/base.py``):
+
+* The prompt is cut at logical multiples of ``n_up``; the policy runs whenever the sequence
+  length reaches a multiple of ``n_up``. A shorter tail (end of prompt, decode steps) is
+  *buffered*: each forward's attention rows are kept (right-padded with zeros for keys cached
+  later, which is what the causal mask says) and scored together at the next boundary, so a
+  step always sees exactly ``n_up`` queries. Tokens generated after the last boundary are
+  never scored (evo-memory's ``buffer_cache``).
+* Every KV head keeps its own tokens, but all heads of a layer drop the same count
+  (:func:`~vllm_namm.policies.base.equalize_head_drops`, evo ``BinarySelection``); layers
+  shrink independently. Evicted keys/values are physically gathered out of the HF cache.
+* RoPE positions stay logical: ``position_ids`` are passed explicitly and the causal mask is
+  built from each head's cached *positions*, not from cache indices, by a registered
+  attention function that reproduces HF's eager attention bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vllm_namm.config import EvictionConfig
+from vllm_namm.features import gqa_average
+from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect
+
+ATTN_IMPL = "namm_reference"
+
+
+@dataclass
+class StepStats:
+    """One eviction step: sequence length at the step and per-layer cache sizes."""
+
+    seq_len: int
+    before: list[int]
+    after: list[int]
+
+
+@dataclass
+class ReferenceOutput:
+    tokens: list[int]
+    """Generated tokens (prompt excluded), greedy, stopping after EOS like ``generate``."""
+    cache_lengths: list[int]
+    """Per-layer tokens cached per KV head at the end."""
+    prompt_cache_lengths: list[int]
+    """Per-layer tokens cached right after the prompt (after its last eviction step)."""
+    steps: list[StepStats] = field(default_factory=list)
+
+    @property
+    def evicted(self) -> int:
+        """(layer, head-slot) evictions over the whole run (per KV head)."""
+        return sum(sum(b) - sum(a) for s in self.steps for b, a in [(s.before, s.after)])
+
+
+class _Run:
+    """Per-generation bookkeeping the attention function reads (one at a time)."""
+
+    def __init__(self, num_layers: int, capture: bool) -> None:
+        self.key_positions: list[Tensor | None] = [None] * num_layers
+        self.query_positions: Tensor | None = None
+        self.capture = capture
+        self.rows: list[list[Tensor]] = [[] for _ in range(num_layers)]
+
+
+_ACTIVE: list[_Run] = []
+
+
+def _attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+               scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """HF ``eager_attention_forward`` with the causal mask taken from logical positions."""
+    run = _ACTIVE[-1]
+    layer = module.layer_idx
+    qpos = run.query_positions
+    assert qpos is not None
+    _, kv_heads, n_k, _ = key.shape
+    kpos = run.key_positions[layer]
+    new = qpos.view(1, -1).expand(kv_heads, -1)
+    kpos = new if kpos is None else torch.cat([kpos, new], dim=1)
+    if kpos.shape[1] != n_k:
+        raise RuntimeError(f"layer {layer}: {kpos.shape[1]} tracked positions for {n_k} cached keys")
+    run.key_positions[layer] = kpos
+    groups = query.shape[1] // kv_heads
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, k.transpose(2, 3)) * scaling
+    visible = kpos.repeat_interleave(groups, dim=0).unsqueeze(1) <= qpos.view(1, -1, 1)  # [h, q, k]
+    mask = torch.zeros(visible.shape, dtype=weights.dtype, device=weights.device)
+    mask = mask.masked_fill(~visible, torch.finfo(weights.dtype).min)
+    weights = weights + mask.unsqueeze(0)
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if run.capture:
+        run.rows[layer].append(gqa_average(weights[0].float(), kv_heads))
+    out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPL, _attention)
+    AttentionMaskInterface.register(ATTN_IMPL, lambda *args, **kwargs: None)
+
+
+def _gather_heads(x: Tensor, idx: Tensor) -> Tensor:
+    """x [1, kv, n, d] -> [1, kv, m, d] with per-head token indices idx [kv, m]."""
+    return torch.gather(x, 2, idx.unsqueeze(0).unsqueeze(-1).expand(1, -1, -1, x.shape[-1]))
+
+
+def _pad_rows(rows: list[Tensor], n_k: int) -> Tensor:
+    """Concatenate buffered [kv, q_i, k_i] attention rows into [kv, sum q_i, n_k] (zeros right)."""
+    return torch.cat([torch.nn.functional.pad(r, (0, n_k - r.shape[-1])) for r in rows], dim=1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any | None,
+    prompt_ids: Sequence[int] | Tensor | str,
+    policy: EvictionPolicy,
+    max_new_tokens: int,
+    config: EvictionConfig | None = None,
+    states: list[Any] | None = None,
+) -> ReferenceOutput:
+    """Greedy generation with ``policy`` evicting every ``config.interval`` tokens.
+
+    ``model``: a transformers Llama-style causal LM (any attention implementation; the run
+    uses its own eager one). ``states`` optionally supplies per-layer policy states (e.g.
+    NAMM states carrying a candidate parameter vector).
+    """
+    from transformers import DynamicCache
+
+    config = config or EvictionConfig()
+    if isinstance(prompt_ids, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer")
+        prompt_ids = tokenizer(prompt_ids)["input_ids"]
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
+    if ids.numel() == 0:
+        raise ValueError("empty prompt")
+    eos = _eos_ids(model, tokenizer)
+    n_up = config.interval
+    n_layers = model.config.num_hidden_layers
+    _register()
+    run = _Run(n_layers, capture=policy.needs_attention)
+    states = states if states is not None else [policy.new_state() for _ in range(n_layers)]
+    cache = DynamicCache(config=model.config)
+    out = ReferenceOutput(tokens=[], cache_lengths=[], prompt_cache_lengths=[])
+    buffered_q: list[Tensor] = []
+
+    saved_impl = model.config._attn_implementation
+    model.config._attn_implementation = ATTN_IMPL
+    _ACTIVE.append(run)
+    try:
+
+        def forward(chunk: Tensor, start: int) -> Tensor:
+            pos = torch.arange(start, start + chunk.numel(), device=device)
+            run.query_positions = pos
+            buffered_q.append(pos)
+            logits = model(
+                input_ids=chunk.view(1, -1), position_ids=pos.view(1, -1), cache_position=pos,
+                past_key_values=cache, use_cache=True,
+            ).logits
+            if (start + chunk.numel()) % n_up == 0:
+                qpos = torch.cat(buffered_q)
+                buffered_q.clear()
+                out.steps.append(_evict(cache, run, states, policy, config, qpos))
+            return logits[0, -1]
+
+        pos = 0
+        total = ids.numel()
+        while pos < total:
+            end = min(total, (pos // n_up + 1) * n_up)
+            logits = forward(ids[pos:end], pos)
+            pos = end
+        out.prompt_cache_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        for i in range(max_new_tokens):
+            nxt = int(torch.argmax(logits).item())
+            out.tokens.append(nxt)
+            if nxt in eos or i == max_new_tokens - 1:
+                break
+            logits = forward(torch.tensor([nxt], device=device), pos)
+            pos += 1
+    finally:
+        _ACTIVE.remove(run)
+        model.config._attn_implementation = saved_impl
+    out.cache_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    return out
+
+
+def _eos_ids(model: Any, tokenizer: Any | None) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _evict(cache: Any, run: _Run, states: list[Any], policy: EvictionPolicy,
+           config: EvictionConfig, qpos: Tensor) -> StepStats:
+    """One eviction step on every layer: score, select, protect, equalise heads, gather."""
+    before, after = [], []
+    for layer_idx, layer in enumerate(cache.layers):
+        kpos = run.key_positions[layer_idx]
+        assert kpos is not None
+        n = kpos.shape[1]
+        before.append(n)
+        attn = _pad_rows(run.rows[layer_idx], n) if run.capture else None
+        run.rows[layer_idx] = []
+        view = LayerView(
+            attn=attn,
+            keys=layer.keys[0] if policy.needs_keys else None,
+            positions=kpos,
+            query_positions=qpos,
+            num_new_tokens=qpos.numel(),
+        )
+        scores = policy.score(view, states[layer_idx])
+        keep = protect(policy.select(scores, view), view, config.protect)
+        keep = equalize_head_drops(keep, scores)
+        states[layer_idx].filter(keep)
+        if not bool(keep.all()):
+            idx = torch.nonzero(keep)[:, 1].view(keep.shape[0], -1)
+            layer.keys = _gather_heads(layer.keys, idx)
+            layer.values = _gather_heads(layer.values, idx)
+            run.key_positions[layer_idx] = torch.gather(kpos, 1, idx)
+        after.append(layer.keys.shape[-2])
+    return StepStats(seq_len=int(qpos[-1].item()) + 1, before=before, after=after)
