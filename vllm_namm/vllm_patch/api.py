@@ -1,0 +1,103 @@
+"""API-server side: per-request settings validation (-> HTTP 400) and ``/metrics``.
+
+Both hooks run in the API-server process: ``InputProcessor._validate_params`` sees every
+request's ``SamplingParams`` before it reaches the engine, and
+``OutputProcessor.process_outputs`` sees every finished request's eviction summary (which
+the scheduler returns in ``kv_transfer_params["namm"]``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, parse_eviction_config
+from vllm_namm.vllm_patch.request_settings import (
+    RequestSettingsError,
+    parse_request_settings,
+    validate_for_server,
+)
+
+
+class _Metrics:
+    """Prometheus series, created lazily in the process that serves ``/metrics``."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("vllm_namm:evicting_requests", "Finished requests that had KV pages evicted")
+        self.evicted = Counter("vllm_namm:evicted_blocks", "KV blocks freed by eviction before request end")
+        self.requested = Counter("vllm_namm:token_evictions_requested",
+                                 "(layer, head, token) evictions the policy asked for")
+        self.realised = Counter("vllm_namm:token_evictions_realised",
+                                "Token-level evictions realised by freeing whole pages")
+        self.retained = Histogram("vllm_namm:retained_fraction",
+                                  "Fraction of a request's KV blocks still held when it finished",
+                                  buckets=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        self.held = Gauge("vllm_namm:blocks_held_by_evicting_requests",
+                          "KV blocks held by running requests that evict (sampled at each request finish)")
+
+    def observe(self, s: dict[str, Any]) -> None:
+        self.requests.inc()
+        self.evicted.inc(s.get("evicted_blocks", 0))
+        self.requested.inc(s.get("token_evictions_requested", 0))
+        self.realised.inc(s.get("token_evictions_realised", 0))
+        self.retained.observe(float(s.get("retained_fraction", 1.0)))
+        self.held.set(s.get("blocks_held_by_evicting_requests", 0))
+
+
+_metrics: _Metrics | None = None
+
+
+def _server_context(processor: Any) -> tuple[Any, int | None]:
+    ctx = getattr(processor, "_namm_ctx", None)
+    if ctx is None:
+        raw = (processor.vllm_config.additional_config or {}).get(CONFIG_KEY)
+        server = parse_eviction_config(raw)
+        num_params = None
+        if server.policy == "namm":
+            from vllm_namm.policies import make_policy
+
+            num_params = make_policy(server).num_params  # type: ignore[attr-defined]
+        ctx = processor._namm_ctx = (server, num_params)
+    return ctx
+
+
+def install() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    if getattr(InputProcessor, "_namm_installed", False):
+        return
+    InputProcessor._namm_installed = True
+    orig_validate = InputProcessor._validate_params
+    orig_process = OutputProcessor.process_outputs
+
+    @functools.wraps(orig_validate)
+    def _validate_params(self, params, *args, **kwargs):
+        result = orig_validate(self, params, *args, **kwargs)
+        extra = getattr(params, "extra_args", None)
+        if extra:
+            try:
+                settings = parse_request_settings(extra)
+                if not settings.is_default:
+                    server, num_params = _server_context(self)
+                    validate_for_server(settings, server, num_params)
+            except RequestSettingsError as e:
+                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        return result
+
+    @functools.wraps(orig_process)
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        global _metrics
+        for out in engine_core_outputs:
+            params = getattr(out, "kv_transfer_params", None)
+            if out.finish_reason is not None and params and "namm" in params:
+                if _metrics is None:
+                    _metrics = _Metrics()
+                _metrics.observe(params["namm"])
+        return orig_process(self, engine_core_outputs, *args, **kwargs)
+
+    InputProcessor._validate_params = _validate_params
+    OutputProcessor.process_outputs = process_outputs

@@ -1,0 +1,86 @@
+"""Where the eviction settings live inside vLLM: ``additional_config["namm"]``.
+
+Flags (``vllm serve ... --kv-eviction``) and the Python API
+(``LLM(..., additional_config={"namm": {...}})``) both end up there; the engine config is
+then adjusted once, in ``EngineArgs.create_engine_config`` (API-server process, before any
+engine starts), so a bad setting stops the server with one clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from vllm_namm.config import EvictionConfig
+
+logger = logging.getLogger("vllm_namm")
+
+CONFIG_KEY = "namm"
+SCHEDULER_CLS = "vllm_namm.vllm_patch.scheduler.NammScheduler"
+
+
+class NammConfigError(ValueError):
+    """The eviction settings cannot work; the message says which and why."""
+
+
+def parse_eviction_config(raw: Any) -> EvictionConfig:
+    try:
+        return raw if isinstance(raw, EvictionConfig) else EvictionConfig(**(raw or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise NammConfigError(f"invalid eviction setting {where or ''}: {err['msg']}".replace("  ", " ")) from None
+
+
+def eviction_config_from(vllm_config: Any) -> EvictionConfig | None:
+    """The active eviction config of an engine, or None when eviction is off."""
+    raw = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    if raw is None:
+        return None
+    cfg = parse_eviction_config(raw)
+    return None if cfg.policy == "none" else cfg
+
+
+def prepare_engine_args(args: Any) -> None:
+    """Validate the eviction settings and set the engine options eviction needs.
+
+    Eviction needs: our scheduler (frees the reported blocks, chunks prompts at NAMM
+    boundaries), no async scheduling (it would race with freeing), eager mode on GPU (CUDA
+    graphs skip Python hooks), one worker process (the worker->scheduler report is
+    in-process) and no speculative decoding.
+    """
+    raw = (args.additional_config or {}).get(CONFIG_KEY)
+    if raw is None:
+        return
+    cfg = parse_eviction_config(raw)
+    if cfg.policy == "none":
+        return
+    from vllm_namm.policies import make_policy
+    from vllm_namm.weights import WeightsError
+
+    try:
+        make_policy(cfg)  # loads and checks the weights file now, not in the engine process
+    except (WeightsError, ValueError, OSError) as e:
+        raise NammConfigError(str(e)) from None
+    if (args.tensor_parallel_size or 1) > 1 or (args.pipeline_parallel_size or 1) > 1:
+        raise NammConfigError("--kv-eviction needs tensor/pipeline parallel size 1 in this version")
+    if args.speculative_config:
+        raise NammConfigError("--kv-eviction does not support speculative decoding yet")
+    from vllm.config import SchedulerConfig
+
+    if args.scheduler_cls not in (None, SCHEDULER_CLS, SchedulerConfig.scheduler_cls):
+        raise NammConfigError(f"--kv-eviction replaces the scheduler; drop --scheduler-cls {args.scheduler_cls}")
+    args.scheduler_cls = SCHEDULER_CLS
+    args.async_scheduling = False
+    args.long_prefill_token_threshold = cfg.interval
+    args.enable_chunked_prefill = True
+    args.distributed_executor_backend = "uni"
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and not args.enforce_eager:
+        logger.warning("vllm-namm: --kv-eviction forces eager mode on GPU (CUDA graphs skip the eviction hooks)")
+        args.enforce_eager = True
+    args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
+    logger.info("vllm-namm: KV eviction %s, interval %d", cfg.policy, cfg.interval)

@@ -1,0 +1,114 @@
+"""Per-request eviction settings carried in ``vllm_xargs`` (``SamplingParams.extra_args``).
+
+Keys we own: ``kv_eviction``, ``kv_eviction_budget``, ``kv_eviction_ratio``,
+``namm_params`` and ``namm_threshold``. Any other key starting with ``kv_eviction`` or
+``namm_`` is rejected, so that a typo is a 400 rather than silently ignored; keys of other
+plugins pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_namm.config import BudgetConfig, EvictionConfig, PolicyName
+
+OUR_PREFIXES = ("kv_eviction", "namm_")
+
+
+class RequestSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kv_eviction: PolicyName | None = None
+    kv_eviction_budget: int | None = Field(None, gt=0)
+    kv_eviction_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    namm_params: tuple[float, ...] | None = None
+    namm_threshold: float | None = None
+
+    @field_validator("namm_params")
+    @classmethod
+    def _finite(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("namm_params contains NaN or inf")
+        return v
+
+    @field_validator("namm_threshold")
+    @classmethod
+    def _finite_threshold(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("namm_threshold must be finite")
+        return v
+
+    @property
+    def is_default(self) -> bool:
+        return all(getattr(self, name) is None for name in type(self).model_fields)
+
+    def cache_key(self) -> str:
+        """Identity of the policy these settings build (params excluded: they live in the state)."""
+        data = self.model_dump(exclude={"namm_params"})
+        return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def apply(self, server: EvictionConfig) -> EvictionConfig:
+        """The server's config with this request's overrides (validated again as a whole)."""
+        data = server.model_dump()
+        policy = self.kv_eviction or server.policy
+        data["policy"] = policy
+        if self.kv_eviction_budget is not None or self.kv_eviction_ratio is not None:
+            extra = (server.budget.model_dump() if server.budget else {}) | {
+                "tokens": self.kv_eviction_budget,
+                "ratio": self.kv_eviction_ratio,
+            }
+            data["budget"] = BudgetConfig(**extra).model_dump()
+        if policy not in ("h2o", "l2", "streaming", "snapkv"):
+            data["budget"] = None
+        if policy != "namm":
+            data["weights"] = None
+            data["threshold"] = None
+        elif self.namm_threshold is not None:
+            data["threshold"] = self.namm_threshold
+        return EvictionConfig(**data)
+
+
+class RequestSettingsError(ValueError):
+    """A request's ``vllm_xargs`` eviction settings are invalid (-> HTTP 400)."""
+
+
+def parse_request_settings(extra_args: dict[str, Any] | None) -> RequestSettings:
+    """Our keys of ``extra_args`` as validated settings; raises :class:`RequestSettingsError`."""
+    ours = {k: v for k, v in (extra_args or {}).items() if k.startswith(OUR_PREFIXES)}
+    if not ours:
+        return RequestSettings()
+    try:
+        return RequestSettings(**ours)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "vllm_xargs"
+        raise RequestSettingsError(f"vllm_xargs.{where}: {err['msg']}") from None
+
+
+def validate_for_server(settings: RequestSettings, server: EvictionConfig, num_params: int | None) -> None:
+    """Check the request's settings make sense on this server; raises RequestSettingsError."""
+    if settings.is_default:
+        return
+    if server.policy == "none" and settings.kv_eviction not in (None, "none"):
+        raise RequestSettingsError(
+            "vllm_xargs.kv_eviction: this server runs with --kv-eviction none; start it with a policy "
+            "to evict per request"
+        )
+    try:
+        cfg = settings.apply(server)
+    except (ValidationError, ValueError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise RequestSettingsError(f"vllm_xargs: {msg}") from None
+    if settings.namm_params is not None:
+        if cfg.policy != "namm":
+            raise RequestSettingsError("vllm_xargs.namm_params: only valid with kv_eviction=namm")
+        if num_params is not None and len(settings.namm_params) != num_params:
+            raise RequestSettingsError(
+                f"vllm_xargs.namm_params: has {len(settings.namm_params)} values, the served scorer "
+                f"needs {num_params}"
+            )

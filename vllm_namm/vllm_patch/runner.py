@@ -1,0 +1,324 @@
+"""Model-runner side of paged eviction (vLLM 0.32 V1 runner: GPUModelRunner and CPUModelRunner).
+
+What it does each step, for requests whose policy is not ``none``:
+
+1. captures every attention layer's queries (a wrapper around ``impl.forward``);
+2. after the forward pass, files them per request; when a request has ``interval``
+   unscored queries, reads its keys straight from the paged cache, runs
+   :func:`vllm_namm.paged_memory.eviction_step`, and turns the chosen pages into holes
+   (block id 0, vLLM's null block) in this worker's block table;
+3. posts ``(request, logical page, physical block)`` to the scheduler (:mod:`.channel`),
+   which returns the blocks to the pool;
+4. before attention metadata is built, compacts the block table rows that have holes and
+   shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
+   evicted pages. Slot mappings keep using the logical table (new tokens are never written
+   into a hole) and RoPE positions stay logical.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from vllm_namm.config import EvictionConfig
+from vllm_namm.paged_memory import RequestMemory, eviction_step
+from vllm_namm.policies import EvictionPolicy, make_policy
+from vllm_namm.vllm_patch import channel
+from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
+from vllm_namm.weights import load_weights
+
+logger = logging.getLogger("vllm_namm")
+
+NULL_BLOCK_ID = 0
+
+
+class NammRunnerState:
+    """Eviction state hung on one model runner (one per worker process)."""
+
+    def __init__(self, runner: Any, config: EvictionConfig) -> None:
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        self.runner = runner
+        self.config = config
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise RuntimeError(
+                f"vllm-namm: KV eviction supports models with one KV-cache group, this one has {len(groups)}"
+            )
+        spec = groups[0].kv_cache_spec
+        self.block_size: int = spec.block_size
+        ctx = runner.compilation_config.static_forward_context
+        layers = [(name, mod) for name, mod in ctx.items() if isinstance(mod, Attention)]
+        layers.sort(key=lambda item: extract_layer_index(item[0]))
+        if not layers:
+            raise RuntimeError("vllm-namm: no attention layers found to evict from")
+        self.layer_names = [name for name, _ in layers]
+        self.layers = [mod for _, mod in layers]
+        first = self.layers[0]
+        for mod in self.layers:
+            if getattr(mod.impl, "sliding_window", None) not in (None, -1) or getattr(
+                mod.impl, "alibi_slopes", None
+            ) is not None:
+                raise RuntimeError(
+                    "vllm-namm: models with sliding-window or ALiBi attention are not supported with "
+                    "--kv-eviction (compacting the cache would change in-kernel distances)"
+                )
+        self.scale: float = float(first.impl.scale)
+        self.num_kv_heads: int = first.num_kv_heads
+        self.head_size: int = first.head_size
+        self.backend = type(first.impl).__name__
+        self.device = runner.device
+        self.weights = load_weights(config.weights) if (config.policy == "namm" and config.weights) else None
+        self.default_policy = make_policy(config, self.weights)
+        self._policies: dict[str, EvictionPolicy] = {}
+        self.requests: dict[str, RequestMemory] = {}
+        self.captured: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.capturing = False
+        for idx, mod in enumerate(self.layers):
+            _wrap_impl_forward(mod, idx, self)
+        logger.info(
+            "vllm-namm: %s eviction on %d layers (block %d, interval %d, backend %s)",
+            config.policy, len(self.layers), self.block_size, config.interval, self.backend,
+        )
+
+    # ---- per-request policies -------------------------------------------------------------
+    def policy_for(self, settings: RequestSettings) -> EvictionPolicy:
+        """The request's policy: the server's, or the one its ``vllm_xargs`` ask for.
+
+        A candidate's ``namm_params`` do not make a new policy: they go into the request's
+        per-layer states (``NammPolicy.new_state(params=...)``).
+        """
+        key = settings.cache_key()
+        if settings.model_copy(update={"namm_params": None}).is_default:
+            return self.default_policy
+        if key not in self._policies:
+            if len(self._policies) > 64:
+                self._policies.clear()
+            self._policies[key] = make_policy(settings.apply(self.config), self.weights)
+        return self._policies[key]
+
+    # ---- bookkeeping around a step -------------------------------------------------------
+    def before_step(self, scheduler_output: Any) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for req_id in scheduler_output.preempted_req_ids or ():
+            self.requests.pop(req_id, None)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id in getattr(cached, "resumed_req_ids", ()) or ():
+            self.requests.pop(req_id, None)  # recomputed from scratch: state starts over
+        for new in scheduler_output.scheduled_new_reqs:
+            self.requests.pop(new.req_id, None)
+            settings = parse_request_settings(new.sampling_params.extra_args if new.sampling_params else None)
+            policy = self.policy_for(settings)
+            if policy.name == "none":
+                continue
+            params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
+            self.requests[new.req_id] = RequestMemory(policy, len(self.layers), self.block_size, params=params,
+                                                      num_tokens=new.num_computed_tokens,
+                                                      tokens_at_last_step=new.num_computed_tokens)
+        self.capturing = bool(self.requests)
+        self.captured = [None] * len(self.layers)
+
+    def compaction_rows(self) -> dict[int, int]:
+        """Rows of the persistent batch whose block table has holes -> number of holes."""
+        batch = self.runner.input_batch
+        rows: dict[int, int] = {}
+        for req_id, mem in self.requests.items():
+            if mem.evicted_pages:
+                row = batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    rows[row] = len(mem.evicted_pages)
+        return rows
+
+    def after_forward(self, scheduler_output: Any) -> None:
+        if not self.capturing:
+            return
+        runner = self.runner
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+            mem = self.requests.get(req_id)
+            if mem is None:
+                continue
+            n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            if n == 0 or any(q is None for q in self.captured):
+                continue
+            start = int(batch.num_computed_tokens_cpu[row])
+            mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
+            if mem.due(self.config.interval, self.runner.requests[req_id].num_prompt_tokens):
+                self._evict(req_id, row, mem)
+        self.captured = [None] * len(self.layers)
+
+    # ---- the eviction itself ---------------------------------------------------------------
+    def _evict(self, req_id: str, row: int, mem: RequestMemory) -> None:
+        table = self.runner.input_batch.block_table[0].block_table.np
+
+        import namm_kernels as nk
+
+        def live_blocks(live_pages: list[int], device: torch.device) -> torch.Tensor:
+            return torch.as_tensor(table[row, live_pages].astype("int64"), device=device)
+
+        def read_keys(layer: int, live_pages: list[int]) -> torch.Tensor:
+            cache, layout = key_layout(self.layers[layer], self.backend)
+            return nk.gather_keys(cache, layout, live_blocks(live_pages, cache.device))
+
+        def columns(layer: int, queries: torch.Tensor, qpos: torch.Tensor, pos: torch.Tensor,
+                    live_pages: list[int]) -> torch.Tensor:
+            cache, layout = key_layout(self.layers[layer], self.backend)
+            return nk.attention_columns_paged(
+                queries.to(cache.device), cache, layout, live_blocks(live_pages, cache.device),
+                pos.to(cache.device), qpos.to(cache.device), self.scale, backend=self.config.kernels,
+            )
+
+        stats = eviction_step(mem, self.config, read_keys, self.scale, columns=columns,
+                              kv_heads=self.num_kv_heads, device=self.device)
+        req_state = self.runner.requests[req_id]
+        freed = []
+        for page in stats.freed_pages:
+            block_id = int(table[row, page])
+            if block_id == NULL_BLOCK_ID:
+                raise RuntimeError(f"vllm-namm: page {page} of {req_id} evicted twice")
+            table[row, page] = NULL_BLOCK_ID
+            req_state.block_ids[0][page] = NULL_BLOCK_ID
+            freed.append((page, block_id))
+        channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions)
+        if freed:
+            logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
+
+
+def key_layout(layer: Any, backend: str) -> Any:
+    """The paged key layout of one attention layer (see :mod:`namm_kernels`).
+
+    CPU_ATTN packs keys per ISA (``vec``: transposed inside a block; ``amx``: VNNI tiles),
+    FlashAttention-style backends keep ``[num_blocks, kv_heads, block_size, 2 * head_size]``.
+    """
+    import namm_kernels as nk
+
+    kv_cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+    if backend.startswith("CPU"):
+        return kv_cache, nk.PagedKeyLayout.cpu(kv_cache, getattr(layer, "isa", "vec"))
+    return kv_cache, nk.PagedKeyLayout.flash(kv_cache, layer.head_size)
+
+
+def _wrap_impl_forward(layer: Any, idx: int, state: NammRunnerState) -> None:
+    impl = layer.impl
+    if getattr(impl, "_namm_wrapped", False):
+        return
+    original = impl.forward
+
+    @functools.wraps(original)
+    def forward(attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = original(attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if state.capturing and attn_metadata is not None:
+            n = attn_metadata.num_actual_tokens
+            state.captured[idx] = query[:n].detach().reshape(n, -1, state.head_size).clone()
+        return result
+
+    impl.forward = forward
+    impl._namm_wrapped = True
+
+
+# ---- compaction of attention metadata --------------------------------------------------------
+_active_rows: dict[int, int] = {}
+
+
+def compact_metadata(cm: Any, rows: dict[int, int], block_size: int) -> Any:
+    """``cm`` with holed block-table rows compacted and their ``seq_lens`` shortened.
+
+    ``rows`` maps a batch row to its number of holes (evicted pages). Holes are always
+    whole pages older than the tokens being computed, so the queries stay the last
+    ``query_len`` tokens of the shortened sequence and the causal mask is unchanged.
+    """
+    table = cm.block_table_tensor.clone()
+    seq_lens = cm.seq_lens.clone()
+    upper = cm.seq_lens_cpu_upper_bound.clone() if cm.seq_lens_cpu_upper_bound is not None else None
+    for row, holes in rows.items():
+        if row >= table.shape[0]:
+            continue
+        n_pages = -(-int(seq_lens[row]) // block_size)
+        ids = table[row, :n_pages]
+        live = ids[ids != NULL_BLOCK_ID]
+        if n_pages - live.numel() != holes:
+            raise RuntimeError(
+                f"vllm-namm: block-table row {row} has {n_pages - live.numel()} holes, expected {holes}"
+            )
+        table[row, : live.numel()] = live
+        table[row, live.numel() : n_pages] = NULL_BLOCK_ID
+        seq_lens[row] -= holes * block_size
+        if upper is not None:
+            upper[row] -= holes * block_size
+    return cm.replace(
+        block_table_tensor=table,
+        seq_lens=seq_lens,
+        seq_lens_cpu_upper_bound=upper,
+        max_seq_len=int(seq_lens[: cm.num_reqs].max()) if cm.num_reqs else cm.max_seq_len,
+        _num_computed_tokens_cache=None,
+    )
+
+
+def install() -> None:
+    """Wrap the runner and AttentionGroup methods (dormant unless a runner enables eviction)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.utils import AttentionGroup
+
+    if getattr(GPUModelRunner, "_namm_installed", False):
+        return
+    GPUModelRunner._namm_installed = True
+
+    orig_init_kv = GPUModelRunner.initialize_kv_cache
+    orig_execute = GPUModelRunner.execute_model
+    orig_build = GPUModelRunner._build_attention_metadata
+    orig_group_build = AttentionGroup.build_metadata
+
+    @functools.wraps(orig_init_kv)
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = orig_init_kv(self, *args, **kwargs)
+        from vllm_namm.vllm_patch.engine_config import eviction_config_from
+
+        cfg = eviction_config_from(self.vllm_config)
+        if cfg is not None and not kwargs.get("is_profiling", False):
+            self._namm = NammRunnerState(self, cfg)
+        return result
+
+    @functools.wraps(orig_execute)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        namm: NammRunnerState | None = getattr(self, "_namm", None)
+        if namm is None:
+            return orig_execute(self, scheduler_output, *args, **kwargs)
+        namm.before_step(scheduler_output)
+        result = orig_execute(self, scheduler_output, *args, **kwargs)
+        namm.after_forward(scheduler_output)
+        namm.capturing = False
+        return result
+
+    @functools.wraps(orig_build)
+    def _build_attention_metadata(self, *args, **kwargs):
+        namm: NammRunnerState | None = getattr(self, "_namm", None)
+        if namm is None or kwargs.get("for_cudagraph_capture"):
+            return orig_build(self, *args, **kwargs)
+        global _active_rows
+        _active_rows = namm.compaction_rows()
+        _active_block_size[0] = namm.block_size
+        try:
+            return orig_build(self, *args, **kwargs)
+        finally:
+            _active_rows = {}
+
+    @functools.wraps(orig_group_build)
+    def build_metadata(self, common_attn_metadata, *args, **kwargs):
+        if _active_rows:
+            common_attn_metadata = compact_metadata(common_attn_metadata, _active_rows, _active_block_size[0])
+        return orig_group_build(self, common_attn_metadata, *args, **kwargs)
+
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+    GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    AttentionGroup.build_metadata = build_metadata
+
+
+_active_block_size = [0]

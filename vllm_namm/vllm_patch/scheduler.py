@@ -1,0 +1,124 @@
+"""Scheduler side of paged eviction: free reported blocks, chunk prompts at NAMM boundaries.
+
+Selected by ``prepare_engine_args`` (``scheduler_cls``) only when eviction is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_namm.vllm_patch import channel
+
+logger = logging.getLogger("vllm_namm")
+
+_NEVER_CACHE = 1 << 60
+
+
+@dataclass
+class RequestEvictionStats:
+    evicted_blocks: int = 0
+    requested_tokens: int = 0
+    realised_tokens: int = 0
+
+
+class NammScheduler(Scheduler):
+    """vLLM's scheduler plus: apply the worker's eviction reports before each update.
+
+    * Freed blocks go back to the pool through ``BlockPool.free_blocks`` (a shared or
+      prefix-cached block only loses this request's reference) and the request's slot
+      becomes the null block, exactly like vLLM's own sliding-window eviction.
+    * After a request's first eviction its new blocks are never registered in the prefix
+      cache: they were computed over a pruned context.
+    * ``long_prefill_token_threshold`` (= the eviction interval) caps prompt chunks so that
+      eviction steps see ``interval`` queries; vLLM lifts that cap when a single request is
+      eligible, which for us would skip eviction steps, so we keep it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._namm_in_schedule = False
+        self.namm_stats: dict[str, RequestEvictionStats] = {}
+        manager = self.kv_cache_manager.coordinator.single_type_managers
+        if len(manager) != 1:
+            raise RuntimeError("vllm-namm: KV eviction supports one KV-cache group")
+        self._namm_manager = manager[0]
+        self._namm_block_size = self._namm_manager.block_size
+
+    # --- NAMM-boundary chunking -------------------------------------------------------------
+    def get_request_counts(self) -> tuple[int, int]:
+        running, waiting = super().get_request_counts()
+        if self._namm_in_schedule:
+            running = max(running, 2)  # keep the long-prefill cap even for a lone request
+        return running, waiting
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        self._namm_in_schedule = True
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self._namm_in_schedule = False
+
+    # --- freeing -------------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
+        self.apply_evictions()
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def apply_evictions(self) -> None:
+        manager = self._namm_manager
+        for report in channel.drain():
+            request = self.requests.get(report.req_id)
+            blocks = manager.req_to_blocks.get(report.req_id)
+            if request is None or request.is_finished() or blocks is None:
+                continue  # already freed as a whole
+            freed = []
+            for page, block_id in report.pages:
+                block = blocks[page]
+                if block.is_null:
+                    logger.error("vllm-namm: page %d of %s was already free; ignored", page, report.req_id)
+                    continue
+                if block.block_id != block_id:
+                    raise RuntimeError(
+                        f"vllm-namm: worker evicted block {block_id} at page {page} of {report.req_id}, "
+                        f"but the scheduler holds block {block.block_id} there"
+                    )
+                blocks[page] = manager._null_block
+                freed.append(block)
+            if freed:
+                manager.block_pool.free_blocks(freed)
+                manager.num_cached_block[report.req_id] = _NEVER_CACHE
+            stats = self.namm_stats.setdefault(report.req_id, RequestEvictionStats())
+            stats.evicted_blocks += len(freed)
+            stats.requested_tokens += report.requested_tokens
+            stats.realised_tokens += report.realised_tokens
+
+    def held_blocks(self, req_id: str) -> int:
+        blocks = self._namm_manager.req_to_blocks.get(req_id) or []
+        return sum(1 for b in blocks if not b.is_null)
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any):
+        stats = self.namm_stats.pop(request.request_id, None)
+        summary = None
+        if stats is not None:
+            logical = -(-request.num_computed_tokens // self._namm_block_size)
+            held = self.held_blocks(request.request_id)
+            summary = {
+                "retained_fraction": held / logical if logical else 1.0,
+                "evicted_blocks": stats.evicted_blocks,
+                "logical_blocks": logical,
+                "held_blocks": held,
+                "token_evictions_requested": stats.requested_tokens,
+                "token_evictions_realised": stats.realised_tokens,
+                "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
+            }
+            logger.info(
+                "vllm-namm: request %s finished holding %d of %d KV blocks (retained %.1f%%, %d evicted)",
+                request.request_id, held, logical, 100 * summary["retained_fraction"], stats.evicted_blocks,
+            )
+        kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        if summary is not None and kv_params is None:
+            kv_params = {"namm": summary}
+        return kv_params, ec_params
