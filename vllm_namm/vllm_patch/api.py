@@ -49,18 +49,20 @@ class _Metrics:
 _metrics: _Metrics | None = None
 
 
-def _server_context(processor: Any) -> tuple[Any, int | None]:
-    ctx = getattr(processor, "_namm_ctx", None)
-    if ctx is None:
+def _server_config(processor: Any) -> Any:
+    cfg = getattr(processor, "_namm_server_config", None)
+    if cfg is None:
         raw = (processor.vllm_config.additional_config or {}).get(CONFIG_KEY)
-        server = parse_eviction_config(raw)
-        num_params = None
-        if server.policy == "namm":
-            from vllm_namm.policies import make_policy
+        cfg = processor._namm_server_config = parse_eviction_config(raw)
+    return cfg
 
-            num_params = make_policy(server).num_params  # type: ignore[attr-defined]
-        ctx = processor._namm_ctx = (server, num_params)
-    return ctx
+
+@functools.lru_cache(maxsize=8)
+def _num_params(weights: str | None) -> int:
+    from vllm_namm.policies import DEFAULT_WEIGHTS
+    from vllm_namm.weights import load_weights
+
+    return load_weights(weights or DEFAULT_WEIGHTS).params.numel()
 
 
 def install() -> None:
@@ -82,8 +84,10 @@ def install() -> None:
             try:
                 settings = parse_request_settings(extra)
                 if not settings.is_default:
-                    server, num_params = _server_context(self)
-                    validate_for_server(settings, server, num_params)
+                    validate_for_server(
+                        settings, _server_config(self),
+                        lambda cfg: _num_params(str(cfg.weights) if cfg.weights else None),
+                    )
             except RequestSettingsError as e:
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         return result

@@ -1,16 +1,21 @@
-"""Worker -> scheduler reports of evicted pages.
+"""Worker -> scheduler reports of evicted pages, carried on the step's ModelRunnerOutput.
 
-The scheduler and the worker share the EngineCore process (vLLM's uni-process executor,
-which the plugin requires when eviction is on), so a module-level queue is enough. The
-worker posts after its forward pass; the scheduler drains the queue at the start of
-``update_from_output`` of the same step, before it schedules the next one, so a freed
-block can never be handed out while this request's worker table still points at it.
+The worker may live in another process than the scheduler (``vllm serve`` on CPU runs a
+multiprocess executor even for one worker), so reports ride on the object that already
+travels from the worker to the scheduler every step: the worker attaches them to its
+``ModelRunnerOutput`` (pickled with its ``__dict__``), and the scheduler reads them at the
+start of ``update_from_output`` of the same step, before it schedules the next one. A
+freed block can therefore never be handed out while this request's worker table still
+points at it.
 """
 
 from __future__ import annotations
 
-import threading
+import copy
 from dataclasses import dataclass
+from typing import Any
+
+ATTR = "namm_reports"
 
 
 @dataclass
@@ -22,17 +27,27 @@ class EvictionReport:
     realised_tokens: int
 
 
-_lock = threading.Lock()
-_queue: list[EvictionReport] = []
+_pending: list[EvictionReport] = []
 
 
 def post(req_id: str, pages: list[tuple[int, int]], requested: int, realised: int) -> None:
-    with _lock:
-        _queue.append(EvictionReport(req_id, pages, requested, realised))
+    """Worker side: queue a report for this step's output."""
+    _pending.append(EvictionReport(req_id, pages, requested, realised))
 
 
-def drain() -> list[EvictionReport]:
-    with _lock:
-        out = list(_queue)
-        _queue.clear()
-    return out
+def attach(output: Any) -> Any:
+    """Worker side: move pending reports onto ``output`` (copying shared singletons)."""
+    if output is None or not _pending:
+        return output
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    if output is EMPTY_MODEL_RUNNER_OUTPUT:
+        output = copy.copy(output)
+    setattr(output, ATTR, list(_pending) + list(getattr(output, ATTR, [])))
+    _pending.clear()
+    return output
+
+
+def take(output: Any) -> list[EvictionReport]:
+    """Scheduler side: the reports that came with this step's output."""
+    return list(getattr(output, ATTR, None) or [])

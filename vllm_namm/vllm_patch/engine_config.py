@@ -48,8 +48,8 @@ def prepare_engine_args(args: Any) -> None:
 
     Eviction needs: our scheduler (frees the reported blocks, chunks prompts at NAMM
     boundaries), no async scheduling (it would race with freeing), eager mode on GPU (CUDA
-    graphs skip Python hooks), one worker process (the worker->scheduler report is
-    in-process) and no speculative decoding.
+    graphs skip Python hooks), a single worker (tensor/pipeline parallel 1) and no
+    speculative decoding.
     """
     raw = (args.additional_config or {}).get(CONFIG_KEY)
     if raw is None:
@@ -76,7 +76,6 @@ def prepare_engine_args(args: Any) -> None:
     args.async_scheduling = False
     args.long_prefill_token_threshold = cfg.interval
     args.enable_chunked_prefill = True
-    args.distributed_executor_backend = "uni"
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu() and not args.enforce_eager:

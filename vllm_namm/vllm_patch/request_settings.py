@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -90,8 +91,13 @@ def parse_request_settings(extra_args: dict[str, Any] | None) -> RequestSettings
         raise RequestSettingsError(f"vllm_xargs.{where}: {err['msg']}") from None
 
 
-def validate_for_server(settings: RequestSettings, server: EvictionConfig, num_params: int | None) -> None:
-    """Check the request's settings make sense on this server; raises RequestSettingsError."""
+def validate_for_server(
+    settings: RequestSettings, server: EvictionConfig, num_params: Callable[[EvictionConfig], int]
+) -> None:
+    """Check the request's settings make sense on this server; raises RequestSettingsError.
+
+    ``num_params(cfg)`` gives the scorer size of the NAMM policy ``cfg`` builds.
+    """
     if settings.is_default:
         return
     if server.policy == "none" and settings.kv_eviction not in (None, "none"):
@@ -107,8 +113,9 @@ def validate_for_server(settings: RequestSettings, server: EvictionConfig, num_p
     if settings.namm_params is not None:
         if cfg.policy != "namm":
             raise RequestSettingsError("vllm_xargs.namm_params: only valid with kv_eviction=namm")
-        if num_params is not None and len(settings.namm_params) != num_params:
+        expected = num_params(cfg)
+        if len(settings.namm_params) != expected:
             raise RequestSettingsError(
                 f"vllm_xargs.namm_params: has {len(settings.namm_params)} values, the served scorer "
-                f"needs {num_params}"
+                f"needs {expected}"
             )

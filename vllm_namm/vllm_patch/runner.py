@@ -7,8 +7,8 @@ What it does each step, for requests whose policy is not ``none``:
    unscored queries, reads its keys straight from the paged cache, runs
    :func:`vllm_namm.paged_memory.eviction_step`, and turns the chosen pages into holes
    (block id 0, vLLM's null block) in this worker's block table;
-3. posts ``(request, logical page, physical block)`` to the scheduler (:mod:`.channel`),
-   which returns the blocks to the pool;
+3. attaches ``(request, logical page, physical block)`` reports to the step's output
+   (:mod:`.channel`); the scheduler returns those blocks to the pool;
 4. before attention metadata is built, compacts the block table rows that have holes and
    shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
    evicted pages. Slot mappings keep using the logical table (new tokens are never written
@@ -112,14 +112,18 @@ class NammRunnerState:
             self.requests.pop(req_id, None)  # recomputed from scratch: state starts over
         for new in scheduler_output.scheduled_new_reqs:
             self.requests.pop(new.req_id, None)
-            settings = parse_request_settings(new.sampling_params.extra_args if new.sampling_params else None)
-            policy = self.policy_for(settings)
-            if policy.name == "none":
-                continue
-            params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
-            self.requests[new.req_id] = RequestMemory(policy, len(self.layers), self.block_size, params=params,
-                                                      num_tokens=new.num_computed_tokens,
-                                                      tokens_at_last_step=new.num_computed_tokens)
+            try:
+                settings = parse_request_settings(new.sampling_params.extra_args if new.sampling_params else None)
+                policy = self.policy_for(settings)
+                if policy.name == "none":
+                    continue
+                params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
+                self.requests[new.req_id] = RequestMemory(
+                    policy, len(self.layers), self.block_size, params=params,
+                    num_tokens=new.num_computed_tokens, tokens_at_last_step=new.num_computed_tokens,
+                )
+            except ValueError as e:  # validated at the API server already; never kill the engine
+                logger.error("vllm-namm: request %s runs without eviction: %s", new.req_id, e)
         self.capturing = bool(self.requests)
         self.captured = [None] * len(self.layers)
 
@@ -272,6 +276,7 @@ def install() -> None:
 
     orig_init_kv = GPUModelRunner.initialize_kv_cache
     orig_execute = GPUModelRunner.execute_model
+    orig_sample = GPUModelRunner.sample_tokens
     orig_build = GPUModelRunner._build_attention_metadata
     orig_group_build = AttentionGroup.build_metadata
 
@@ -294,7 +299,11 @@ def install() -> None:
         result = orig_execute(self, scheduler_output, *args, **kwargs)
         namm.after_forward(scheduler_output)
         namm.capturing = False
-        return result
+        return channel.attach(result)
+
+    @functools.wraps(orig_sample)
+    def sample_tokens(self, *args, **kwargs):
+        return channel.attach(orig_sample(self, *args, **kwargs))
 
     @functools.wraps(orig_build)
     def _build_attention_metadata(self, *args, **kwargs):
@@ -317,6 +326,7 @@ def install() -> None:
 
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner.sample_tokens = sample_tokens
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     AttentionGroup.build_metadata = build_metadata
 

@@ -64,12 +64,12 @@ class NammScheduler(Scheduler):
 
     # --- freeing -------------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
-        self.apply_evictions()
+        self.apply_evictions(channel.take(model_runner_output))
         return super().update_from_output(scheduler_output, model_runner_output)
 
-    def apply_evictions(self) -> None:
+    def apply_evictions(self, reports: list[channel.EvictionReport]) -> None:
         manager = self._namm_manager
-        for report in channel.drain():
+        for report in reports:
             request = self.requests.get(report.req_id)
             blocks = manager.req_to_blocks.get(report.req_id)
             if request is None or request.is_finished() or blocks is None:
