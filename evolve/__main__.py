@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "<out>/config.json")
     p.add_argument("--base-url", help="server OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (server.base_url)")
     p.add_argument("--model", help="served model name (server.model; default: the first one served)")
-    p.add_argument("--weights", type=Path, help="start weights file, the one the server loads (start_weights)")
+    p.add_argument("--weights", type=Path, help="start weights file, the one the server loads (start_weights; default: the shipped "
+                   "vllm_namm/data/initial_weights.safetensors)")
     p.add_argument("--out", type=Path, help="run directory (out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in the run directory")
     p.add_argument("--popsize", type=int, help="CMA-ES population (cma.popsize)")
@@ -88,7 +89,9 @@ def resolve_config(args: argparse.Namespace) -> EvolveConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Only our own logger at the chosen level: httpx logs every request at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("evolve").setLevel(getattr(logging, args.log_level))
     try:
         cfg = resolve_config(args)
     except ConfigError as e:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(cfg: EvolveConfig, *, resume: bool, progress: bool) -> int:
     from evolve.client import BadSettingError, EvalClient, ServerRequestError, ServerUnreachableError
-    from evolve.loop import Evolution
+    from evolve.loop import Evolution, GenerationFailedError
 
     try:
         from vllm_namm.weights import WeightsError
@@ -111,7 +114,8 @@ async def _run(cfg: EvolveConfig, *, resume: bool, progress: bool) -> int:
     async with EvalClient(cfg.server) as client:
         try:
             summary: dict[str, Any] = await Evolution(cfg, client, resume=resume, progress=progress).run()
-        except (ConfigError, WeightsError, BadSettingError, ServerRequestError, ServerUnreachableError) as e:
+        except (ConfigError, WeightsError, BadSettingError, ServerRequestError, ServerUnreachableError,
+                GenerationFailedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     print(json.dumps(summary, indent=2))

@@ -196,7 +196,10 @@ class EvalClient:
                 f"cannot reach the server at {self.cfg.base_url} after {attempts} attempts "
                 f"(backoff {self.cfg.backoff_s:g}s doubling): {last}")
         self.failures += 1
-        log.warning("request failed after %d attempts, counted as a failure: %s", attempts, last)
+        if self.failures <= 5 or self.failures % 100 == 0:  # a dead server fails thousands at once
+            log.warning("request failed after %d attempts, counted as a failure (%d so far%s): %s", attempts,
+                        self.failures, "; further ones are summarised per generation" if self.failures == 5 else "",
+                        last)
         return GenerationResult(text=None, ok=False, error=last, attempts=attempts)
 
     async def truncate_middle(self, prompt: str, max_tokens: int) -> str:

@@ -144,7 +144,12 @@ class EvolveConfig(_Strict):
         0.0, ge=0, description="fitness -= retained_penalty * mean retained KV fraction (0 = off, as in the paper)"
     )
     extra_params: ExtraParamsConfig = Field(default_factory=ExtraParamsConfig)
-    start_weights: Path | None = Field(None, description="weights file the server was started with (x0 + layout)")
+    start_weights: Path | None = Field(
+        None, description="weights file the server was started with (layout, stats, x0); None = the shipped default"
+    )
+    x0: Literal["weights", "zeros"] = Field(
+        "weights", description="CMA start: the start file's parameters, or all zeros (the paper: evicts nothing)"
+    )
     out_dir: Path = Path("runs/evolve")
     baseline_cache: Path | None = Field(None, description="full-cache score cache; default <out_dir>/baseline_cache.json")
     evaluate_mean: bool = Field(True, description="also score the CMA mean each generation (best mean is exported)")

@@ -49,6 +49,10 @@ CHECKPOINT_VERSION = 1
 NONE_XARGS = {"kv_eviction": "none"}
 
 
+class GenerationFailedError(RuntimeError):
+    """No candidate of a generation could be scored (the checkpoint of the previous one is intact)."""
+
+
 class Client(Protocol):
     """What the loop needs from a server client (``EvalClient``, or a fake in tests)."""
 
@@ -83,7 +87,8 @@ class RunState:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> tuple[RunState, dict[str, Any]]:
+    def load(cls, path: str | Path) -> tuple[RunState, dict[str, Any]]:
+        path = Path(path)
         with path.open("rb") as f:
             blob = pickle.load(f)
         if blob.get("version") != CHECKPOINT_VERSION:
@@ -114,7 +119,11 @@ class Evolution:
 
     def __init__(self, cfg: EvolveConfig, client: Client, *, resume: bool = False, progress: bool = True) -> None:
         if cfg.start_weights is None:
-            raise ConfigError("start_weights: give the weights file the server was started with (--weights)")
+            from vllm_namm.initial_weights import OUTPUT as shipped
+
+            log.info("start_weights not set: using the shipped default %s (what `vllm serve` loads without "
+                     "--namm-weights)", shipped)
+            cfg = cfg.model_copy(update={"start_weights": shipped})
         self.cfg = cfg
         self.client = client
         self.resume = resume
@@ -156,7 +165,7 @@ class Evolution:
             return state
         if ckpt.exists():
             raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-        return RunState(stage=0, gens_done=0, strategy=self._new_strategy(0, self.space.x0()))
+        return RunState(stage=0, gens_done=0, strategy=self._new_strategy(0, self.space.x0(self.cfg.x0 == "zeros")))
 
     def _new_strategy(self, stage: int, x0: np.ndarray) -> Strategy:
         return Strategy(x0, self.cfg.cma, sigma0=self.cfg.stages[stage].sigma0)
@@ -205,6 +214,10 @@ class Evolution:
             if r.ok and r.text is not None:
                 cache.put(self.model, s.prompt, s.max_tokens, r.text, temp)
         cache.save()
+        req_failed = sum(not r.ok for r in results)
+        if req_failed:
+            log.warning("generation %d: %d of %d requests failed after retries (counted, not scored 0)",
+                        len(state.history), req_failed, len(results))
         base_failed = sum(not r.ok for r in base_results)
         if base_failed:
             log.warning("%d of %d full-cache baseline requests failed; those prompts are dropped this generation",
@@ -235,7 +248,8 @@ class Evolution:
                 values.append(f.fitness)
         good = [v for v in values if v is not None]
         if not good:
-            raise RuntimeError(f"every candidate of generation {len(state.history)} failed (requests failing or no "
+            await self.client.check()  # a dead server is the likely cause: say so (ServerUnreachableError)
+            raise GenerationFailedError(f"every candidate of generation {len(state.history)} failed (requests failing or no "
                                "baseline): see the warnings above; the run can --resume from the last checkpoint")
         if bad:
             log.warning("%d candidate(s) had fewer than %.0f%% usable prompts and get the generation's worst "
@@ -269,7 +283,7 @@ class Evolution:
             "mean_candidate_retained_fraction": None if mean_fit is None else mean_fit.retained_fraction,
             "best_tasks": pop[best_i].model_dump(include={"tasks", "excluded", "mode"}),
             "mean_tasks": None if mean_fit is None else mean_fit.model_dump(include={"tasks", "excluded", "mode"}),
-            "failed_requests": sum(not r.ok for r in results),
+            "failed_requests": req_failed,
             "failed_candidates": bad,
             "baseline_requests": len(base_jobs),
             "requests": len(results),

@@ -40,9 +40,10 @@ class ParamSpace:
 
         return cls(load_weights(path), extra)
 
-    def x0(self) -> np.ndarray:
-        """Start point: the file's parameters (all 0 for a fresh NAMM: evicts nothing), then extras."""
-        parts = [self.weights.params.double().numpy()]
+    def x0(self, zeros: bool = False) -> np.ndarray:
+        """Start point: the file's parameters (or zeros: scores 0, evicts nothing), then the extras."""
+        params = self.weights.params.double().numpy()
+        parts = [np.zeros_like(params) if zeros else params]
         if self.extra.evolve_gamma:
             g = self.extra.gamma_init if self.extra.gamma_init is not None else self.weights.features.ema_coeff_per_step
             parts.append(np.array([_logit(g)]))

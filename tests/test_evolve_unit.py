@@ -464,5 +464,6 @@ def test_loop_refuses_to_overwrite_and_checks_resume_config(tmp_path: Path):
     changed = cfg.model_copy(update={"samples_per_task": 3})
     with pytest.raises(ConfigError, match="samples_per_task"):
         _run(changed, resume=True)
-    with pytest.raises(ConfigError, match="start_weights"):
-        Evolution(cfg.model_copy(update={"start_weights": None}), FakeClient())
+    default = Evolution(cfg.model_copy(update={"start_weights": None}), FakeClient())
+    assert default.cfg.start_weights is not None and default.cfg.start_weights.name == "initial_weights.safetensors"
+    assert not default.space.x0(zeros=True).any() and default.space.dim == default.space.x0().size
