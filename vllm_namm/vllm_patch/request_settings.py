@@ -1,7 +1,8 @@
 """Per-request eviction settings carried in ``vllm_xargs`` (``SamplingParams.extra_args``).
 
 Keys we own: ``kv_eviction``, ``kv_eviction_budget``, ``kv_eviction_ratio``,
-``namm_params`` and ``namm_threshold``. Any other key starting with ``kv_eviction`` or
+``namm_params``, ``namm_threshold`` and ``namm_ema_coeff_per_step`` (the EMA coefficient per
+query step, so that evolution can search gamma, the paper's App. D fix for needle retrieval). Any other key starting with ``kv_eviction`` or
 ``namm_`` is rejected, so that a typo is a 400 rather than silently ignored; keys of other
 plugins pass through untouched.
 """
@@ -29,6 +30,7 @@ class RequestSettings(BaseModel):
     kv_eviction_ratio: float | None = Field(None, gt=0.0, le=1.0)
     namm_params: tuple[float, ...] | None = None
     namm_threshold: float | None = None
+    namm_ema_coeff_per_step: float | None = Field(None, gt=0.0, lt=1.0)
 
     @field_validator("namm_params")
     @classmethod
@@ -110,6 +112,8 @@ def validate_for_server(
     except (ValidationError, ValueError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         raise RequestSettingsError(f"vllm_xargs: {msg}") from None
+    if settings.namm_ema_coeff_per_step is not None and cfg.policy != "namm":
+        raise RequestSettingsError("vllm_xargs.namm_ema_coeff_per_step: only valid with kv_eviction=namm")
     if settings.namm_params is not None:
         if cfg.policy != "namm":
             raise RequestSettingsError("vllm_xargs.namm_params: only valid with kv_eviction=namm")

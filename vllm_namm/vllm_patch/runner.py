@@ -17,6 +17,7 @@ What it does each step, for requests whose policy is not ``none``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.paged_memory import RequestMemory, eviction_step
-from vllm_namm.policies import EvictionPolicy, make_policy
+from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 from vllm_namm.weights import load_weights
@@ -98,7 +99,12 @@ class NammRunnerState:
         if key not in self._policies:
             if len(self._policies) > 64:
                 self._policies.clear()
-            self._policies[key] = make_policy(settings.apply(self.config), self.weights)
+            weights = self.weights
+            if settings.namm_ema_coeff_per_step is not None:
+                weights = weights or load_weights(DEFAULT_WEIGHTS)
+                features = weights.features.model_copy(update={"ema_coeff_per_step": settings.namm_ema_coeff_per_step})
+                weights = dataclasses.replace(weights, features=features)
+            self._policies[key] = make_policy(settings.apply(self.config), weights)
         return self._policies[key]
 
     # ---- bookkeeping around a step -------------------------------------------------------
@@ -107,25 +113,33 @@ class NammRunnerState:
             self.requests.pop(req_id, None)
         for req_id in scheduler_output.preempted_req_ids or ():
             self.requests.pop(req_id, None)
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id in getattr(cached, "resumed_req_ids", ()) or ():
-            self.requests.pop(req_id, None)  # recomputed from scratch: state starts over
         for new in scheduler_output.scheduled_new_reqs:
-            self.requests.pop(new.req_id, None)
-            try:
-                settings = parse_request_settings(new.sampling_params.extra_args if new.sampling_params else None)
-                policy = self.policy_for(settings)
-                if policy.name == "none":
-                    continue
-                params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
-                self.requests[new.req_id] = RequestMemory(
-                    policy, len(self.layers), self.block_size, params=params,
-                    num_tokens=new.num_computed_tokens, tokens_at_last_step=new.num_computed_tokens,
-                )
-            except ValueError as e:  # validated at the API server already; never kill the engine
-                logger.error("vllm-namm: request %s runs without eviction: %s", new.req_id, e)
+            self._track(new.req_id, new.sampling_params, new.num_computed_tokens)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in resumed:  # recomputed from scratch after preemption: state starts over
+                state = self.runner.requests.get(req_id)
+                self._track(req_id, state.sampling_params if state else None, cached.num_computed_tokens[i])
         self.capturing = bool(self.requests)
         self.captured = [None] * len(self.layers)
+
+    def _track(self, req_id: str, sampling_params: Any, num_computed_tokens: int) -> None:
+        """Start (or restart) eviction bookkeeping of a request that enters the batch."""
+        self.requests.pop(req_id, None)
+        try:
+            settings = parse_request_settings(sampling_params.extra_args if sampling_params else None)
+            policy = self.policy_for(settings)
+            if policy.name == "none":
+                return
+            params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
+            self.requests[req_id] = RequestMemory(
+                policy, len(self.layers), self.block_size, params=params,
+                # A prefix-cache hit brings tokens no policy has seen: they are all "new" to it.
+                num_tokens=num_computed_tokens, tokens_at_last_step=0,
+            )
+        except ValueError as e:  # validated at the API server already; never kill the engine
+            logger.error("vllm-namm: request %s runs without eviction: %s", req_id, e)
 
     def compaction_rows(self) -> dict[int, int]:
         """Rows of the persistent batch whose block table has holes -> number of holes."""

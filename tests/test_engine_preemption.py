@@ -1,0 +1,74 @@
+"""Eviction under memory pressure and with prefix caching, through real ``vllm serve`` processes.
+
+* Preemption: more running requests than the KV pool can hold forces vLLM to preempt
+  (recompute) some; after resumption eviction starts over and every request completes.
+* Prefix caching: blocks computed after an eviction saw a pruned context and must never be
+  reused by a request that expects the full one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import openai
+import pytest
+
+from benchmarks.tiny_model import build_random_llama
+from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+
+pytestmark = pytest.mark.server
+
+BASE = [*CPU_DEFAULTS, "--block-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_random_llama(tmp_path_factory.mktemp("model") / "tiny", seed=0))
+
+
+def _complete(server: VllmServer, model: str, prompt: str, max_tokens: int, **extra) -> openai.types.Completion:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                     extra_body=extra)
+
+
+def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None:
+    # 65 usable blocks of 32 tokens; 8 requests of ~1.3k prompt + 700 generated tokens need
+    # ~60 blocks each in full and ~16 with a 256-token budget: 8 x 16 > 65, so vLLM preempts.
+    args = [*BASE, "--max-model-len", "2048", "--num-gpu-blocks-override", "66", "--max-num-seqs", "8",
+            "--kv-eviction", "streaming", "--kv-eviction-budget", "256"]
+    with VllmServer(model, args) as srv:
+        start_usage = srv.metric("vllm:kv_cache_usage_perc")
+        preempt0 = srv.metric("vllm:num_preemptions_total") or 0.0
+
+        def go(i: int):
+            return _complete(srv, model, f"Request {i}. " + "The grass is green. " * 60, 700, ignore_eos=True)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(go, range(8)))
+        preemptions = (srv.metric("vllm:num_preemptions_total") or 0.0) - preempt0
+        assert preemptions >= 1, "the workload was meant to force preemption"
+        for r in results:
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 700
+            stats = r.model_extra["kv_transfer_params"]["namm"]
+            # Budget 8 pages + first page + page being written + partly scored tail: eviction
+            # resumed after preemption (a request without eviction would hold ~62 blocks).
+            assert stats["held_blocks"] <= 256 // 32 + 4 + 512 // 32, stats
+        assert srv.metric("vllm:kv_cache_usage_perc") == start_usage
+        assert srv.healthy()
+
+
+def test_blocks_computed_after_eviction_are_not_prefix_cache_hits(model: str) -> None:
+    prompt = "The river is calm today. A bird looks slow here. " * 50  # ~2.5k tokens
+    with VllmServer(model, [*BASE, "--max-model-len", "4096"], env={"VLLM_PLUGINS": ""}) as vanilla:
+        expected = _complete(vanilla, model, prompt, 24).choices[0].text
+    args = [*BASE, "--max-model-len", "4096", "--kv-eviction", "streaming", "--kv-eviction-budget", "256"]
+    with VllmServer(model, args) as srv:
+        evicted = _complete(srv, model, prompt, 24)
+        assert evicted.model_extra["kv_transfer_params"]["namm"]["evicted_blocks"] > 0
+        # Same prompt, full cache: only blocks from before the first eviction may be reused.
+        full = _complete(srv, model, prompt, 24, vllm_xargs={"kv_eviction": "none"})
+        assert full.choices[0].text == expected
+        hits = srv.metric("vllm:prefix_cache_hits_total")
+        assert hits is not None and hits > 0, "the full-context prefix blocks are still reusable"
+        assert hits <= 512, "blocks computed after the first eviction (at 512 tokens) must not be hits"
