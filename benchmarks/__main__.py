@@ -1,0 +1,45 @@
+"""``python -m benchmarks COMMAND ...``: one entry point for every benchmark of vllm-namm.
+
+Why a dispatcher: the README and the design spec name one command; each sub-command lives in
+its own module and is imported only when chosen (vLLM and torch imports are slow).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serving": ("benchmarks.serving", "throughput, KV blocks in use, concurrency, TTFT/TPOT per eviction mode vs none"),
+    "quality": ("benchmarks.quality", "accuracy of full cache vs eviction policies at 25 % / 50 % cache"),
+    "kernels": ("benchmarks.kernels_bench", "Triton kernels vs their torch references (GPU)"),
+    "train-model": ("benchmarks.train_model", "train the small long-context Llama used by the quality benchmark"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m benchmarks COMMAND [--help] [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"{COMMANDS[name][0]} has no main(); run `python -m {COMMANDS[name][0]}` instead", file=sys.stderr)
+        return 2
+    sys.argv = [f"python -m benchmarks {name}", *rest]
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Quality benchmark: retrieval accuracy of the full cache vs each eviction policy at 25 % / 50 % cache.
+
+Why through the real server: the number that matters is what a user of ``vllm serve`` gets,
+with page-granular freeing, chunked prompts and compacted block tables, not what a
+reference implementation would get. One server is started with ``--kv-eviction namm`` and
+each request picks its policy with ``vllm_xargs`` (``kv_eviction``, ``kv_eviction_ratio``,
+``namm_threshold``), so all policies share one server start. The full-cache rows are
+requests with ``kv_eviction=none`` on that server (same chunked prefill as the others).
+
+Tasks are held-out synthetic samples (seeds >= 10**9; training used seeds < 10**7) of
+``evolve.tasks.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
+chose, measured per request (``kv_transfer_params["namm"]["retained_fraction"]`` = KV
+blocks still held / blocks the request's tokens span, at the end of the request); the
+baselines' measured fraction is shown too (page rounding and protected pages keep a bit
+more than the ratio).
+
+Usage::
+
+    python -m benchmarks quality                                     # defaults: see --help
+    python -m benchmarks quality --lengths 2048 4096 8192 --samples 10 --namm-thresholds -0.5 0 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import shlex
+import sys
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import Field
+
+from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
+
+BASELINES = ("streaming", "h2o", "l2", "snapkv")
+
+
+class QualityConfig(BaseModel):
+    model: str
+    policies: list[str]
+    ratios: list[float]
+    namm_weights: str | None
+    namm_thresholds: list[float | None]
+    kinds: list[str]
+    lengths: list[int]
+    samples: int
+    seed_base: int
+    max_tokens: int
+    interval: int
+    block_size: int
+    concurrency: int
+
+
+class Setting(BaseModel):
+    """One row of the table: a policy and its per-request ``vllm_xargs``."""
+
+    label: str
+    policy: str
+    ratio: float | None = None
+    threshold: float | None = None
+
+    def xargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kv_eviction": self.policy}
+        if self.ratio is not None:
+            out["kv_eviction_ratio"] = self.ratio
+        if self.threshold is not None:
+            out["namm_threshold"] = self.threshold
+        return out
+
+
+class Outcome(BaseModel):
+    setting: str
+    kind: str
+    length: int
+    seed: int
+    answer: str
+    completion: str
+    correct: float
+    retained_fraction: float
+    evicted_blocks: int
+    prompt_tokens: int
+
+
+class SettingSummary(BaseModel):
+    setting: str
+    policy: str
+    ratio: float | None
+    threshold: float | None
+    accuracy: float
+    accuracy_by_length: dict[int, float]
+    accuracy_by_kind: dict[str, float]
+    mean_retained_fraction: float
+    n: int
+
+
+class QualityReport(BaseModel):
+    command: str
+    started: str
+    server_command: list[str]
+    server_log: str
+    wall_s: float
+    config: QualityConfig
+    summaries: list[SettingSummary]
+    outcomes: list[Outcome] = Field(default_factory=list)
+    table: str = ""
+
+
+def build_settings(cfg: QualityConfig) -> list[Setting]:
+    settings = [Setting(label="full", policy="none")]
+    for policy in cfg.policies:
+        for r in cfg.ratios:
+            settings.append(Setting(label=f"{policy}@{r:g}", policy=policy, ratio=r))
+    for t in cfg.namm_thresholds:
+        settings.append(Setting(label="namm" if t is None else f"namm(thr={t:g})", policy="namm", threshold=t))
+    return settings
+
+
+async def _ask(client: httpx.AsyncClient, sem: asyncio.Semaphore, model: str, setting: Setting, sample: Any,
+               max_tokens: int, bar: Any) -> Outcome:
+    from evolve.tasks.synthetic import score_answer
+
+    body = {"model": model, "prompt": sample.prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "vllm_xargs": setting.xargs()}
+    async with sem:
+        resp = await client.post("/v1/completions", json=body)
+    if resp.status_code != 200:
+        raise RuntimeError(f"{setting.label} {sample.kind} seed {sample.seed}: HTTP {resp.status_code}: {resp.text[:500]}")
+    data = resp.json()
+    text = data["choices"][0]["text"]
+    namm = (data.get("kv_transfer_params") or {}).get("namm") or {}
+    bar.update(1)
+    return Outcome(setting=setting.label, kind=sample.kind, length=sample.target_tokens, seed=sample.seed,
+                   answer=sample.answer, completion=text, correct=score_answer(text, sample.answer),
+                   retained_fraction=float(namm.get("retained_fraction", 1.0)),
+                   evicted_blocks=int(namm.get("evicted_blocks", 0)),
+                   prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)))
+
+
+async def _run_all(url: str, settings: list[Setting], samples: list[Any], cfg: QualityConfig) -> list[Outcome]:
+    from tqdm import tqdm
+
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0)) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        sem = asyncio.Semaphore(cfg.concurrency)
+        bar = tqdm(total=len(settings) * len(samples), desc="quality", unit="req", file=sys.stderr, dynamic_ncols=True)
+        try:
+            # settings interleaved per sample, so a slow policy does not sit at the end alone
+            return list(await asyncio.gather(*(_ask(client, sem, model, st, sm, cfg.max_tokens, bar)
+                                               for sm in samples for st in settings)))
+        finally:
+            bar.close()
+
+
+def summarise(settings: list[Setting], outcomes: list[Outcome]) -> list[SettingSummary]:
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    out = []
+    for st in settings:
+        rows = [o for o in outcomes if o.setting == st.label]
+        by_len: dict[int, list[float]] = defaultdict(list)
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for o in rows:
+            by_len[o.length].append(o.correct)
+            by_kind[o.kind].append(o.correct)
+        out.append(SettingSummary(setting=st.label, policy=st.policy, ratio=st.ratio, threshold=st.threshold,
+                                  accuracy=mean([o.correct for o in rows]),
+                                  accuracy_by_length={k: mean(v) for k, v in sorted(by_len.items())},
+                                  accuracy_by_kind={k: mean(v) for k, v in by_kind.items()},
+                                  mean_retained_fraction=mean([o.retained_fraction for o in rows]), n=len(rows)))
+    return out
+
+
+def format_table(report: QualityReport) -> str:
+    cfg = report.config
+    full = next(s for s in report.summaries if s.setting == "full")
+    header = (["setting", "cache ratio", "retained (measured)", "accuracy", "vs full"]
+              + [f"acc@{n}" for n in cfg.lengths] + [f"acc {k}" for k in cfg.kinds])
+    rows = []
+    for s in report.summaries:
+        rows.append([s.setting, "-" if s.ratio is None else f"{s.ratio:g}", f"{s.mean_retained_fraction:.3f}",
+                     f"{s.accuracy:.3f}", f"{s.accuracy - full.accuracy:+.3f}" if s is not full else "",
+                     *[f"{s.accuracy_by_length.get(n, math.nan):.2f}" for n in cfg.lengths],
+                     *[f"{s.accuracy_by_kind.get(k, math.nan):.2f}" for k in cfg.kinds]])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    lines = [f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
+             f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
+             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}",
+             fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
+             f"command: {report.command}"]
+    return "\n".join(lines)
+
+
+def plot(report: QualityReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list[SettingSummary]] = defaultdict(list)
+    for s in report.summaries:
+        groups[s.policy].append(s)
+    for policy, items in groups.items():
+        items.sort(key=lambda s: s.mean_retained_fraction)
+        xs = [s.mean_retained_fraction for s in items]
+        ys = [s.accuracy for s in items]
+        if policy == "none":
+            ax.axhline(ys[0], color="black", ls="--", lw=1, label=f"full cache ({ys[0]:.2f})")
+        else:
+            ax.plot(xs, ys, marker="*" if policy == "namm" else "o", ms=10 if policy == "namm" else 6, label=policy)
+    ax.set_xlabel("retained fraction of KV blocks (measured)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{Path(report.config.model).name}: held-out synthetic retrieval, "
+                 f"{'/'.join(map(str, report.config.lengths))} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, default=TRAINED_MODEL)
+    p.add_argument("--policies", nargs="+", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
+    p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped initial weights")
+    p.add_argument("--namm-thresholds", nargs="*", type=float, default=None,
+                   help="extra namm rows at these score thresholds (more points on the curve)")
+    p.add_argument("--no-namm", action="store_true")
+    p.add_argument("--kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
+    p.add_argument("--samples", type=int, default=4, help="held-out samples per kind and length")
+    p.add_argument("--seed-base", type=int, default=10**9)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--kv-space-gib", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/quality-<time>)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import time
+
+    args = parse_args(argv)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m benchmarks quality " + shlex.join(argv_list) if argv_list else "python -m benchmarks quality"
+    if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
+        print(f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
+              f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
+              f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
+              f"or pass --model DIR.", file=sys.stderr)
+        return 2
+    if args.seed_base < 10**9:
+        print("quality: warning: seeds below 10**9 may overlap the training seeds", file=sys.stderr)
+    from evolve.tasks.synthetic import make_sample
+
+    thresholds: list[float | None] = [] if args.no_namm else [None, *(args.namm_thresholds or [])]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir: Path = args.out or ROOT / "benchmarks" / "results" / f"quality-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = args.model.resolve()
+    cfg = QualityConfig(model=str(model), policies=args.policies, ratios=args.ratios,
+                        namm_weights=str(args.namm_weights) if args.namm_weights else None,
+                        namm_thresholds=thresholds, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
+                        seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
+                        block_size=args.block_size, concurrency=args.concurrency)
+    count = token_counter(model)
+    samples = [make_sample(k, args.seed_base + i, n, count)
+               for n in args.lengths for k in args.kinds for i in range(args.samples)]
+    settings = build_settings(cfg)
+    # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
+    # evicting request blocks computed (and kept) by another setting, skipping the prompt
+    # chunks its policy must see.
+    flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching"]
+    if args.namm_weights:
+        flags += ["--namm-weights", str(args.namm_weights)]
+    longest = max(args.lengths) + args.max_tokens + args.block_size
+    max_model_len = -(-longest // args.block_size) * args.block_size
+    print(f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr)
+    t0 = time.monotonic()
+    with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
+                     max_model_len=max_model_len, block_size=args.block_size,
+                     timeout_s=args.startup_timeout) as server:
+        outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
+    report = QualityReport(command=command, started=stamp, server_command=server.command, server_log=str(server.log),
+                           wall_s=time.monotonic() - t0, config=cfg, summaries=summarise(settings, outcomes),
+                           outcomes=outcomes)
+    report.table = format_table(report)
+    json_path = out_dir / "quality.json"
+    json_path.write_text(report.model_dump_json(indent=1))
+    try:
+        plot(report, out_dir / "accuracy_vs_retained.png")
+    except ImportError:
+        print("matplotlib missing: no plot (pip install matplotlib)", file=sys.stderr)
+    print(report.table)
+    print(f"results: {json_path} ({report.wall_s:.0f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,637 @@
+"""Serving benchmark: the same long-prompt workload against one ``vllm serve`` per eviction mode.
+
+Why: eviction is only worth its cost if freed KV pages turn into more requests running at
+once on the same memory. Every mode therefore gets the same model, the same prompts and the
+same number of KV blocks (``--num-gpu-blocks-override``: ``VLLM_CPU_KVCACHE_SPACE`` only takes
+whole GiB, far too coarse to make a tiny model short of memory), and every figure is shown
+beside ``--kv-eviction none`` from the same run.
+
+Measured per mode: KV blocks in use and requests running (``/metrics`` sampled every
+``--sample-interval`` s: ``vllm:kv_cache_usage_perc`` x usable blocks), preemptions, output
+throughput, TTFT and TPOT (streamed responses, client clock) and the mean retained fraction
+(``vllm_namm:retained_fraction`` histogram; requests that never evicted count as 1.0).
+
+Usage::
+
+    python -m benchmarks serving                                   # defaults: see --help
+    python -m benchmarks serving --modes none streaming:ratio=0.25 namm h2o:budget=1024 \\
+        --num-requests 16 --prompt-tokens 2048 --max-tokens 32 --kv-capacity-requests 4
+
+A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
+sink, recent, page_rule (the matching ``--kv-eviction-*`` / ``--namm-*`` flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel as _PydanticBase
+from pydantic import ConfigDict, Field
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED_MODEL = ROOT / "benchmarks" / "models" / "namm-tiny-llama"
+POLICIES = ("none", "namm", "h2o", "l2", "streaming", "snapkv")
+MODE_KEYS = {
+    "budget": "--kv-eviction-budget",
+    "ratio": "--kv-eviction-ratio",
+    "interval": "--kv-eviction-interval",
+    "weights": "--namm-weights",
+    "threshold": "--namm-threshold",
+    "sink": "--kv-eviction-sink-tokens",
+    "recent": "--kv-eviction-recent-tokens",
+    "page_rule": "--kv-eviction-page-rule",
+}
+DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
+
+
+class BaseModel(_PydanticBase):
+    """Results may hold inf (all-at-once arrival) and nan (no TPOT): keep them in the JSON."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+# ---------------------------------------------------------------------------------------------
+# modes and servers (shared with benchmarks.quality)
+# ---------------------------------------------------------------------------------------------
+class Mode(BaseModel):
+    """One server configuration, parsed from ``POLICY[:key=value,...]``."""
+
+    spec: str
+    policy: str
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> Mode:
+        policy, _, rest = spec.partition(":")
+        if policy not in POLICIES:
+            raise ValueError(f"mode {spec!r}: policy must be one of {', '.join(POLICIES)}")
+        options: dict[str, str] = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in MODE_KEYS:
+                raise ValueError(f"mode {spec!r}: expected key=value with key in {', '.join(MODE_KEYS)}")
+            options[key] = value
+        if policy == "none" and options:
+            raise ValueError(f"mode {spec!r}: 'none' takes no options (it is plain vLLM)")
+        return cls(spec=spec, policy=policy, options=options)
+
+    def server_flags(self) -> list[str]:
+        """Plugin flags; ``none`` passes nothing at all, so the baseline is plain vLLM."""
+        if self.policy == "none":
+            return []
+        flags = ["--kv-eviction", self.policy]
+        for key, value in self.options.items():
+            flags += [MODE_KEYS[key], value]
+        return flags
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_bin() -> str:
+    found = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
+    if found is None:
+        raise SystemExit("`vllm` not found next to this Python nor on PATH; install vllm-namm's environment first")
+    return found
+
+
+class ServerHandle(BaseModel):
+    url: str
+    log: Path
+    command: list[str]
+    startup_s: float
+
+
+@contextlib.contextmanager
+def vllm_server(
+    model: Path,
+    flags: list[str],
+    *,
+    log: Path,
+    kv_space_gib: int,
+    max_model_len: int,
+    block_size: int,
+    num_blocks: int | None = None,
+    timeout_s: float = 600.0,
+) -> Iterator[ServerHandle]:
+    """Start ``vllm serve`` on a free port, wait for /health, and always stop it (even on Ctrl-C)."""
+    port = free_port()
+    cmd = [vllm_bin(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+           "--dtype", "float32", "--max-model-len", str(max_model_len), "--block-size", str(block_size),
+           "--seed", "0"]
+    if num_blocks is not None:
+        cmd += ["--num-gpu-blocks-override", str(num_blocks)]
+    cmd += flags
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with log.open("w") as out:
+        # cwd = repo root: the engine's worker processes fail platform detection from elsewhere.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while True:
+                if proc.poll() is not None:
+                    tail = log.read_text()[-3000:]
+                    raise RuntimeError(f"vllm serve exited with {proc.returncode} (log {log}):\n{tail}")
+                if time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"vllm serve not healthy after {timeout_s:.0f}s (log {log})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                time.sleep(1.0)
+            yield ServerHandle(url=url, log=log, command=cmd, startup_s=time.monotonic() - t0)
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (it spawns engine/worker processes), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_METRIC_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value}, summing a series over its labels (one engine here)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_LINE.match(line)
+        if m:
+            with contextlib.suppress(ValueError):
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def total_blocks_from(metrics_text: str, log: Path, block_size: int) -> int:
+    """Usable KV blocks: ``num_gpu_blocks`` of ``vllm:cache_config_info`` (or the log) minus the null block."""
+    m = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', metrics_text)
+    if m:
+        return int(m.group(1)) - 1
+    m = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text())
+    if m:
+        return int(m.group(1).replace(",", "")) // block_size
+    raise RuntimeError(f"cannot find the number of KV blocks in /metrics nor in {log}")
+
+
+def default_model(out_dir: Path) -> Path:
+    """The trained model when present, else a tiny random Llama built into the output dir."""
+    if (TRAINED_MODEL / "config.json").exists():
+        return TRAINED_MODEL
+    from benchmarks.tiny_model import build_random_llama
+
+    path = out_dir / "tiny-random-llama"
+    if not (path / "config.json").exists():
+        build_random_llama(path)
+    return path
+
+
+def token_counter(model: Path) -> Callable[[str], int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    return lambda s: len(tok.encode(s, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# result formats
+# ---------------------------------------------------------------------------------------------
+class ServingConfig(BaseModel):
+    model: str
+    modes: list[str]
+    num_requests: int
+    prompt_tokens: int
+    max_tokens: int
+    request_rate: float  # requests/s (Poisson); inf = all at once
+    kv_capacity_requests: float
+    num_blocks: int  # --num-gpu-blocks-override (incl. vLLM's null block)
+    kv_space_gib: int
+    block_size: int
+    max_model_len: int
+    task_kinds: list[str]
+    seed: int
+    sample_interval_s: float
+
+
+class RequestRecord(BaseModel):
+    index: int
+    sent_s: float  # relative to the run start
+    ttft_s: float
+    e2e_s: float
+    prompt_tokens: int
+    output_tokens: int
+    tpot_s: float | None  # (last - first token time) / (output_tokens - 1)
+    error: str | None = None
+
+
+class Sample(BaseModel):
+    t_s: float
+    kv_usage: float
+    kv_blocks: float
+    running: int
+    waiting: int
+
+
+class ModeSummary(BaseModel):
+    peak_kv_blocks: float
+    mean_kv_blocks: float  # over samples while any request was unfinished
+    max_running: int
+    mean_running: float
+    output_tok_per_s: float
+    requests_per_s: float
+    mean_ttft_s: float
+    p90_ttft_s: float
+    mean_tpot_s: float
+    mean_e2e_s: float
+    mean_retained_fraction: float
+    evicting_requests: int
+    evicted_blocks: int
+    preemptions: int
+    failed_requests: int
+    wall_s: float
+
+
+class ModeResult(BaseModel):
+    mode: str
+    policy: str
+    server_command: list[str]
+    server_log: str
+    startup_s: float
+    total_blocks: int
+    summary: ModeSummary
+    requests: list[RequestRecord]
+    samples: list[Sample]
+
+
+class ServingReport(BaseModel):
+    command: str
+    started: str
+    config: ServingConfig
+    results: list[ModeResult]
+    table: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def build_prompts(cfg: ServingConfig, count_tokens: Callable[[str], int]) -> list[str]:
+    """Synthetic long prompts, each opened by a unique tag.
+
+    The synthetic tasks share a header line; without the tag, vLLM's prefix cache would share
+    those first blocks between requests, and the block counts would measure prefix caching
+    as well as eviction.
+    """
+    from evolve.tasks.synthetic import make_sample
+
+    prompts = []
+    for i in range(cfg.num_requests):
+        tag = f"[request {i}]\n"
+        sample = make_sample(cfg.task_kinds[i % len(cfg.task_kinds)], cfg.seed + i,
+                             cfg.prompt_tokens - count_tokens(tag), count_tokens)
+        prompts.append(tag + sample.prompt)
+    return prompts
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                       index: int, t_run: float, delay: float, done: Callable[[], None]) -> RequestRecord:
+    await asyncio.sleep(delay)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first: float | None = None
+    last = t0
+    usage: dict[str, int] = {}
+    error: str | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = str(chunk["error"])[:300]
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+    except httpx.HTTPError as e:  # a dead engine: record it, the summary reports failures
+        error = f"{type(e).__name__}: {e}"
+    done()
+    n_out = int(usage.get("completion_tokens", 0))
+    if error is None and n_out != max_tokens:
+        error = f"got {n_out} of {max_tokens} tokens (ignore_eos is set)"
+    first = first or last
+    return RequestRecord(index=index, sent_s=t0 - t_run, ttft_s=first - t0, e2e_s=last - t0,
+                         prompt_tokens=int(usage.get("prompt_tokens", 0)), output_tokens=n_out,
+                         tpot_s=(last - first) / (n_out - 1) if n_out > 1 else None, error=error)
+
+
+def _sampler(url: str, total_blocks: int, t_run: float, interval: float, samples: list[Sample],
+             stop: threading.Event, ready: threading.Event, bar: Any) -> None:
+    """Scrape /metrics from a thread of its own, so a busy client event loop cannot delay samples.
+
+    The first scrape happens before ``ready`` lets the workload start, so even a sub-second
+    run has samples from its start on.
+    """
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                m = parse_metrics(client.get("/metrics").text)
+                usage = m.get("vllm:kv_cache_usage_perc", 0.0)
+                s = Sample(t_s=time.perf_counter() - t_run, kv_usage=usage, kv_blocks=usage * total_blocks,
+                           running=int(m.get("vllm:num_requests_running", 0)),
+                           waiting=int(m.get("vllm:num_requests_waiting", 0)))
+                samples.append(s)
+                if bar is not None:
+                    bar.set_postfix(kv_blocks=f"{s.kv_blocks:.0f}/{total_blocks}", running=s.running, refresh=False)
+            ready.set()
+            if stop.wait(interval):
+                break
+
+
+def _arrivals(cfg: ServingConfig) -> list[float]:
+    if math.isinf(cfg.request_rate):
+        return [0.0] * cfg.num_requests
+    rng = random.Random(cfg.seed)
+    t, out = 0.0, []
+    for _ in range(cfg.num_requests):
+        out.append(t)
+        t += rng.expovariate(cfg.request_rate)
+    return out
+
+
+async def _run_workload(url: str, model: str, prompts: list[str], cfg: ServingConfig, total_blocks: int,
+                        label: str) -> tuple[list[RequestRecord], list[Sample], dict[str, float], float]:
+    from tqdm import tqdm
+
+    limits = httpx.Limits(max_connections=cfg.num_requests + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        # warm-up (first-request overheads), then the metric baseline the run is measured against
+        # (its own text: a prefix-cache hit on a workload prompt would change what is measured)
+        warm = {"model": model, "prompt": "warm-up " * 8, "max_tokens": 2, "temperature": 0.0}
+        (await client.post("/v1/completions", json=warm)).raise_for_status()
+        before = parse_metrics((await client.get("/metrics")).text)
+        samples: list[Sample] = []
+        stop, ready = threading.Event(), threading.Event()
+        bar = tqdm(total=len(prompts), desc=f"{label:>24}", unit="req", file=sys.stderr, dynamic_ncols=True)
+        t_run = time.perf_counter()
+        sampler = threading.Thread(target=_sampler, args=(url, total_blocks, t_run, cfg.sample_interval_s, samples,
+                                                          stop, ready, bar), daemon=True)
+        sampler.start()
+        await asyncio.to_thread(ready.wait, 60)
+        try:
+            records = await asyncio.gather(*(
+                _one_request(client, model, p, cfg.max_tokens, i, t_run, d, lambda: bar.update(1))
+                for i, (p, d) in enumerate(zip(prompts, _arrivals(cfg), strict=True))))
+        finally:
+            wall = time.perf_counter() - t_run
+            stop.set()
+            sampler.join()
+            bar.close()
+        after = parse_metrics((await client.get("/metrics")).text)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return list(records), samples, delta, wall
+
+
+def summarise(all_records: list[RequestRecord], samples: list[Sample], delta: dict[str, float],
+              wall: float) -> ModeSummary:
+    """Latencies over successful requests; throughput counts only tokens actually received."""
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    records = [r for r in all_records if r.error is None] or all_records
+
+    end = max(r.sent_s + r.e2e_s for r in records)
+    live = [s for s in samples if s.t_s <= end] or samples
+    ttfts = sorted(r.ttft_s for r in records)
+    n = len(records)
+    n_all = len(all_records)
+    n_evicting = int(round(delta.get("vllm_namm:retained_fraction_count", 0.0)))
+    retained_sum = delta.get("vllm_namm:retained_fraction_sum", 0.0)
+    return ModeSummary(
+        peak_kv_blocks=max((s.kv_blocks for s in samples), default=0.0),
+        mean_kv_blocks=mean([s.kv_blocks for s in live]),
+        max_running=max((s.running for s in samples), default=0),
+        mean_running=mean([float(s.running) for s in live]),
+        output_tok_per_s=sum(r.output_tokens for r in all_records) / wall,
+        requests_per_s=n / wall,
+        mean_ttft_s=mean(ttfts),
+        p90_ttft_s=ttfts[min(n - 1, int(0.9 * n))],
+        mean_tpot_s=mean([r.tpot_s for r in records if r.tpot_s is not None]),
+        mean_e2e_s=mean([r.e2e_s for r in records]),
+        mean_retained_fraction=(retained_sum + max(n_all - n_evicting, 0)) / n_all,
+        evicting_requests=n_evicting,
+        evicted_blocks=int(round(delta.get("vllm_namm:evicted_blocks_total", 0.0))),
+        preemptions=int(round(delta.get("vllm:num_preemptions_total", 0.0))),
+        failed_requests=sum(r.error is not None for r in all_records),
+        wall_s=wall,
+    )
+
+
+def run_mode(mode: Mode, model: Path, prompts: list[str], cfg: ServingConfig, out_dir: Path,
+             startup_timeout_s: float) -> ModeResult:
+    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
+    with vllm_server(model, mode.server_flags(), log=out_dir / f"server-{safe}.log", kv_space_gib=cfg.kv_space_gib,
+                     max_model_len=cfg.max_model_len, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+                     timeout_s=startup_timeout_s) as server:
+        total = total_blocks_from(httpx.get(f"{server.url}/metrics", timeout=30).text, server.log, cfg.block_size)
+        served = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
+        records, samples, delta, wall = asyncio.run(
+            _run_workload(server.url, served, prompts, cfg, total, mode.spec))
+    return ModeResult(mode=mode.spec, policy=mode.policy, server_command=server.command, server_log=str(server.log),
+                      startup_s=server.startup_s, total_blocks=total, summary=summarise(records, samples, delta, wall),
+                      requests=records, samples=samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+ROWS: list[tuple[str, str, str]] = [  # (label, field, format)
+    ("peak KV blocks in use", "peak_kv_blocks", "{:.0f}"),
+    ("mean KV blocks in use", "mean_kv_blocks", "{:.1f}"),
+    ("max requests running", "max_running", "{:d}"),
+    ("mean requests running", "mean_running", "{:.2f}"),
+    ("output tok/s", "output_tok_per_s", "{:.1f}"),
+    ("mean TTFT (s)", "mean_ttft_s", "{:.2f}"),
+    ("p90 TTFT (s)", "p90_ttft_s", "{:.2f}"),
+    ("mean TPOT (ms)", "mean_tpot_s", "{:.1f}"),
+    ("mean retained fraction", "mean_retained_fraction", "{:.3f}"),
+    ("preemptions", "preemptions", "{:d}"),
+    ("failed requests", "failed_requests", "{:d}"),
+    ("wall time (s)", "wall_s", "{:.1f}"),
+]
+
+
+def format_table(report: ServingReport) -> str:
+    """Plain-text table (pastes into a README): each cell is the value and its ratio to ``none``."""
+    results = report.results
+    base = next((r for r in results if r.policy == "none"), None)
+    header = ["metric"] + [r.mode for r in results]
+    lines: list[list[str]] = []
+    for label, field, fmt in ROWS:
+        row = [label]
+        for r in results:
+            v = getattr(r.summary, field)
+            shown = v * 1000 if field == "mean_tpot_s" else v
+            cell = fmt.format(shown)
+            if base is not None and r is not base:
+                b = getattr(base.summary, field)
+                if b and not math.isnan(b) and not math.isnan(v):
+                    cell += f" ({v / b:.2f}x)"
+            row.append(cell)
+        lines.append(row)
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+
+    def fmt_row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                                 enumerate(zip(cells, widths, strict=True))) + " |"
+
+    c = report.config
+    rate = "all at once" if math.isinf(c.request_rate) else f"{c.request_rate:g} req/s"
+    out = [f"{c.num_requests} requests x {c.prompt_tokens} prompt tokens, max_tokens {c.max_tokens}, arrival {rate}; "
+           f"{results[0].total_blocks if results else c.num_blocks - 1} KV blocks of {c.block_size} tokens "
+           f"(~{c.kv_capacity_requests:g} full requests); model {Path(c.model).name}",
+           fmt_row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt_row(r) for r in lines]
+    out.append(f"command: {report.command}")
+    return "\n".join(out)
+
+
+def plot(report: ServingReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for r in report.results:
+        t = [s.t_s for s in r.samples]
+        ax1.plot(t, [s.kv_blocks for s in r.samples], label=r.mode)
+        ax2.step(t, [s.running for s in r.samples], where="post", label=r.mode)
+    if report.results:
+        ax1.axhline(report.results[0].total_blocks, color="grey", ls=":", lw=1, label="KV blocks available")
+    ax1.set_ylabel("KV blocks in use")
+    ax2.set_ylabel("requests running")
+    ax2.set_xlabel("time since first request (s)")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"{report.config.num_requests} x {report.config.prompt_tokens}-token prompts, "
+                  f"{report.results[0].total_blocks if report.results else '?'} KV blocks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"model dir (default: {TRAINED_MODEL.relative_to(ROOT)} if present, else a tiny random "
+                        "Llama built into the output dir)")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, help="POLICY[:key=value,...] per server")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals (req/s); inf = all at once")
+    p.add_argument("--kv-capacity-requests", type=float, default=4.0,
+                   help="KV blocks given to every server, in full-length requests (prompt + max_tokens)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="usable KV blocks (overrides --kv-capacity-requests); passed as --num-gpu-blocks-override + 1")
+    p.add_argument("--kv-space-gib", type=int, default=1,
+                   help="VLLM_CPU_KVCACHE_SPACE (whole GiB only in vLLM 0.32; the block count is what limits)")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--task-kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
+    p.add_argument("--seed", type=int, default=10**9)
+    p.add_argument("--sample-interval", type=float, default=0.2, help="seconds between /metrics samples")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/serving-<time>)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m benchmarks serving " + shlex.join(argv_list) if argv_list else "python -m benchmarks serving"
+    modes = [Mode.parse(m) for m in args.modes]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir: Path = args.out or ROOT / "benchmarks" / "results" / f"serving-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = (args.model or default_model(out_dir)).resolve()
+    full_len = args.prompt_tokens + args.max_tokens
+    blocks_per_request = -(-full_len // args.block_size)
+    usable = args.kv_blocks or max(1, round(args.kv_capacity_requests * blocks_per_request))
+    # max_model_len must fit in the cache, or vLLM refuses to start
+    max_model_len = min(-(-(full_len + args.block_size) // args.block_size) * args.block_size, usable * args.block_size)
+    if max_model_len < full_len:
+        raise SystemExit(f"{usable} KV blocks cannot hold one {full_len}-token request; raise --kv-blocks")
+    cfg = ServingConfig(model=str(model), modes=[m.spec for m in modes], num_requests=args.num_requests,
+                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, request_rate=args.request_rate,
+                        kv_capacity_requests=usable / blocks_per_request, num_blocks=usable + 1,
+                        kv_space_gib=args.kv_space_gib, block_size=args.block_size, max_model_len=max_model_len,
+                        task_kinds=args.task_kinds, seed=args.seed, sample_interval_s=args.sample_interval)
+    prompts = build_prompts(cfg, token_counter(model))
+    print(f"model {model}\n{len(modes)} servers, {usable} KV blocks each; logs in {out_dir}", file=sys.stderr)
+    report = ServingReport(command=command, started=stamp, config=cfg, results=[])
+    json_path = out_dir / "serving.json"
+    for mode in modes:
+        report.results.append(run_mode(mode, model, prompts, cfg, out_dir, args.startup_timeout))
+        json_path.write_text(report.model_dump_json(indent=1))  # partial results survive a crash
+    report.table = format_table(report)
+    json_path.write_text(report.model_dump_json(indent=1))
+    try:
+        plot(report, out_dir / "kv_usage.png")
+    except ImportError:
+        print("matplotlib missing: no plot (pip install matplotlib)", file=sys.stderr)
+    print(report.table)
+    print(f"results: {json_path}", file=sys.stderr)
+    failed = [r for r in report.results if r.summary.failed_requests]
+    for r in failed:
+        first = next(q.error for q in r.requests if q.error)
+        print(f"WARNING: {r.summary.failed_requests} requests of mode {r.mode} failed (first: {first}); "
+              f"see {r.server_log}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

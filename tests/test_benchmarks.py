@@ -1,0 +1,86 @@
+"""``python -m benchmarks``: the dispatcher's help, mode parsing, and a minimal real serving run.
+
+The serving run starts two real ``vllm serve`` processes (none, streaming at a 256-token
+budget) on a tiny random Llama and checks what the benchmark exists to show: with
+eviction, fewer KV blocks are in use for the same workload. That check reads vLLM's own
+``vllm:kv_cache_usage_perc`` through the benchmark, so it fails if pages are not freed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.serving import Mode, parse_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_benchmarks(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_help_lists_commands():
+    r = _run_benchmarks("--help")
+    assert r.returncode == 0, r.stderr
+    for name in ("serving", "quality", "kernels", "train-model"):
+        assert name in r.stdout
+    for name in ("serving", "quality"):
+        sub = _run_benchmarks(name, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "--out" in sub.stdout
+    assert _run_benchmarks("no-such-command").returncode == 2
+
+
+def test_mode_parsing():
+    m = Mode.parse("h2o:budget=1024,interval=256")
+    assert m.server_flags() == ["--kv-eviction", "h2o", "--kv-eviction-budget", "1024",
+                                "--kv-eviction-interval", "256"]
+    assert Mode.parse("none").server_flags() == []  # the baseline is plain vLLM
+    for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
+        with pytest.raises(ValueError):
+            Mode.parse(bad)
+
+
+def test_parse_metrics_sums_labels():
+    text = ('# HELP x\nvllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+            'vllm_namm:retained_fraction_sum 1.5\nvllm:num_requests_running{engine="0"} 3.0\n')
+    m = parse_metrics(text)
+    assert m["vllm:kv_cache_usage_perc"] == 0.25
+    assert m["vllm_namm:retained_fraction_sum"] == 1.5
+    assert m["vllm:num_requests_running"] == 3
+
+
+@pytest.mark.server
+def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, server_pool):
+    if shutil.which("vllm", path=str(Path(sys.executable).parent)) is None and shutil.which("vllm") is None:
+        pytest.skip("vllm not installed")
+    server_pool.close()  # the benchmark starts its own servers; keep one alive at a time
+    out = tmp_path / "out"
+    r = _run_benchmarks("serving", "--model", str(tiny_model), "--modes", "none", "streaming:budget=256",
+                        "--num-requests", "4", "--prompt-tokens", "1200", "--max-tokens", "8",
+                        "--sample-interval", "0.05", "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads((out / "serving.json").read_text())
+    by_mode = {m["mode"]: m for m in report["results"]}
+    assert set(by_mode) == {"none", "streaming:budget=256"}
+    for m in by_mode.values():
+        s = m["summary"]
+        assert s["output_tok_per_s"] > 0 and math.isfinite(s["output_tok_per_s"])
+        assert len(m["requests"]) == 4 and all(q["output_tokens"] == 8 for q in m["requests"])
+        assert m["samples"], "no /metrics samples"
+        assert Path(m["server_log"]).exists()
+    none, streaming = by_mode["none"]["summary"], by_mode["streaming:budget=256"]["summary"]
+    assert none["peak_kv_blocks"] > 0
+    assert streaming["peak_kv_blocks"] < none["peak_kv_blocks"], (none, streaming)
+    assert streaming["evicted_blocks"] > 0 and streaming["mean_retained_fraction"] < 1.0
+    assert none["mean_retained_fraction"] == 1.0
+    assert "command: python -m benchmarks serving" in report["table"]
+    assert (out / "kv_usage.png").exists()
