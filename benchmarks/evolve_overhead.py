@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
     args = [*CPU_DEFAULTS, "--block-size", "32", "--max-model-len", str(a.tokens + 256), "--kv-eviction", "namm"]
     with VllmServer(model, args) as server:
-        result = asyncio.run(_measure(server.base_url + "/v1", a.popsize, a.samples, a.tokens, a.sigma, a.seed,
+        result = asyncio.run(_measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed,
                                       a.repeats))
     result["command"] = "python -m benchmarks.evolve_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5}")

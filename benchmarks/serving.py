@@ -28,14 +28,9 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +42,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel as _PydanticBase
 from pydantic import ConfigDict, Field
+
+from vllm_namm.launch import CPU_DEFAULTS, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = ROOT / "benchmarks" / "models" / "namm-tiny-llama"
@@ -105,19 +102,6 @@ class Mode(BaseModel):
         return flags
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_bin() -> str:
-    found = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    if found is None:
-        raise SystemExit("`vllm` not found next to this Python nor on PATH; install vllm-namm's environment first")
-    return found
-
-
 class ServerHandle(BaseModel):
     url: str
     log: Path
@@ -138,49 +122,13 @@ def vllm_server(
     timeout_s: float = 600.0,
 ) -> Iterator[ServerHandle]:
     """Start ``vllm serve`` on a free port, wait for /health, and always stop it (even on Ctrl-C)."""
-    port = free_port()
-    cmd = [vllm_bin(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", str(max_model_len), "--block-size", str(block_size),
-           "--seed", "0"]
+    base = [*CPU_DEFAULTS, "--max-model-len", str(max_model_len), "--block-size", str(block_size), "--seed", "0"]
     if num_blocks is not None:
-        cmd += ["--num-gpu-blocks-override", str(num_blocks)]
-    cmd += flags
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib))
-    log.parent.mkdir(parents=True, exist_ok=True)
+        base += ["--num-gpu-blocks-override", str(num_blocks)]
     t0 = time.monotonic()
-    with log.open("w") as out:
-        # cwd = repo root: the engine's worker processes fail platform detection from elsewhere.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                if proc.poll() is not None:
-                    tail = log.read_text()[-3000:]
-                    raise RuntimeError(f"vllm serve exited with {proc.returncode} (log {log}):\n{tail}")
-                if time.monotonic() - t0 > timeout_s:
-                    raise TimeoutError(f"vllm serve not healthy after {timeout_s:.0f}s (log {log})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                        break
-                time.sleep(1.0)
-            yield ServerHandle(url=url, log=log, command=cmd, startup_s=time.monotonic() - t0)
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (it spawns engine/worker processes), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with VllmServer(model, flags, log_path=log, base_flags=base, timeout_s=timeout_s,
+                    kv_space_gib=kv_space_gib) as server:
+        yield ServerHandle(url=server.url, log=log, command=server.command, startup_s=time.monotonic() - t0)
 
 
 _METRIC_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

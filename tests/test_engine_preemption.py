@@ -27,9 +27,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _complete(server: VllmServer, model: str, prompt: str, max_tokens: int, **extra) -> openai.types.Completion:
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
-    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                     extra_body=extra)
+    return server.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            extra_body=extra)
 
 
 def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None:
@@ -72,3 +71,8 @@ def test_blocks_computed_after_eviction_are_not_prefix_cache_hits(model: str) ->
         hits = srv.metric("vllm:prefix_cache_hits_total")
         assert hits is not None and hits > 0, "the full-context prefix blocks are still reusable"
         assert hits <= 512, "blocks computed after the first eviction (at 512 tokens) must not be hits"
+        # NAMM on a request whose first 512 tokens come from the prefix cache: its state must
+        # start with those tokens (a bug once killed the engine here).
+        namm = _complete(srv, model, prompt[:1200] + "A new tail. " * 40, 8, vllm_xargs={"kv_eviction": "namm"})
+        assert namm.choices[0].finish_reason in ("length", "stop")
+        assert srv.healthy()

@@ -32,7 +32,6 @@ def _peak_blocks(server: VllmServer, total_blocks: int, stop: threading.Event, o
 
 
 def run(model: str | None, tokens: int, policy_args: list[str], block_size: int) -> None:
-    import openai
 
     if model is None:
         if (TRAINED / "config.json").exists():
@@ -46,8 +45,8 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
     args = [*CPU_DEFAULTS, "--block-size", str(block_size), "--max-model-len", str(tokens + 256), *policy_args]
     print(f"starting: vllm serve {model} {' '.join(args)}")
     with VllmServer(model, args) as server:
-        total = server.num_kv_blocks() or 0
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="demo")
+        total = server.num_blocks()
+        client = server.client
         rows = []
         for label, xargs in (("namm", {}), ("none", {"kv_eviction": "none"})):
             samples: list[float] = []

@@ -1,7 +1,7 @@
-"""Start and stop a ``vllm serve`` process on loopback (demo, benchmarks, evolve tests).
+"""Start and stop ``vllm serve`` on loopback: one helper for the demo, benchmarks and tests.
 
-One small helper rather than one per tool: it waits for ``/health``, fails fast with the
-log tail when the server dies during start-up, and always cleans up.
+It waits for ``/health``, fails fast with the log tail when the server dies during start-up,
+and always stops the whole process group (API server, engine core, workers).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_DEFAULTS: tuple[str, ...] = ("--enforce-eager", "--dtype", "float32")
+"""What a tiny float32 model wants on the CPU build (no graph capture, no bf16)."""
 
 
 def free_port() -> int:
@@ -27,112 +29,188 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_command() -> list[str]:
+def vllm_bin() -> str:
     """The ``vllm`` executable next to this interpreter (the venv's), else on PATH."""
-    here = Path(sys.executable).with_name("vllm")
-    if here.exists():
-        return [str(here)]
-    found = shutil.which("vllm")
+    found = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
     if found is None:
         raise FileNotFoundError("the 'vllm' command is not installed (run scripts/install.sh)")
-    return [found]
+    return found
 
 
-CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32"]
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> ``{'name{labels}': value}`` (label-less series keyed by name)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([^\s{]+(?:\{.*\})?)\s+(\S+)(?:\s+\S+)?$", line)
+        if m:
+            try:
+                out[m.group(1)] = float(m.group(2))
+            except ValueError:
+                continue
+    return out
+
+
+def metric_sum(metrics: Mapping[str, float], name: str) -> float:
+    """Sum of every series of ``name`` (over its labels); 0.0 when absent."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def metric_label(metrics: Mapping[str, float], name: str, label: str) -> str | None:
+    """The value of ``label`` on the first series of ``name`` (e.g. num_gpu_blocks of cache_config_info)."""
+    for k in metrics:
+        if k.startswith(name + "{"):
+            m = re.search(label + r'="([^"]*)"', k)
+            if m:
+                return m.group(1)
+    return None
 
 
 class VllmServer:
-    """``with VllmServer(model, ["--kv-eviction", "namm"]) as srv: srv.base_url ...``"""
+    """``vllm serve MODEL *base_flags *flags`` as a context manager (``url``: root, ``base_url``: /v1)."""
 
-    def __init__(
-        self,
-        model: str | Path,
-        args: list[str] | None = None,
-        *,
-        env: dict[str, str] | None = None,
-        kv_space_gib: float = 1,
-        log_path: str | Path | None = None,
-        start_timeout: float = 300.0,
-    ) -> None:
+    def __init__(self, model: str | Path, flags: Sequence[str] = (), *, log_path: str | Path | None = None,
+                 env: Mapping[str, str] | None = None, base_flags: Sequence[str] = CPU_DEFAULTS,
+                 timeout_s: float = 300.0, kv_space_gib: int = 1) -> None:
         self.model = str(model)
-        self.args = list(args or [])
+        self.flags = list(flags)
+        if log_path is None:
+            import tempfile
+
+            log_path = Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log"
+        self.log_path = Path(log_path)
+        self.env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)} | dict(env or {})
+        self.base_flags = list(base_flags)
+        self.timeout_s = timeout_s
+        self.host = "127.0.0.1"
         self.port = free_port()
-        self.env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)} | (env or {})
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log"
-        self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self._client: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.url + "/v1"
+
+    @property
+    def command(self) -> list[str]:
+        return [vllm_bin(), "serve", self.model, *self.base_flags, "--host", self.host, "--port", str(self.port),
+                *self.flags]
 
     def start(self) -> VllmServer:
-        cmd = [*vllm_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
+        with self.log_path.open("wb") as log:
+            log.write(("$ " + " ".join(self.command) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        while not self.healthy():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"vllm serve not healthy after {self.start_timeout:.0f} s:\n{self.log_tail()}")
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before /health:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"vllm serve not healthy after {self.timeout_s:.0f}s:\n{self.log_tail()}")
+            time.sleep(1.0)
+        return self
 
-    def healthy(self) -> bool:
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
+        finally:
+            # The engine core and workers are children in the session we created.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> VllmServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- queries ------------------------------------------------------------------------------
+    def healthy(self, timeout: float = 5.0) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    @property
+    def client(self) -> Any:
+        """An ``openai.OpenAI`` client for this server (no retries: tests want to see failures)."""
+        if self._client is None:
+            import openai
+
+            self._client = openai.OpenAI(base_url=self.base_url, api_key="x", max_retries=0, timeout=600)
+        return self._client
+
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
             return r.read().decode()
 
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(self.metrics_text())
+
     def metric(self, name: str) -> float | None:
-        """Sum of every sample of ``name`` (labels ignored) on ``/metrics``, or None."""
-        total, seen = 0.0, False
-        pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$")
-        for line in self.metrics_text().splitlines():
-            m = pattern.match(line)
-            if m:
-                total += float(m.group(1))
-                seen = True
-        return total if seen else None
+        """Sum of every series of ``name`` on ``/metrics``, or None when absent."""
+        metrics = self.metrics()
+        if not any(k == name or k.startswith(name + "{") for k in metrics):
+            return None
+        return metric_sum(metrics, name)
+
+    def kv_usage(self) -> float:
+        """``vllm:kv_cache_usage_perc`` (fraction of used KV blocks, 0..1)."""
+        return metric_sum(self.metrics(), "vllm:kv_cache_usage_perc")
+
+    def num_blocks(self) -> int:
+        """KV blocks of the pool, from ``vllm:cache_config_info`` (else the start-up log)."""
+        metrics = self.metrics()
+        n = metric_label(metrics, "vllm:cache_config_info", "num_gpu_blocks")
+        if n not in (None, "", "None"):
+            return int(n)
+        block_size = int(metric_label(metrics, "vllm:cache_config_info", "block_size") or 16)
+        m = re.search(r"KV cache size: ([\d,]+) tokens", self.log_text())
+        if m is None:
+            raise RuntimeError("cannot tell the number of KV blocks (no cache_config_info, no start-up log line)")
+        return int(m.group(1).replace(",", "")) // block_size
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def num_kv_blocks(self) -> int | None:
-        """Total KV blocks of the server, from its start-up log (``KV cache size: N tokens``)."""
-        m = re.search(r"KV cache size: ([\d,]+) tokens", self.log_text())
-        bs = 16
-        if "--block-size" in self.args:
-            bs = int(self.args[self.args.index("--block-size") + 1])
-        return int(m.group(1).replace(",", "")) // bs if m else None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
-    def __enter__(self) -> VllmServer:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_text()[-chars:]
