@@ -14,12 +14,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quality": ("benchmarks.quality", "accuracy of full cache vs eviction policies at 25 % / 50 % cache"),
     "kernels": ("benchmarks.kernels_bench", "Triton kernels vs their torch references (GPU)"),
     "train-model": ("benchmarks.train_model", "train the small long-context Llama used by the quality benchmark"),
+    "page-rounding": ("benchmarks.page_rounding", "token evictions each policy asks for vs what freed pages realise"),
+    "evolve-overhead": ("benchmarks.evolve_overhead", "one evolution generation vs the same requests without eviction"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m benchmarks COMMAND [--help] [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
