@@ -7,7 +7,7 @@ same prompts with eviction off to the same server. Both batches run back to back
 sampler, so the ratio measures exactly what evolution adds: parameter transfer, scoring,
 and eviction.
 
-``python -m benchmarks.evolve_overhead [--model PATH] [--popsize 8] [--samples 4] [--tokens 1500]``
+``python -m benchmarks evolve-overhead [--model PATH] [--popsize 8] [--samples 4] [--tokens 1500]``
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     with VllmServer(model, args) as server:
         result = asyncio.run(_measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed,
                                       a.repeats))
-    result["command"] = "python -m benchmarks.evolve_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m benchmarks evolve-overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5}")
     for i, r in enumerate(result["runs"]):
         print(f"{i:3d} {r['none_s']:8.2f} {r['namm_s']:8.2f} {r['ratio']:6.2f} {r['retained_fraction']:5.2f}")

@@ -6,7 +6,7 @@ A page is freed only when every layer and KV head evicts all its tokens (``--pag
 default ``all``); the table shows, per policy, the fraction of its (layer, head, token)
 evictions that became free memory, and the fraction of the request's blocks it still held.
 
-``python -m benchmarks.page_rounding [--model PATH] [--tokens 3200] [--budget 512] [--block-size 32]``
+``python -m benchmarks page-rounding [--model PATH] [--tokens 3200] [--budget 512] [--block-size 32]``
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         frac = "-" if row["realised_fraction"] is None else f"{100 * row['realised_fraction']:.1f}"
         held = f"{row['held_blocks']}/{row['logical_blocks']}" if row["held_blocks"] is not None else "all"
         print(f"{row['policy']:10} {row['requested']:>10} {row['realised']:>9} {frac:>10} {held:>12}")
-    print("command: python -m benchmarks.page_rounding " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print("command: python -m benchmarks page-rounding " + " ".join(argv if argv is not None else sys.argv[1:]))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0
