@@ -16,19 +16,6 @@ from vllm_namm.config import EvictionConfig
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, parse_eviction_config
 
 POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
-_FLAG_DESTS = (
-    "kv_eviction",
-    "namm_weights",
-    "namm_threshold",
-    "kv_eviction_interval",
-    "kv_eviction_budget",
-    "kv_eviction_ratio",
-    "kv_eviction_sink_tokens",
-    "kv_eviction_recent_tokens",
-    "kv_eviction_page_rule",
-)
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     if any(a.dest == "kv_eviction" for a in parser._actions):
         return
@@ -54,6 +41,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    help="Newest tokens never evicted (default 1).")
     g.add_argument("--kv-eviction-page-rule", choices=["all", "majority", "any"], default="all",
                    help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")
+    g.add_argument("--namm-kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="Attention-column kernels of the eviction step: auto = Triton on GPU, torch on CPU.")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -61,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     if getattr(args, "kv_eviction", "none") == "none":
         return None
     raw: dict[str, Any] = {"policy": args.kv_eviction, "interval": args.kv_eviction_interval,
-                           "page_rule": args.kv_eviction_page_rule}
+                           "page_rule": args.kv_eviction_page_rule, "kernels": args.namm_kernels}
     if args.namm_weights is not None:
         raw["weights"] = args.namm_weights
     if args.namm_threshold is not None:
