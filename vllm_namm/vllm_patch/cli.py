@@ -16,6 +16,8 @@ from vllm_namm.config import EvictionConfig
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, parse_eviction_config
 
 POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     if any(a.dest == "kv_eviction" for a in parser._actions):
         return
