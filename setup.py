@@ -4,7 +4,7 @@ vLLM itself is an *extra* on purpose: a plain ``vllm`` requirement pulls the CUD
 build (and a torch the CPU machines refuse). Pick ``[cpu]`` or ``[gpu]``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 VLLM_VERSION = "0.32.0"
 
@@ -15,9 +15,13 @@ setup(
     python_requires=">=3.10",
     # The kernels/ folder is installed as `namm_kernels`: a top-level `kernels`
     # module would shadow the published `kernels` package that transformers probes.
-    packages=["vllm_namm", "vllm_namm.policies", "vllm_namm.vllm_patch", "namm_kernels", "evolve", "benchmarks"],
+    packages=[*find_packages(include=["vllm_namm", "vllm_namm.*", "evolve", "evolve.*", "benchmarks"]), "namm_kernels"],
     package_dir={"namm_kernels": "kernels"},
-    package_data={"vllm_namm": ["data/*.safetensors"], "benchmarks": ["models/**/*"]},
+    package_data={
+        "vllm_namm": ["data/*.safetensors"],
+        "evolve": ["configs/*.json"],
+        "benchmarks": ["models/*/*.json", "models/*/*.safetensors", "models/*/*.md"],
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
