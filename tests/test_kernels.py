@@ -7,23 +7,16 @@ compiled, plus the larger ``gpu_only`` shapes.
 
 from __future__ import annotations
 
-import importlib
-import os
+from triton_interpreter import CUDA  # first: sets TRITON_INTERPRET when there is no CUDA
+
+# isort: split
+
 import sys
 
+import namm_kernels as nk
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # kernels decorated earlier in this process without the interpreter cannot run on CPU
-    for _name in ("namm_kernels.paged_attention_columns", "namm_kernels.spectrogram_ema", "namm_kernels"):
-        if _name in sys.modules:
-            importlib.reload(sys.modules[_name])
-
-import namm_kernels as nk  # noqa: E402
-from namm_kernels import PagedKeyLayout  # noqa: E402
+from namm_kernels import PagedKeyLayout
 
 DEVICE = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="large shape: compiled Triton on CUDA only")

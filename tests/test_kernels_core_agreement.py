@@ -3,21 +3,13 @@ feature functions in ``vllm_namm.features`` — one definition of NAMM's feature
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
+from triton_interpreter import CUDA  # first: sets TRITON_INTERPRET when there is no CUDA
 
+# isort: split
+
+import namm_kernels as nk
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("namm_kernels.paged_attention_columns", "namm_kernels.spectrogram_ema", "namm_kernels"):
-        if _name in sys.modules:
-            importlib.reload(sys.modules[_name])
-
-import namm_kernels as nk  # noqa: E402
 
 features = pytest.importorskip("vllm_namm.features")  # only an import error skips
 
