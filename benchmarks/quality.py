@@ -247,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-base", type=int, default=10**9)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
+    p.add_argument("--page-rule", choices=["all", "majority", "any"], default="all",
+                   help="--kv-eviction-page-rule of the server (per-head policies free little under 'all')")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kv-space-gib", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
     # chunks its policy must see.
-    flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching"]
+    flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching",
+             "--kv-eviction-page-rule", args.page_rule]
     if args.namm_weights:
         flags += ["--namm-weights", str(args.namm_weights)]
     longest = max(args.lengths) + args.max_tokens + args.block_size

@@ -162,3 +162,12 @@ def test_flags_map_to_eviction_config() -> None:
         config_from_args(parser.parse_args(["--kv-eviction", "namm", "--kv-eviction-interval", "500"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-eviction", "bogus"])
+
+
+def test_ratio_budget_is_a_fraction_of_the_context_not_compounded() -> None:
+    cfg = EvictionConfig(policy="streaming", interval=512, budget=BudgetConfig(ratio=0.25))
+    mem = _run(cfg, 2048)
+    kept = mem.live_positions().numel()
+    # 25 % of 2048 tokens, plus at most the first page and the page being written; compounding
+    # (25 % of what was left at every step) would keep ~1/4 of that.
+    assert 512 <= kept <= 512 + 2 * BS, kept

@@ -90,8 +90,8 @@ class ProtectConfig(_Strict):
 class BudgetConfig(_Strict):
     """Cache size per layer and KV head for the fixed-budget baselines.
 
-    Exactly one of ``tokens`` (absolute) or ``ratio`` (fraction of the tokens cached at the
-    step) must be given.
+    Exactly one of ``tokens`` (absolute) or ``ratio`` (fraction of the request's context so
+    far) must be given.
     """
 
     tokens: int | None = Field(None, gt=0)
@@ -112,12 +112,18 @@ class BudgetConfig(_Strict):
             )
         return self
 
-    def size(self, n_tokens: int) -> int:
-        """Tokens to keep out of ``n_tokens`` (never more than there are)."""
+    def size(self, n_tokens: int, context_tokens: int | None = None) -> int:
+        """Tokens to keep out of the ``n_tokens`` cached (never more than there are).
+
+        ``ratio`` is a fraction of the *context so far* (``context_tokens``: every token the
+        request has seen, evicted ones included), not of what is still cached: applied to the
+        cache at every step it would compound (25 % of 25 % of ...).
+        """
         if self.tokens is not None:
             return min(self.tokens, n_tokens)
         assert self.ratio is not None
-        return min(n_tokens, max(1, math.ceil(self.ratio * n_tokens)))
+        context = n_tokens if context_tokens is None else max(context_tokens, n_tokens)
+        return min(n_tokens, max(1, math.ceil(self.ratio * context)))
 
 
 class EvictionConfig(_Strict):

@@ -23,4 +23,5 @@ class BudgetPolicy(EvictionPolicy):
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
         prot = protected_mask(view, self.protect_cfg)
         ranked = scores.float().masked_fill(prot, float("inf"))
-        return topk_keep(ranked, self.budget.size(scores.shape[-1]))
+        context = int(view.positions.max()) + 1 if view.positions.numel() else 0
+        return topk_keep(ranked, self.budget.size(scores.shape[-1], context))
