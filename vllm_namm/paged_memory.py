@@ -30,7 +30,6 @@ class StepStats:
     """What one eviction step of one request did (for logs and /metrics)."""
 
     freed_pages: list[int]
-    live_tokens_before: int
     requested_token_evictions: int
     realised_token_evictions: int
 
@@ -53,8 +52,6 @@ class RequestMemory:
     query_positions: list[Tensor] = field(default_factory=list)
     states: list[PolicyState] = field(default_factory=list)
     steps: int = 0
-    requested: int = 0
-    realised: int = 0
 
     def __post_init__(self) -> None:
         self.queries = [[] for _ in range(self.num_layers)]
@@ -104,7 +101,8 @@ class RequestMemory:
 
     def due(self, interval: int, prompt_len: int, hop: int = 16) -> bool:
         """An eviction step is due every ``interval`` queries, and once when the prompt ends
-        (its last, shorter chunk, as evo-memory does) if at least one STFT hop is waiting."""
+        if at least one STFT hop is waiting (unlike evo-memory, which never scores the prompt's
+        last, shorter chunk: this bounds the cache a request holds when decoding starts)."""
         if self.policy.name == "none":
             return False
         n = self.num_unscored
@@ -138,6 +136,7 @@ def eviction_step(
     positions = mem.live_positions()
     n_live = positions.numel()
     policy = mem.policy
+    pos = positions.to(device)
     keep_masks: list[Tensor] = []
     for layer in range(mem.num_layers):
         keys = read_keys(layer, live_pages)[:n_live] if (policy.needs_keys or columns is None) else None
@@ -149,7 +148,6 @@ def eviction_step(
                 assert keys is not None
                 attn = attention_columns(queries[layer].to(keys.device), keys, qpos.to(keys.device),
                                          positions.to(keys.device), scale)
-        pos = positions.to(device)
         view = LayerView(
             attn=attn,
             keys=keys.permute(1, 0, 2) if policy.needs_keys else None,
@@ -173,9 +171,7 @@ def eviction_step(
     mem.evicted_pages.update(plan.free_pages)
     mem.tokens_at_last_step = mem.num_tokens
     mem.steps += 1
-    mem.requested += sum(plan.requested)
-    mem.realised += sum(plan.realised)
-    return StepStats(plan.free_pages, n_live, sum(plan.requested), sum(plan.realised))
+    return StepStats(plan.free_pages, sum(plan.requested), sum(plan.realised))
 
 
 def state_device(state: PolicyState, fallback: Tensor) -> torch.device:

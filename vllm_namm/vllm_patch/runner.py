@@ -73,7 +73,8 @@ class NammRunnerState:
         self.head_size: int = first.head_size
         self.backend = type(first.impl).__name__
         self.device = runner.device
-        self.weights = load_weights(config.weights) if (config.policy == "namm" and config.weights) else None
+        # Loaded once: any request may ask for namm (or its own EMA coefficient) per request.
+        self.weights = load_weights(config.weights or DEFAULT_WEIGHTS)
         self.default_policy = make_policy(config, self.weights)
         self._policies: dict[str, EvictionPolicy] = {}
         self.requests: dict[str, RequestMemory] = {}
@@ -101,7 +102,6 @@ class NammRunnerState:
                 self._policies.clear()
             weights = self.weights
             if settings.namm_ema_coeff_per_step is not None:
-                weights = weights or load_weights(DEFAULT_WEIGHTS)
                 features = weights.features.model_copy(update={"ema_coeff_per_step": settings.namm_ema_coeff_per_step})
                 weights = dataclasses.replace(weights, features=features)
             self._policies[key] = make_policy(settings.apply(self.config), weights)
@@ -242,7 +242,8 @@ def _wrap_impl_forward(layer: Any, idx: int, state: NammRunnerState) -> None:
 
 
 # ---- compaction of attention metadata --------------------------------------------------------
-_active_rows: dict[int, int] = {}
+_active_compaction: tuple[dict[int, int], int] | None = None
+"""(batch row -> holes, block size) while the runner builds attention metadata, else None."""
 
 
 def compact_metadata(cm: Any, rows: dict[int, int], block_size: int) -> Any:
@@ -324,18 +325,18 @@ def install() -> None:
         namm: NammRunnerState | None = getattr(self, "_namm", None)
         if namm is None or kwargs.get("for_cudagraph_capture"):
             return orig_build(self, *args, **kwargs)
-        global _active_rows
-        _active_rows = namm.compaction_rows()
-        _active_block_size[0] = namm.block_size
+        global _active_compaction
+        rows = namm.compaction_rows()
+        _active_compaction = (rows, namm.block_size) if rows else None
         try:
             return orig_build(self, *args, **kwargs)
         finally:
-            _active_rows = {}
+            _active_compaction = None
 
     @functools.wraps(orig_group_build)
     def build_metadata(self, common_attn_metadata, *args, **kwargs):
-        if _active_rows:
-            common_attn_metadata = compact_metadata(common_attn_metadata, _active_rows, _active_block_size[0])
+        if _active_compaction is not None:
+            common_attn_metadata = compact_metadata(common_attn_metadata, *_active_compaction)
         return orig_group_build(self, common_attn_metadata, *args, **kwargs)
 
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
@@ -344,5 +345,3 @@ def install() -> None:
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     AttentionGroup.build_metadata = build_metadata
 
-
-_active_block_size = [0]
