@@ -43,7 +43,8 @@ import httpx
 from pydantic import BaseModel as _PydanticBase
 from pydantic import ConfigDict, Field
 
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+from vllm_namm.launch import CPU_DEFAULTS, VllmServer, metric_label
+from vllm_namm.launch import parse_metrics as launch_parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = ROOT / "benchmarks" / "models" / "namm-tiny-llama"
@@ -131,25 +132,20 @@ def vllm_server(
         yield ServerHandle(url=server.url, log=log, command=server.command, startup_s=time.monotonic() - t0)
 
 
-_METRIC_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {name: value}, summing a series over its labels (one engine here)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC_LINE.match(line)
-        if m:
-            with contextlib.suppress(ValueError):
-                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    for series, value in launch_parse_metrics(text).items():
+        name = series.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + value
     return out
 
 
 def total_blocks_from(metrics_text: str, log: Path, block_size: int) -> int:
     """Usable KV blocks: ``num_gpu_blocks`` of ``vllm:cache_config_info`` (or the log) minus the null block."""
-    m = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', metrics_text)
-    if m:
-        return int(m.group(1)) - 1
+    n = metric_label(launch_parse_metrics(metrics_text), "vllm:cache_config_info", "num_gpu_blocks")
+    if n not in (None, "", "None"):
+        return int(n) - 1
     m = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text())
     if m:
         return int(m.group(1).replace(",", "")) // block_size
