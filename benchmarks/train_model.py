@@ -45,11 +45,9 @@ Outputs next to the model: ``config.json``, ``model.safetensors``, tokenizer fil
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import random
-import re
 import shlex
 import sys
 import time
@@ -60,7 +58,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.tiny_model import build_tokenizer, llama_config
-from evolve.tasks.synthetic import _NAMES, TASK_KINDS, filler_sentence, make_sample, score_answer
+from evolve.tasks.synthetic import (
+    _NAMES,
+    FACT_FORMATS,
+    TASK_KINDS,
+    TaskSample,
+    filler_sentence,
+    make_sample,
+    score_answer,
+)
 
 TRAIN_SEED_RANGE = (0, 10**7)
 EVAL_SEED_BASE = 10**9
@@ -131,12 +137,6 @@ PRESETS: dict[str, Preset] = {
 # Data
 # --------------------------------------------------------------------------------------------
 
-_PAIR_PATTERNS = {
-    "kv_retrieval": re.compile(r"Key (\d+) holds value (\d+)\. "),
-    "needle": re.compile(r"The special magic number for (\w+) is (\d+)\. "),
-}
-
-
 class CharCodec:
     """Exact char <-> id map of the character tokenizer (fast path for building batches)."""
 
@@ -151,28 +151,14 @@ class CharCodec:
         return [self.char_to_id[c] for c in text]
 
 
-def follow_up_questions(kind: str, prompt: str, answer: str, rng: random.Random) -> list[tuple[str, str]]:
-    """The other key/value pairs of the context, asked in the same format as the sample's question."""
-    pattern = _PAIR_PATTERNS.get(kind)
-    if pattern is None:
+def follow_up_questions(s: TaskSample, rng: random.Random) -> list[tuple[str, str]]:
+    """The other key/value facts of the context, asked in the same format as the sample's question."""
+    if s.kind not in FACT_FORMATS:
         return []
-    question = prompt.rsplit("\n", 1)[1]
-    pairs = pattern.findall(prompt)
-    asked = [k for k, v in pairs if v == answer and f" {k}" in question]
-    if len(asked) != 1:
-        return []
-    out = [(question.replace(asked[0], k), v) for k, v in pairs if k != asked[0]]
+    ask = FACT_FORMATS[s.kind][1]
+    out = [(ask(k), v) for k, v in s.facts if v != s.answer]
     rng.shuffle(out)
     return out
-
-
-@functools.cache
-def _question_template(kind: str) -> tuple[str, str]:
-    """The question of a real ``make_sample`` prompt and the key in it, to substitute other keys."""
-    s = make_sample(kind, 0, 512)
-    question = s.prompt.rsplit("\n", 1)[1]
-    key = next(k for k, v in _PAIR_PATTERNS[kind].findall(s.prompt) if v == s.answer and f" {k}" in question)
-    return question, key
 
 
 def build_perm_example(codec: CharCodec, rng: random.Random, length: int) -> tuple[list[int], list[int]]:
@@ -199,26 +185,26 @@ def build_copy_example(codec: CharCodec, rng: random.Random, length: int) -> tup
     return first + second, [0] + [1] * (len(first) - 1) + [2] * len(second)
 
 
-def build_dense_example(codec: CharCodec, rng: random.Random, length: int) -> tuple[list[int], list[int]]:
+def build_dense_example(codec: CharCodec, rng: random.Random, length: int,
+                        kind_weights: tuple[float, float] = (1.0, 1.0)) -> tuple[list[int], list[int]]:
     """A recall drill in the kv_retrieval / needle formats: many facts in short filler, all asked.
 
     Bootstraps the induction-style retrieval circuit: ~10 supervised answers per ~500 tokens
     at short distances, instead of one answer per long, mostly-noise context.
     """
-    kind = rng.choice(["kv_retrieval", "needle"])
-    question, qkey = _question_template(kind)
+    kind = rng.choices(list(FACT_FORMATS), weights=kind_weights)[0]
+    fact, ask = FACT_FORMATS[kind]
     n_pairs = max(2, min(12, (length - 90) // 100 + rng.randint(-1, 1)))
     if kind == "kv_retrieval":
         keys = [str(k) for k in rng.sample(range(100, 1000), n_pairs)]
         values = [str(rng.randrange(10**4, 10**5)) for _ in keys]
-        facts = [f"Key {k} holds value {v}. " for k, v in zip(keys, values, strict=True)]
     else:
         keys = rng.sample(_NAMES, min(n_pairs, 8))
         values = [str(rng.randrange(10**3, 10**4)) for _ in keys]
-        facts = [f"The special magic number for {k} is {v}. " for k, v in zip(keys, values, strict=True)]
+    facts = [fact(k, v) for k, v in zip(keys, values, strict=True)]
     asked = list(zip(keys, values, strict=True))
     rng.shuffle(asked)
-    q_chars = sum(len(question) + 2 * len(k) + len(v) + 4 for k, v in asked)
+    q_chars = sum(len(ask(k)) + len(v) + 4 for k, v in asked)
     body_budget = max(0, length - q_chars - sum(map(len, facts)) - 90)
     filler = []
     while sum(map(len, filler)) < body_budget:
@@ -229,7 +215,7 @@ def build_dense_example(codec: CharCodec, rng: random.Random, length: int) -> tu
     ids = codec.encode(text)
     cls = [0] + [1] * (len(ids) - 1)
     for i, (k, v) in enumerate(asked):
-        q = codec.encode("\n" + question.replace(qkey, k))
+        q = codec.encode("\n" + ask(k))
         ids.extend(q)
         cls.extend([1 if i == 0 else 0] + [1] * (len(q) - 1))
         a = codec.encode(f" {v}.") + [codec.eos]
@@ -256,7 +242,7 @@ def build_example(codec: CharCodec, kind: str, seed: int, length: int, rng: rand
 
     add_answer(s.answer)
     if follow_ups:
-        for question, value in follow_up_questions(kind, s.prompt, s.answer, rng):
+        for question, value in follow_up_questions(s, rng):
             q = codec.encode("\n" + question)
             ids.extend(q)
             cls.extend([0] + [1] * (len(q) - 1))  # whether a follow-up comes is unpredictable
@@ -292,7 +278,7 @@ class Batcher:
             elif source == "copy":
                 ids, cls = build_copy_example(self.codec, rng, length)
             elif source == "drill":
-                ids, cls = build_dense_example(self.codec, rng, length)
+                ids, cls = build_dense_example(self.codec, rng, length, p.kind_weights[1:])
             else:
                 kind = rng.choices(TASK_KINDS, weights=p.kind_weights)[0]
                 ids, cls = self._task_example(kind, length)

@@ -43,10 +43,37 @@ class TaskSample(BaseModel):
     answer: str
     target_tokens: int
     needle_depth: float  # where the needle sits, as a fraction of the context
+    # Every (key, value) fact of the context, the asked one included (empty for passkey):
+    # the training script asks the others as follow-up questions.
+    facts: tuple[tuple[str, str], ...] = ()
 
 
 def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADJS)} {rng.choice(_TAILS)}. "
+
+
+# The fact and question formats, in one place: the tasks and the training drills of
+# benchmarks.train_model both build their text from these.
+def kv_fact(key: str, value: str) -> str:
+    return f"Key {key} holds value {value}. "
+
+
+def kv_question(key: str) -> str:
+    return f"What value does key {key} hold? Key {key} holds value"
+
+
+def needle_fact(name: str, number: str) -> str:
+    return f"The special magic number for {name} is {number}. "
+
+
+def needle_question(name: str) -> str:
+    return f"What is the special magic number for {name}? The special magic number for {name} is"
+
+
+FACT_FORMATS: dict[str, tuple[Callable[[str, str], str], Callable[[str], str]]] = {
+    "kv_retrieval": (kv_fact, kv_question),
+    "needle": (needle_fact, needle_question),
+}
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -63,27 +90,27 @@ def _filler(rng: random.Random, n_chars: int) -> str:
     return "".join(parts)
 
 
-def _needles(kind: str, rng: random.Random) -> tuple[list[str], str, str, str]:
-    """(needle sentences, the one that matters, question suffix, answer)."""
+def _needles(kind: str, rng: random.Random) -> tuple[list[str], str, str, str, tuple[tuple[str, str], ...]]:
+    """(needle sentences, the one that matters, question suffix, answer, (key, value) facts)."""
     if kind == "passkey":
         key = _digits(rng, 5)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-        return [needle], needle, "What is the pass key? The pass key is", key
+        return [needle], needle, "What is the pass key? The pass key is", key, ()
     if kind == "kv_retrieval":
         n_pairs = rng.randint(3, 6)
-        keys = rng.sample(range(100, 1000), n_pairs)
+        keys = [str(k) for k in rng.sample(range(100, 1000), n_pairs)]
         values = [_digits(rng, 5) for _ in keys]
-        needles = [f"Key {k} holds value {v}. " for k, v in zip(keys, values, strict=True)]
+        needles = [kv_fact(k, v) for k, v in zip(keys, values, strict=True)]
         target = rng.randrange(n_pairs)
-        return needles, needles[target], f"What value does key {keys[target]} hold? Key {keys[target]} holds value", values[target]
+        facts = tuple(zip(keys, values, strict=True))
+        return needles, needles[target], kv_question(keys[target]), values[target], facts
     if kind == "needle":
         names = rng.sample(_NAMES, rng.randint(3, 5))
         numbers = [_digits(rng, 4) for _ in names]
-        needles = [f"The special magic number for {n} is {v}. " for n, v in zip(names, numbers, strict=True)]
+        needles = [needle_fact(n, v) for n, v in zip(names, numbers, strict=True)]
         target = rng.randrange(len(names))
-        return (needles, needles[target],
-                f"What is the special magic number for {names[target]}? The special magic number for {names[target]} is",
-                numbers[target])
+        facts = tuple(zip(names, numbers, strict=True))
+        return needles, needles[target], needle_question(names[target]), numbers[target], facts
     raise ValueError(f"unknown synthetic task kind {kind!r}; choose one of {TASK_KINDS}")
 
 
@@ -101,7 +128,7 @@ def make_sample(
     if target_tokens < 64:
         raise ValueError(f"target_tokens must be >= 64, got {target_tokens}")
     rng = random.Random(f"{kind}:{seed}:{target_tokens}")
-    needles, key_needle, question, answer = _needles(kind, rng)
+    needles, key_needle, question, answer, facts = _needles(kind, rng)
     depth = rng.random()
     head = "There is important information hidden in the text below. Find it and memorise it.\n"
     tail = "\n" + question
@@ -139,7 +166,7 @@ def make_sample(
         text = assemble(budget_chars)
     assert answer in text and key_needle in text
     return TaskSample(kind=kind, seed=seed, prompt=text, answer=answer, target_tokens=target_tokens,
-                      needle_depth=depth)
+                      needle_depth=depth, facts=facts)
 
 
 def rng_needle_positions(n_spans: int, n_needles: int, depth: float, seed: int) -> list[int]:
