@@ -120,12 +120,13 @@ PRESETS: dict[str, Preset] = {
                           stage(1024, 2000, 32768, drill=0.3, task=0.7), stage(2048, 2000, 32768, drill=0.2, task=0.8),
                           stage(4096, 1000, 32768, drill=0.2, task=0.8)],
                   lr=2e-3, warmup=300, pose_max=20480, eval_every=250, eval_samples=100),
-    # Short learning probe for recipe iterations.
-    # Continuation of "cpu" (``--init-from`` its output): more kv_retrieval, lower lr.
-    "cpu-finetune": Preset(stages=[stage(512, 250, 4096, drill=0.4, task=0.6),
-                                   stage(1024, 120, 8192, drill=0.3, task=0.7),
-                                   stage(2048, 40, 8192, drill=0.2, task=0.8)],
-                           lr=1.5e-3, warmup=20, kind_weights=(0.15, 0.5, 0.35), eval_every=100),
+    # Continuation of "cpu" (``--init-from`` its output): dense kv/needle drills first, then
+    # the real tasks up to 2k tokens; more kv_retrieval, lower lr. Run twice (seeds 0, 1).
+    "cpu-finetune": Preset(stages=[stage(256, 300, 4096, drill=1.0),
+                                   stage(512, 250, 4096, drill=0.4, task=0.6),
+                                   stage(1024, 150, 8192, drill=0.3, task=0.7),
+                                   stage(2048, 100, 8192, drill=0.2, task=0.8)],
+                           lr=1.5e-3, warmup=20, kind_weights=(0.1, 0.6, 0.3), eval_every=100),
     # Pipeline check: a couple of minutes on one CPU thread.
     "smoke": Preset(stages=[stage(96, 10, 1536, perm=0.5, copy=0.5), stage(512, 10, 4096, drill=0.5, task=0.5),
                             stage(1024, 10, 8192, task=1.0)], eval_every=10, warmup=5,

@@ -54,12 +54,15 @@ def filler_sentence(rng: random.Random) -> str:
 
 # The fact and question formats, in one place: the tasks and the training drills of
 # benchmarks.train_model both build their text from these.
+# The value follows its key after four characters (" is "), as in RULER's JSON kv task; with
+# "Key 417 holds value 83920." (13 characters between them) our character-level model never
+# learnt to match keys in a CPU budget (it picked some pair's value: chance level).
 def kv_fact(key: str, value: str) -> str:
-    return f"Key {key} holds value {value}. "
+    return f"The value of key {key} is {value}. "
 
 
 def kv_question(key: str) -> str:
-    return f"What value does key {key} hold? Key {key} holds value"
+    return f"What is the value of key {key}? The value of key {key} is"
 
 
 def needle_fact(name: str, number: str) -> str:
