@@ -59,10 +59,11 @@ import torch.nn.functional as F
 
 from benchmarks.tiny_model import build_tokenizer, llama_config
 from evolve.tasks.synthetic import (
-    _NAMES,
     FACT_FORMATS,
+    TASK_HEADER,
     TASK_KINDS,
     TaskSample,
+    draw_facts,
     filler_sentence,
     make_sample,
     score_answer,
@@ -180,8 +181,7 @@ def build_copy_example(codec: CharCodec, rng: random.Random, length: int) -> tup
         else:
             items.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))))
     listing = " ".join(items) + "."
-    first = codec.encode("There is important information hidden in the text below. Find it and memorise it.\n"
-                         + listing + "\nRepeat it: ")
+    first = codec.encode(TASK_HEADER + listing + "\nRepeat it: ")
     second = codec.encode(listing) + [codec.eos]
     return first + second, [0] + [1] * (len(first) - 1) + [2] * len(second)
 
@@ -196,14 +196,8 @@ def build_dense_example(codec: CharCodec, rng: random.Random, length: int,
     kind = rng.choices(list(FACT_FORMATS), weights=kind_weights)[0]
     fact, ask = FACT_FORMATS[kind]
     n_pairs = max(2, min(12, (length - 90) // 100 + rng.randint(-1, 1)))
-    if kind == "kv_retrieval":
-        keys = [str(k) for k in rng.sample(range(100, 1000), n_pairs)]
-        values = [str(rng.randrange(10**4, 10**5)) for _ in keys]
-    else:
-        keys = rng.sample(_NAMES, min(n_pairs, 8))
-        values = [str(rng.randrange(10**3, 10**4)) for _ in keys]
-    facts = [fact(k, v) for k, v in zip(keys, values, strict=True)]
-    asked = list(zip(keys, values, strict=True))
+    asked = list(draw_facts(kind, rng, n_pairs if kind == "kv_retrieval" else min(n_pairs, 8)))
+    facts = [fact(k, v) for k, v in asked]
     rng.shuffle(asked)
     q_chars = sum(len(ask(k)) + len(v) + 4 for k, v in asked)
     body_budget = max(0, length - q_chars - sum(map(len, facts)) - 90)
@@ -212,7 +206,7 @@ def build_dense_example(codec: CharCodec, rng: random.Random, length: int,
         filler.append(filler_sentence(rng))
     pieces = facts + filler
     rng.shuffle(pieces)
-    text = "There is important information hidden in the text below. Find it and memorise it.\n" + "".join(pieces)
+    text = TASK_HEADER + "".join(pieces)
     ids = codec.encode(text)
     cls = [0] + [1] * (len(ids) - 1)
     for i, (k, v) in enumerate(asked):

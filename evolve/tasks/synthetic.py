@@ -52,6 +52,9 @@ def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADJS)} {rng.choice(_TAILS)}. "
 
 
+TASK_HEADER = "There is important information hidden in the text below. Find it and memorise it.\n"
+
+
 # The fact and question formats, in one place: the tasks and the training drills of
 # benchmarks.train_model both build their text from these.
 # The value follows its key after four characters (" is "), as in RULER's JSON kv task; with
@@ -100,21 +103,26 @@ def _needles(kind: str, rng: random.Random) -> tuple[list[str], str, str, str, t
         needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
         return [needle], needle, "What is the pass key? The pass key is", key, ()
     if kind == "kv_retrieval":
-        n_pairs = rng.randint(3, 6)
-        keys = [str(k) for k in rng.sample(range(100, 1000), n_pairs)]
-        values = [_digits(rng, 5) for _ in keys]
-        needles = [kv_fact(k, v) for k, v in zip(keys, values, strict=True)]
-        target = rng.randrange(n_pairs)
-        facts = tuple(zip(keys, values, strict=True))
-        return needles, needles[target], kv_question(keys[target]), values[target], facts
-    if kind == "needle":
-        names = rng.sample(_NAMES, rng.randint(3, 5))
-        numbers = [_digits(rng, 4) for _ in names]
-        needles = [needle_fact(n, v) for n, v in zip(names, numbers, strict=True)]
-        target = rng.randrange(len(names))
-        facts = tuple(zip(names, numbers, strict=True))
-        return needles, needles[target], needle_question(names[target]), numbers[target], facts
-    raise ValueError(f"unknown synthetic task kind {kind!r}; choose one of {TASK_KINDS}")
+        facts = draw_facts(kind, rng, rng.randint(3, 6))
+    elif kind == "needle":
+        facts = draw_facts(kind, rng, rng.randint(3, 5))
+    else:
+        raise ValueError(f"unknown synthetic task kind {kind!r}; choose one of {TASK_KINDS}")
+    fact, ask = FACT_FORMATS[kind]
+    needles = [fact(k, v) for k, v in facts]
+    target = rng.randrange(len(facts))
+    key, answer = facts[target]
+    return needles, needles[target], ask(key), answer, facts
+
+
+def draw_facts(kind: str, rng: random.Random, n: int) -> tuple[tuple[str, str], ...]:
+    """``n`` distinct keys with their values: three-digit keys and five-digit values for
+    kv_retrieval, city names (at most 20) and four-digit numbers for needle."""
+    if kind == "kv_retrieval":
+        keys, digits = [str(k) for k in rng.sample(range(100, 1000), n)], 5
+    else:
+        keys, digits = rng.sample(_NAMES, n), 4
+    return tuple((k, _digits(rng, digits)) for k in keys)
 
 
 def make_sample(
@@ -133,7 +141,7 @@ def make_sample(
     rng = random.Random(f"{kind}:{seed}:{target_tokens}")
     needles, key_needle, question, answer, facts = _needles(kind, rng)
     depth = rng.random()
-    head = "There is important information hidden in the text below. Find it and memorise it.\n"
+    head = TASK_HEADER
     tail = "\n" + question
     fixed = head + "".join(needles) + tail
     # Characters per token of this tokenizer, measured on filler itself.
