@@ -145,7 +145,9 @@ class CharCodec:
     def __init__(self):
         self.tokenizer = build_tokenizer()
         vocab = self.tokenizer.get_vocab()
-        self.char_to_id = {c: i for c, i in vocab.items() if len(c) == 1}
+        # In id order: get_vocab()'s order changes between processes, and the perm drill
+        # samples from this dict's keys, so the data would not be deterministic given the seed.
+        self.char_to_id = {c: i for c, i in sorted(vocab.items(), key=lambda item: item[1]) if len(c) == 1}
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
 
