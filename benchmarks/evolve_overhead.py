@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
 
+    from benchmarks.results import command_line
     from vllm_namm.launch import CPU_DEFAULTS, VllmServer
 
     model = a.model
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     with VllmServer(model, args) as server:
         result = asyncio.run(_measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed,
                                       a.repeats))
-    result["command"] = "python -m benchmarks evolve-overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = command_line("python -m benchmarks evolve-overhead", argv)
     print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5}")
     for i, r in enumerate(result["runs"]):
         print(f"{i:3d} {r['none_s']:8.2f} {r['namm_s']:8.2f} {r['ratio']:6.2f} {r['retained_fraction']:5.2f}")

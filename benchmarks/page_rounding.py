@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.results import command_line
 from evolve.tasks.synthetic import make_sample
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         frac = "-" if row["realised_fraction"] is None else f"{100 * row['realised_fraction']:.1f}"
         held = f"{row['held_blocks']}/{row['logical_blocks']}" if row["held_blocks"] is not None else "all"
         print(f"{row['policy']:10} {row['requested']:>10} {row['realised']:>9} {frac:>10} {held:>12}")
-    print("command: python -m benchmarks page-rounding " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print("command: " + command_line("python -m benchmarks page-rounding", argv))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import shlex
 import sys
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import Field
 
+from benchmarks.results import command_line, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
@@ -261,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     args = parse_args(argv)
-    argv_list = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m benchmarks quality " + shlex.join(argv_list) if argv_list else "python -m benchmarks quality"
+    command = command_line("python -m benchmarks quality", argv)
     if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
         print(f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
               f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
@@ -274,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     from evolve.tasks.synthetic import make_sample
 
     thresholds: list[float | None] = [] if args.no_namm else [None, *(args.namm_thresholds or [])]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir: Path = args.out or ROOT / "benchmarks" / "results" / f"quality-{stamp}"
+    stamp = time_stamp()
+    out_dir: Path = args.out or results_dir("quality", stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = args.model.resolve()
     cfg = QualityConfig(model=str(model), policies=args.policies, ratios=args.ratios,

@@ -30,12 +30,10 @@ import json
 import math
 import random
 import re
-import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +41,10 @@ import httpx
 from pydantic import BaseModel as _PydanticBase
 from pydantic import ConfigDict, Field
 
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer, metric_label
+from benchmarks.results import command_line, results_dir, time_stamp
+from vllm_namm.launch import CPU_DEFAULTS, ROOT, VllmServer, metric_label
 from vllm_namm.launch import parse_metrics as launch_parse_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = ROOT / "benchmarks" / "models" / "namm-tiny-llama"
 POLICIES = ("none", "namm", "h2o", "l2", "streaming", "snapkv")
 MODE_KEYS = {
@@ -535,11 +533,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    argv_list = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m benchmarks serving " + shlex.join(argv_list) if argv_list else "python -m benchmarks serving"
+    command = command_line("python -m benchmarks serving", argv)
     modes = [Mode.parse(m) for m in args.modes]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir: Path = args.out or ROOT / "benchmarks" / "results" / f"serving-{stamp}"
+    stamp = time_stamp()
+    out_dir: Path = args.out or results_dir("serving", stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = (args.model or default_model(out_dir)).resolve()
     full_len = args.prompt_tokens + args.max_tokens

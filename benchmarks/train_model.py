@@ -48,8 +48,6 @@ import argparse
 import json
 import math
 import random
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.results import command_line
 from benchmarks.tiny_model import build_tokenizer, llama_config
 from evolve.tasks.synthetic import (
     FACT_FORMATS,
@@ -566,7 +565,7 @@ def main(argv=None):
         log = json.loads(log_path.read_text()) if log_path.exists() else {}
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        log = {"command": "python -m benchmarks.train_model " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        log = {"command": command_line("python -m benchmarks.train_model"),
                "preset_name": args.preset, "preset": asdict(p), "seed": args.seed, "device": args.device,
                "threads": args.threads, "torch": torch.__version__,
                "train_seeds": f"[{TRAIN_SEED_RANGE[0]}, {TRAIN_SEED_RANGE[1]})",

@@ -1,0 +1,26 @@
+"""Where a benchmark writes its results, and the command line printed beside its figures."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from vllm_namm.launch import ROOT
+
+
+def command_line(prog: str, argv: Sequence[str] | None = None) -> str:
+    """``prog`` plus the arguments (``sys.argv[1:]`` by default), shell-quoted so it can be pasted."""
+    return shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+
+
+def time_stamp() -> str:
+    """When a run started, as its reports and default folder name say it."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def results_dir(name: str, stamp: str) -> Path:
+    """The default output folder of one run: ``benchmarks/results/<name>-<stamp>``."""
+    return ROOT / "benchmarks" / "results" / f"{name}-{stamp}"
