@@ -116,7 +116,12 @@ def test_cpu_layout_matches_vllm_reshape_and_cache(isa, dtype, block_size, d):
     key_cache, value_cache = kv.view(nb, h, 2 * block_size, d).chunk(2, dim=2)
     slots = torch.randperm(nb * block_size, generator=torch.Generator().manual_seed(0))
     key = torch.randn(slots.numel(), h, d).to(dtype)
-    ops.cpu_attn_reshape_and_cache(key, torch.randn_like(key), key_cache, value_cache, slots, isa)
+    try:
+        ops.cpu_attn_reshape_and_cache(key, torch.randn_like(key), key_cache, value_cache, slots, isa)
+    except RuntimeError as e:  # e.g. amx on a CPU without AVX-512/AMX
+        if "Unsupported CPU attention configuration" in str(e):
+            pytest.skip(f"this CPU's vLLM build cannot write the {isa} layout: {e}")
+        raise
     got = nk.gather_keys(kv, PagedKeyLayout.cpu(kv, isa), torch.arange(nb))
     want = torch.empty_like(key)
     want[slots] = key
