@@ -1,9 +1,12 @@
 """NAMM feature kernels (installed as ``namm_kernels``; the folder is ``kernels/``).
 
-Each Triton kernel sits beside a plain torch reference. The entry points below pick one
-with ``backend``: ``"auto"`` runs Triton when the tensors are on CUDA and torch
-otherwise (the Triton interpreter on CPU is for tests only), ``"triton"`` / ``"torch"``
-force a side.
+Each computation has three versions side by side: a plain torch reference (``*_ref``,
+obviously right, slow), an exact fast torch version (``*_torch``: what CPUs run) and a
+Triton kernel (``*_triton``: what GPUs run). Tests hold both fast versions to the reference.
+The entry points below pick one with ``backend``: ``"auto"`` runs Triton when the tensors
+are on CUDA and torch otherwise (the Triton interpreter on CPU is for tests only),
+``"triton"`` / ``"torch"`` force a side. The Triton kernels are written for NAMM's STFT
+window 32 and hop 16 only and say so when asked for anything else.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import torch
 
 from .paged_attention_columns import (
     PagedKeyLayout,
+    attention_columns_dense,
     attention_columns_paged_ref,
+    attention_columns_paged_torch,
     attention_columns_paged_triton,
     gather_keys,
 )
@@ -23,15 +28,21 @@ from .spectrogram_ema import (
     HOP,
     N_BINS,
     N_FFT,
+    ema_reduce,
     first_valid_frame,
+    frame_weights,
+    hann_window,
     paged_spectrogram_ema_ref,
     paged_spectrogram_ema_triton,
     spectrogram_ema_ref,
+    spectrogram_ema_torch,
     spectrogram_ema_triton,
     stft_basis,
+    stft_magnitudes,
 )
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "reference"]
+"""``reference`` runs the plain torch references: slow, for checking the fast paths end to end."""
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -40,10 +51,16 @@ __all__ = [
     "N_FFT",
     "Backend",
     "PagedKeyLayout",
+    "attention_columns_dense",
     "attention_columns_paged",
     "attention_columns_paged_ref",
+    "attention_columns_paged_torch",
     "attention_columns_paged_triton",
+    "check_triton_stft",
+    "ema_reduce",
     "first_valid_frame",
+    "frame_weights",
+    "hann_window",
     "gather_keys",
     "paged_spectrogram_ema",
     "paged_spectrogram_ema_ref",
@@ -51,17 +68,19 @@ __all__ = [
     "resolve_backend",
     "spectrogram_ema",
     "spectrogram_ema_ref",
+    "spectrogram_ema_torch",
     "spectrogram_ema_triton",
     "stft_basis",
+    "stft_magnitudes",
 ]
 
 
-def resolve_backend(backend: Backend, tensor: torch.Tensor) -> Literal["triton", "torch"]:
+def resolve_backend(backend: Backend, tensor: torch.Tensor) -> Literal["triton", "torch", "reference"]:
     """``auto`` → Triton on CUDA tensors, torch elsewhere."""
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
+    if backend not in ("triton", "torch", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'reference', not {backend!r}")
     return backend
 
 
@@ -81,8 +100,18 @@ def attention_columns_paged(
     ``[n_live]`` logical position of each live token (causal: key pos ≤ query pos);
     ``query_positions`` ``[n_q]``. Returns ``[kv_heads, n_q, n_live]`` fp32.
     """
-    fn = attention_columns_paged_triton if resolve_backend(backend, q) == "triton" else attention_columns_paged_ref
+    fn = {"triton": attention_columns_paged_triton, "torch": attention_columns_paged_torch,
+          "reference": attention_columns_paged_ref}[resolve_backend(backend, q)]
     return fn(q, key_cache, layout, block_table, positions, query_positions, scale)
+
+
+def check_triton_stft(n_fft: int, hop: int) -> None:
+    """The Triton STFT kernels hard-code NAMM's window 32 / hop 16 (tile shapes): say so."""
+    if (n_fft, hop) != (N_FFT, HOP):
+        raise ValueError(
+            f"the Triton STFT kernels support n_w={N_FFT}, s_w={HOP} only, not n_w={n_fft}, s_w={hop}; "
+            "use the torch backend (--namm-kernels torch)"
+        )
 
 
 def spectrogram_ema(
@@ -92,13 +121,23 @@ def spectrogram_ema(
     first_frame: torch.Tensor | None = None,
     gamma: float = DEFAULT_GAMMA,
     backend: Backend = "auto",
+    n_fft: int = N_FFT,
+    hop: int = HOP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hann-STFT magnitudes + EMA of materialised columns ``[kv_heads, n_q, n_tok]``.
 
-    Returns (state ``[kv_heads, n_tok, 17]``, pad ``[kv_heads, n_tok, 16]``), fp32.
+    Returns (state ``[kv_heads, n_tok, bins]``, pad ``[kv_heads, n_tok, n_fft - hop]``), fp32.
+    ``auto`` falls back to torch for a window/hop the Triton kernel does not support, or for a
+    per-head ``first_frame``.
     """
-    fn = spectrogram_ema_triton if resolve_backend(backend, columns) == "triton" else spectrogram_ema_ref
-    return fn(columns, prev_pad, prev_state, first_frame, gamma)
+    side = resolve_backend(backend, columns)
+    if side == "reference":
+        return spectrogram_ema_ref(columns, prev_pad, prev_state, first_frame, gamma, n_fft, hop)
+    triton_ok = (n_fft, hop) == (N_FFT, HOP) and (first_frame is None or first_frame.dim() == 1)
+    if side == "triton" and (triton_ok or backend == "triton"):
+        check_triton_stft(n_fft, hop)
+        return spectrogram_ema_triton(columns, prev_pad, prev_state, first_frame, gamma)
+    return spectrogram_ema_torch(columns, prev_pad, prev_state, first_frame, gamma, n_fft, hop)
 
 
 def paged_spectrogram_ema(
@@ -115,7 +154,13 @@ def paged_spectrogram_ema(
     gamma: float = DEFAULT_GAMMA,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole feature pipeline from paged q/k to (EMA state, carried pad); fused on GPU."""
-    fn = paged_spectrogram_ema_triton if resolve_backend(backend, q) == "triton" else paged_spectrogram_ema_ref
-    return fn(q, key_cache, layout, block_table, positions, query_positions, scale,
-              prev_pad, prev_state, first_frame, gamma)
+    """Whole feature pipeline from paged q/k to (EMA state, carried pad); fused on GPU (window 32, hop 16)."""
+    side = resolve_backend(backend, q)
+    if side == "reference":
+        cols = attention_columns_paged_ref(q, key_cache, layout, block_table, positions, query_positions, scale)
+        return spectrogram_ema_ref(cols, prev_pad, prev_state, first_frame, gamma)
+    if side == "triton":
+        return paged_spectrogram_ema_triton(q, key_cache, layout, block_table, positions, query_positions, scale,
+                                            prev_pad, prev_state, first_frame, gamma)
+    cols = attention_columns_paged_torch(q, key_cache, layout, block_table, positions, query_positions, scale)
+    return spectrogram_ema_torch(cols, prev_pad, prev_state, first_frame, gamma)

@@ -71,30 +71,72 @@ def stft_basis(device: torch.device | str = "cpu") -> torch.Tensor:
     return _BASIS_CACHE[device]
 
 
-def frame_weights(n_frames: int, gamma: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(1−γ)·γ^(n_T−1−t) for t = 0..n_T−1 (oldest frame first), fp32."""
+def hann_window(n_fft: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Periodic Hann window (evo-memory: ``torch.hann_window(32, periodic=True)``)."""
+    return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
+
+
+def frame_weights(n_frames: int, gamma: float, device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """EMA weights of a chunk's frames, oldest first: (1−γ)·γ^(n_T−1−t), fp32.
+
+    evo-memory ``reduce_ema_values``: the newest frame weighs (1−γ), the oldest
+    (1−γ)·γ^(n_T−1); Eq. 4 of the paper reads the other way round.
+    """
     t = torch.arange(n_frames, dtype=torch.float64)
     return ((1 - gamma) * gamma ** (n_frames - 1 - t)).to(device=device, dtype=torch.float32)
 
 
-def first_valid_frame(positions: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """First frame a token may count in: (number of queries older than it) // 16, int32.
+def first_valid_frame(positions: torch.Tensor, query_positions: torch.Tensor, hop: int = HOP) -> torch.Tensor:
+    """First frame a token may count in: (number of queries older than it) // hop, int64.
 
-    0 for tokens older than every query; for tokens of this chunk it is evo-memory's
-    strided causal mask (``reconstruct_strided_causal_mask``). ``query_positions`` sorted.
+    A token is cached by the query at its own position, so the queries older than it are
+    ``searchsorted(query_positions, position)``; tokens older than every query get 0. For the
+    tokens of this chunk it is evo-memory's strided causal mask
+    (``reconstruct_strided_causal_mask``), generalised to any mix of old and new tokens.
+    ``query_positions`` sorted; ``positions`` any shape.
     """
     entered = torch.searchsorted(query_positions.contiguous(), positions.contiguous(), right=False)
-    return (entered // HOP).to(torch.int32)
+    return torch.div(entered, hop, rounding_mode="floor")
 
 
-def _defaults(hkv, n_tok, device, prev_pad, prev_state, first_frame):
-    if prev_pad is None:
-        prev_pad = torch.zeros(hkv, n_tok, HOP, device=device)
-    if prev_state is None:
-        prev_state = torch.zeros(hkv, n_tok, N_BINS, device=device)
-    if first_frame is None:
-        first_frame = torch.zeros(n_tok, device=device, dtype=torch.int32)
-    return prev_pad, prev_state, first_frame
+def stft_magnitudes(columns: torch.Tensor, carried_pad: torch.Tensor, n_fft: int = N_FFT, hop: int = HOP) -> torch.Tensor:
+    """[..., n_q] attention columns -> [..., n_q // hop, n_fft // 2 + 1] Hann-STFT magnitudes.
+
+    ``carried_pad`` [..., n_fft - hop] are the same tokens' last attention values of the
+    previous chunk (zeros for a new sequence or for tokens new in this chunk), so a chunk of
+    ``n_q`` queries gives exactly ``n_q / hop`` frames and consecutive chunks tile the column
+    without gap or overlap (evo-memory ``AttentionSpectrogram``, ``center=False``). ``n_q`` must
+    be a multiple of ``hop``: evo-memory raises otherwise.
+    """
+    n_q = columns.shape[-1]
+    if n_q % hop:
+        raise ValueError(f"{n_q} queries is not a multiple of the STFT hop {hop}")
+    if carried_pad.shape[-1] != n_fft - hop:
+        raise ValueError(f"carried pad has {carried_pad.shape[-1]} values, expected {n_fft - hop}")
+    x = torch.cat([carried_pad.to(columns.dtype), columns], dim=-1).float()
+    frames = x.unfold(-1, n_fft, hop)  # [..., n_frames, n_fft]
+    return torch.fft.rfft(frames * hann_window(n_fft, x.device), dim=-1).abs()
+
+
+def ema_reduce(frames: torch.Tensor, prev: torch.Tensor | None, first_frame: torch.Tensor | None,
+               gamma: float) -> torch.Tensor:
+    """EMA of ``frames`` [..., n_frames, F] into [..., F], with carried state ``prev`` [..., F].
+
+    ``first_frame`` [...] (int): a token's frames before this index are masked out (they
+    precede the token's entry into the cache). ``prev`` (0 for new tokens) is carried with
+    ``gamma ** n_frames``.
+    """
+    n_frames = frames.shape[-2]
+    w = frame_weights(n_frames, gamma, frames.device)  # [n_frames]
+    if first_frame is not None:
+        idx = torch.arange(n_frames, device=frames.device)
+        w = w * (idx >= first_frame.unsqueeze(-1)).to(w.dtype)  # [..., n_frames]
+    else:
+        w = w.expand(frames.shape[:-1])
+    out = (frames * w.unsqueeze(-1)).sum(dim=-2)
+    if prev is not None:
+        out = out + prev.to(out.dtype) * gamma**n_frames
+    return out
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -106,24 +148,22 @@ def spectrogram_ema_ref(
     prev_state: torch.Tensor | None = None,
     first_frame: torch.Tensor | None = None,
     gamma: float = DEFAULT_GAMMA,
+    n_fft: int = N_FFT,
+    hop: int = HOP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.stft version. columns ``[kv_heads, n_q, n_tok]`` → (state ``[kv_heads, n_tok, 17]``, pad ``[kv_heads, n_tok, 16]``)."""
+    """THE reference of the features: columns ``[kv_heads, n_q, n_tok]`` → (state
+    ``[kv_heads, n_tok, bins]``, pad ``[kv_heads, n_tok, n_fft - hop]``), written as the
+    definition reads (:func:`stft_magnitudes`, then :func:`ema_reduce`). ``first_frame`` is
+    ``[n_tok]`` or per head ``[kv_heads, n_tok]``."""
     hkv, n_q, n_tok = columns.shape
-    if n_q % HOP or n_q == 0:
-        raise ValueError(f"n_q={n_q} must be a positive multiple of {HOP}")
-    prev_pad, prev_state, first_frame = _defaults(hkv, n_tok, columns.device, prev_pad, prev_state, first_frame)
-    x = torch.cat([prev_pad.float(), columns.float().transpose(1, 2)], dim=-1)  # [hkv, n, 16 + n_q]
-    spec = torch.stft(
-        x.reshape(-1, HOP + n_q), n_fft=N_FFT, hop_length=HOP, win_length=N_FFT,
-        window=torch.hann_window(N_FFT, periodic=True, device=x.device), center=False,
-        onesided=True, return_complex=True,
-    ).abs()
-    n_frames = n_q // HOP
-    spec = spec.view(hkv, n_tok, N_BINS, n_frames)
-    t = torch.arange(n_frames, device=x.device)
-    w = frame_weights(n_frames, gamma, x.device) * (t[None, :] >= first_frame[:, None].to(t.device))
-    state = (spec * w[None, :, None, :]).sum(-1) + gamma**n_frames * prev_state.float()
-    return state, x[..., -HOP:].contiguous()
+    if n_q % hop or n_q == 0:
+        raise ValueError(f"n_q={n_q} must be a positive multiple of {hop}")
+    cols = columns.float().transpose(1, 2)  # [kv, n_tok, n_q]
+    width = n_fft - hop
+    pad = cols.new_zeros(hkv, n_tok, width) if prev_pad is None else prev_pad.float()
+    first = None if first_frame is None else first_frame.to(cols.device).expand(hkv, n_tok)
+    state = ema_reduce(stft_magnitudes(cols, pad, n_fft, hop), prev_state, first, gamma)
+    return state, cols[..., n_q - width :].contiguous()
 
 
 def paged_spectrogram_ema_ref(
@@ -244,6 +284,16 @@ def _paged_spectrogram_ema_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+def _defaults(hkv, n_tok, device, prev_pad, prev_state, first_frame):
+    if prev_pad is None:
+        prev_pad = torch.zeros(hkv, n_tok, HOP, device=device)
+    if prev_state is None:
+        prev_state = torch.zeros(hkv, n_tok, N_BINS, device=device)
+    if first_frame is None:
+        first_frame = torch.zeros(n_tok, device=device, dtype=torch.int32)
+    return prev_pad, prev_state, first_frame
+
+
 def _prepare(hkv, n_q, n_tok, device, prev_pad, prev_state, first_frame, gamma, out):
     if n_q % HOP or n_q == 0:
         raise ValueError(f"n_q={n_q} must be a positive multiple of {HOP}")
@@ -323,4 +373,76 @@ def paged_spectrogram_ema_triton(
         BLOCK_SIZE=layout.block_size, TOK_TILE=layout.tok_tile, DIM_TILE=layout.dim_tile,
         IS_FP32=exact_fp32_dot(q), STFT_PREC=_stft_precision(q.device),
     )
+    return state, pad
+
+
+# ----------------------------------------------------------------------------- fast torch path (CPU)
+
+_DFT_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def dft_basis(n_fft: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[2·bins, n_fft]`` fp32: periodic-Hann-windowed DFT rows, cos first then −sin."""
+    device = torch.device(device)
+    key = (n_fft, 0, device)
+    if key not in _DFT_CACHE:
+        bins = n_fft // 2 + 1
+        n = torch.arange(n_fft, dtype=torch.float64)
+        k = torch.arange(bins, dtype=torch.float64)[:, None]
+        win = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+        ang = 2 * math.pi * k * n / n_fft
+        basis = torch.cat([win * torch.cos(ang), -win * torch.sin(ang)])
+        _DFT_CACHE[key] = basis.to(device=device, dtype=torch.float32).contiguous()
+    return _DFT_CACHE[key]
+
+
+def spectrogram_ema_torch(
+    columns: torch.Tensor,
+    prev_pad: torch.Tensor | None = None,
+    prev_state: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    n_fft: int = N_FFT,
+    hop: int = HOP,
+    block_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fast torch version of ``spectrogram_ema_ref``, for any ``n_fft`` that is a multiple of ``hop``.
+
+    Why it is faster: the STFT is one matmul with a fixed DFT basis applied on the columns'
+    own ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
+    ``[tok, n_q]``, no complex FFT of 32 points per token), and the EMA is a broadcast weighted
+    sum over frames. Tokens go in blocks so the ``[kv, frames, 2·bins, tokens]`` spectrum stays
+    in cache. ``first_frame`` is ``[n_tok]`` or per head ``[kv_heads, n_tok]``. Returns
+    (state ``[kv_heads, n_tok, bins]``, pad ``[kv_heads, n_tok, n_fft - hop]``).
+    """
+    hkv, n_q, n_tok = columns.shape
+    if n_q % hop or n_q == 0:
+        raise ValueError(f"n_q={n_q} must be a positive multiple of the hop {hop}")
+    if n_fft % hop:
+        raise ValueError(f"the matmul STFT needs n_fft ({n_fft}) to be a multiple of the hop ({hop})")
+    basis = dft_basis(n_fft, columns.device)
+    m = n_fft // hop
+    width = n_fft - hop
+    bins = n_fft // 2 + 1
+    n_frames = n_q // hop
+    dev = columns.device
+    prev_pad = torch.zeros(hkv, n_tok, width, device=dev) if prev_pad is None else prev_pad.float()
+    prev_state = torch.zeros(hkv, n_tok, bins, device=dev) if prev_state is None else prev_state.float()
+    first = torch.zeros(n_tok, dtype=torch.long, device=dev) if first_frame is None else first_frame.long()
+    first = first.expand(hkv, n_tok)  # one index per token, or per (kv head, token)
+    t = torch.arange(n_frames, device=dev)
+    frame_w = frame_weights(n_frames, gamma, dev)
+    state = torch.empty(hkv, n_tok, bins, device=dev, dtype=torch.float32)
+    cols = columns.float()
+    for t0 in range(0, n_tok, block_tokens):
+        t1 = min(n_tok, t0 + block_tokens)
+        x = torch.cat([prev_pad[:, t0:t1].transpose(1, 2), cols[:, :, t0:t1]], dim=1)  # [kv, width + n_q, b]
+        seg = x.view(hkv, n_frames + m - 1, hop, t1 - t0)
+        frames = torch.cat([seg[:, j : j + n_frames] for j in range(m)], dim=2)  # [kv, frames, n_fft, b]
+        spec = torch.matmul(basis, frames)  # [kv, frames, 2·bins, b]
+        mag = torch.hypot(spec[:, :, :bins], spec[:, :, bins:])
+        w = frame_w[:, None] * (t[:, None] >= first[:, None, t0:t1])  # [kv, frames, b]
+        state[:, t0:t1] = (mag * w.unsqueeze(2)).sum(dim=1).transpose(1, 2)
+    state.add_(prev_state, alpha=gamma**n_frames)
+    pad = cols[:, n_q - width :].transpose(1, 2).contiguous() if width else cols.new_zeros(hkv, n_tok, 0)
     return state, pad

@@ -12,6 +12,10 @@ Heavy tests are marked ``@pytest.mark.server`` (deselect with ``-m "not server"`
 
 from __future__ import annotations
 
+import triton_interpreter  # noqa: F401 - first: the Triton interpreter switch must precede any kernel import
+
+# isort: split
+
 import os
 import signal
 import subprocess

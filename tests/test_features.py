@@ -11,13 +11,11 @@ from vllm_namm.config import FeatureConfig
 from vllm_namm.features import (
     NammFeatureState,
     attention_columns,
-    ema_reduce,
     gqa_average,
-    hann_window,
     oldness_embedding,
     spectral_features,
-    stft_magnitudes,
 )
+from vllm_namm.kernels import ema_reduce, hann_window, stft_magnitudes
 
 torch.manual_seed(0)
 

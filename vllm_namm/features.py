@@ -12,16 +12,17 @@ Layout: every per-token tensor is ``[kv_heads, n_tokens, ...]``, tokens oldest f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from vllm_namm import kernels
 from vllm_namm.config import FeatureConfig
 from vllm_namm.policies.base import PolicyState, filter_tokens
 
-
-def hann_window(n_w: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Periodic Hann window (evo-memory: ``torch.hann_window(32, periodic=True)``)."""
-    return torch.hann_window(n_w, periodic=True, device=device, dtype=dtype)
+PagedFeatures = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+"""(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad), computed from the paged cache."""
 
 
 def gqa_average(attn: Tensor, num_kv_heads: int) -> Tensor:
@@ -54,6 +55,8 @@ def attention_columns(
     kv_heads = keys.shape[1]
     groups = q_heads // kv_heads
     scale = d**-0.5 if scale is None else scale
+    if key_positions.dim() == 1:  # one token set for every head: the exact blocked form
+        return kernels.attention_columns_dense(queries, keys, key_positions, query_positions, scale)
     q = queries.float().reshape(n_q, kv_heads, groups, d).permute(1, 2, 0, 3)  # [kv, g, n_q, d]
     k = keys.float().permute(1, 2, 0)  # [kv, d, n_k]
     logits = torch.matmul(q, k.unsqueeze(1)) * scale  # [kv, g, n_q, n_k]
@@ -62,56 +65,6 @@ def attention_columns(
     logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
     return probs.mean(dim=1)
-
-
-def stft_magnitudes(columns: Tensor, carried_pad: Tensor, n_w: int = 32, s_w: int = 16) -> Tensor:
-    """[..., n_q] attention columns -> [..., n_q // s_w, n_w // 2 + 1] STFT magnitudes.
-
-    ``carried_pad`` [..., n_w - s_w] are the same tokens' last attention values of the previous
-    chunk (zeros for a new sequence or for tokens new in this chunk), so a chunk of ``n_q``
-    queries gives exactly ``n_q / s_w`` frames and consecutive chunks tile the column without
-    gap or overlap (evo-memory ``AttentionSpectrogram``). ``n_q`` must be a multiple of
-    ``s_w``: evo-memory raises otherwise, and the callers only step at multiples of n_up.
-    """
-    n_q = columns.shape[-1]
-    if n_q % s_w:
-        raise ValueError(f"{n_q} queries is not a multiple of the STFT hop {s_w}")
-    if carried_pad.shape[-1] != n_w - s_w:
-        raise ValueError(f"carried pad has {carried_pad.shape[-1]} values, expected {n_w - s_w}")
-    x = torch.cat([carried_pad.to(columns.dtype), columns], dim=-1).float()
-    frames = x.unfold(-1, n_w, s_w)  # [..., n_frames, n_w]
-    spec = torch.fft.rfft(frames * hann_window(n_w, x.device), dim=-1)
-    return spec.abs()
-
-
-def ema_weights(n_frames: int, gamma: float, device: torch.device | None = None) -> Tensor:
-    """Frame weights oldest..newest: (1 - gamma) * gamma**(n_frames-1 ... 0).
-
-    evo-memory ``reduce_ema_values``: the newest frame weighs (1 - gamma), the oldest
-    (1 - gamma) * gamma**(n_T - 1); Eq. 4 of the paper reads the other way round.
-    """
-    exps = torch.arange(n_frames - 1, -1, -1, device=device, dtype=torch.float64)
-    return ((1.0 - gamma) * gamma**exps).float()
-
-
-def ema_reduce(frames: Tensor, prev: Tensor | None, first_frame: Tensor | None, gamma: float) -> Tensor:
-    """EMA of ``frames`` [..., n_frames, F] into [..., F], with carried state ``prev`` [..., F].
-
-    ``first_frame`` [...] (int): a token's frames before this index are masked out (they
-    precede the token's entry into the cache; evo-memory's strided causal mask). ``prev``
-    (0 for new tokens) is carried with ``gamma ** n_frames``.
-    """
-    n_frames = frames.shape[-2]
-    w = ema_weights(n_frames, gamma, frames.device)  # [n_frames]
-    if first_frame is not None:
-        idx = torch.arange(n_frames, device=frames.device)
-        w = w * (idx >= first_frame.unsqueeze(-1)).to(w.dtype)  # [..., n_frames]
-    else:
-        w = w.expand(frames.shape[:-1])
-    out = (frames * w.unsqueeze(-1)).sum(dim=-2)
-    if prev is not None:
-        out = out + prev.to(out.dtype) * gamma**n_frames
-    return out
 
 
 def oldness_embedding(oldness: Tensor, dims: int = 8, max_freq: float = 50000.0) -> Tensor:
@@ -129,18 +82,6 @@ def oldness_embedding(oldness: Tensor, dims: int = 8, max_freq: float = 50000.0)
 def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """(x - mean) / max(std, 1e-7), fixed statistics stored with the weights."""
     return (x - mean.to(x)) / std.to(x).clamp_min(1e-7)
-
-
-def first_frame_index(positions: Tensor, query_positions: Tensor, s_w: int) -> Tensor:
-    """First frame in which each token can have attention: (#queries before it) // s_w.
-
-    A token is cached by the query at its own position, so the queries older than it are
-    ``searchsorted(query_positions, position)``; tokens older than every query get 0. This is
-    evo-memory's strided causal mask, generalised to any mix of old and new tokens.
-    """
-    qpos = query_positions.contiguous()
-    entered = torch.searchsorted(qpos, positions.contiguous(), right=False)
-    return torch.div(entered, s_w, rounding_mode="floor")
 
 
 class NammFeatureState(PolicyState):
@@ -184,36 +125,49 @@ class NammFeatureState(PolicyState):
 
 
 def spectral_features(
-    attn: Tensor,
+    attn: Tensor | None,
     positions: Tensor,
     query_positions: Tensor,
     num_new_tokens: int,
     state: NammFeatureState,
+    paged: PagedFeatures | None = None,
+    backend: kernels.Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Update ``state`` with this step's attention; return (ema [kv, n, bins], bad [kv, n]).
+
+    The STFT + EMA runs in :mod:`vllm_namm.kernels` (an exact matmul form on CPU, Triton on
+    GPU); with ``attn`` None, ``paged`` computes it straight from the paged cache (the fused
+    GPU kernel, which never materialises the attention columns).
 
     ``bad`` flags tokens whose new frames are not finite (NaN/inf attention): their EMA state
     keeps the decayed previous value and their returned features are NaN, so the policy can
     keep them instead of letting one broken step poison or evict them.
     """
     cfg = state.cfg
-    kv_heads, n_q, n_tokens = attn.shape
-    prev_ema, prev_pad = state.extend(kv_heads, num_new_tokens, attn.device)
+    kv_heads, n_tokens = positions.shape
+    device = positions.device
+    prev_ema, prev_pad = state.extend(kv_heads, num_new_tokens, device)
     if prev_ema.shape[1] != n_tokens:
         raise ValueError(
             f"state tracks {state.num_tokens} tokens + {num_new_tokens} new, but attention covers "
             f"{n_tokens}: the state was not filtered with the cache"
         )
-    columns = attn.float().transpose(1, 2)  # [kv, n_tokens, n_q]
-    frames = stft_magnitudes(columns, prev_pad, cfg.n_w, cfg.s_w)
-    first = first_frame_index(positions, query_positions, cfg.s_w)
-    ema = ema_reduce(frames, prev_ema, first, cfg.gamma)
+    shared = positions.stride(0) == 0 or kv_heads == 1  # one token set for every head (the engine)
+    first = kernels.first_valid_frame(positions[0] if shared else positions, query_positions, cfg.s_w)
+    if attn is not None:
+        ema, new_pad = kernels.spectrogram_ema(attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w)
+    elif paged is not None:
+        ema, new_pad = paged(prev_pad, prev_ema, first, cfg.gamma)
+    else:
+        raise ValueError("spectral features need the attention columns or a paged feature source")
+    n_frames = query_positions.numel() // cfg.s_w
     bad = ~torch.isfinite(ema).all(dim=-1)
-    decayed = prev_ema * cfg.gamma ** frames.shape[-2]
-    state.ema = torch.where(bad.unsqueeze(-1), decayed, ema)
-    new_pad = columns[..., -cfg.pad :] if cfg.pad else columns[..., :0]
-    state.pad = torch.where(bad.unsqueeze(-1), torch.zeros_like(new_pad), new_pad)
-    return ema.masked_fill(bad.unsqueeze(-1), float("nan")), bad
+    if bool(bad.any()):
+        state.ema = torch.where(bad.unsqueeze(-1), prev_ema * cfg.gamma**n_frames, ema)
+        state.pad = torch.where(bad.unsqueeze(-1), torch.zeros_like(new_pad), new_pad)
+        return ema.masked_fill(bad.unsqueeze(-1), float("nan")), bad
+    state.ema, state.pad = ema, new_pad
+    return ema, bad
 
 
 def token_features(
@@ -239,14 +193,9 @@ def token_features(
 __all__ = [
     "NammFeatureState",
     "attention_columns",
-    "ema_reduce",
-    "ema_weights",
-    "first_frame_index",
     "gqa_average",
-    "hann_window",
     "normalise",
     "oldness_embedding",
     "spectral_features",
-    "stft_magnitudes",
     "token_features",
 ]
