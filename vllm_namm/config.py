@@ -35,7 +35,9 @@ class FeatureConfig(_Strict):
     pos_dims: int = Field(8, ge=0, description="sinusoidal oldness embedding size (even)")
     pos_max_freq: float = Field(50000.0, gt=1.0)
     start_oldness_from: int = Field(
-        1, ge=0, description="oldness of the newest token (evo-memory start_recency_from=1)"
+        0, ge=0,
+        description="oldness of the newest token: 0 as evo-memory's stage configs ran (base_bam.yaml "
+        "start_recency_from: 0 overrides the legacy 1 of attn_spec_norm.yaml); recorded in weights files",
     )
 
     @model_validator(mode="after")
@@ -138,8 +140,15 @@ class EvictionConfig(_Strict):
         None, description="NAMM keep threshold (keep score >= threshold); None = the weights file's"
     )
     page_rule: PageRule = "all"
-    kernels: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="NAMM feature kernels: Triton on GPU, torch on CPU (auto)"
+    kernels: Literal["auto", "triton", "torch", "reference"] = Field(
+        "auto",
+        description="feature/scorer kernels of the eviction step: auto = Triton on GPU, exact fast torch on "
+        "CPU; reference = the slow plain-torch definitions (for checking the fast paths)",
+    )
+    lag: int = Field(
+        2, ge=0, le=64,
+        description="engine steps between a step's start and its freed pages: the decision is computed "
+        "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )
 
     @model_validator(mode="after")

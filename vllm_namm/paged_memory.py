@@ -1,8 +1,22 @@
 """Per-request eviction state of the paged engine, free of vLLM imports.
 
 The vLLM glue (:mod:`vllm_namm.vllm_patch.runner`) feeds each request's queries in as the
-model runs and asks :func:`eviction_step` which logical pages to free every ``interval``
-queries. Everything here is plain torch so that it is unit-testable without an engine.
+model runs; every ``interval`` queries (and once at the end of the prompt) a request is due
+for an eviction step, which decides which logical pages to free. Everything here is plain
+torch so that it is unit-testable without an engine.
+
+A step comes in three parts, so that the expensive middle one can run off the critical path
+(:mod:`vllm_namm.background`) and cover every request due at the same engine step at once:
+
+1. :func:`begin_step` (engine thread): take the request's due queries and fix what the step
+   covers: the *scored* tokens, i.e. the live tokens the step's queries have seen. Tokens
+   newer than the last query (the tail of a prompt chunk that is not a whole STFT hop) wait
+   for the next step, exactly as in evo-memory, which never scores a token no query attended.
+2. :func:`compute_steps` (any thread): attention columns layer by layer, each policy's
+   per-layer work, then ONE scoring call per policy for every (request, layer, KV head), the
+   token keep masks and the page plan of each request. It touches only the jobs' own policy
+   states and reads the paged cache through each job's :class:`CacheReader`.
+3. :func:`finish_step` (engine thread): record the freed pages.
 
 Decode-time queries: we keep the last unscored queries of every layer (at most
 ``interval + 15`` of them) and recompute their attention columns from the paged keys at
@@ -15,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from vllm_namm import kernels
 from vllm_namm.config import EvictionConfig
-from vllm_namm.features import attention_columns
+from vllm_namm.features import PagedFeatures, attention_columns
 from vllm_namm.paging import PagePlan, plan_pages
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect
 
@@ -32,6 +48,85 @@ class StepStats:
     freed_pages: list[int]
     requested_token_evictions: int
     realised_token_evictions: int
+
+
+class CacheReader(Protocol):
+    """How a step reads one request's cached keys; the engine binds it to a snapshot of the
+    request's live block ids, so it stays valid while the engine moves on."""
+
+    def keys(self, layer: int) -> Tensor:
+        """Cached keys of the live pages, [n_live_tokens (+ padding of the last page), kv_heads, d]."""
+        ...
+
+    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+        """Attention columns [kv_heads, n_q, n] straight from the cache, or None (then: from keys)."""
+        ...
+
+    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
+                       positions: Tensor) -> PagedFeatures | None:
+        """The fused STFT+EMA source for NAMM (GPU), or None."""
+        ...
+
+
+@dataclass
+class KeysReader:
+    """A :class:`CacheReader` over a function ``read_keys(layer)`` (tests, reference checks)."""
+
+    read_keys: Callable[[int], Tensor]
+
+    def keys(self, layer: int) -> Tensor:
+        return self.read_keys(layer)
+
+    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+        return None
+
+    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
+                       positions: Tensor) -> PagedFeatures | None:
+        return None
+
+
+@dataclass
+class PagedCacheReader:
+    """A :class:`CacheReader` over a paged KV cache (the engine's), bound to a snapshot of one
+    request's live block ids. ``layers[l]`` = (cache tensor, :class:`~vllm_namm.kernels.PagedKeyLayout`).
+
+    ``fused``: NAMM's spectral features come from the fused paged STFT+EMA kernel (Triton on
+    GPU; window 32 / hop 16 only), which never materialises the attention columns.
+    """
+
+    layers: list[tuple[Tensor, Any]]
+    blocks: Tensor
+    """[n_live_pages] int64 physical block ids, oldest page first."""
+    scale: float
+    backend: kernels.Backend = "auto"
+    fused: bool = False
+
+    def _blocks(self, cache: Tensor) -> Tensor:
+        return self.blocks.to(cache.device)
+
+    def keys(self, layer: int) -> Tensor:
+        cache, layout = self.layers[layer]
+        return kernels.gather_keys(cache, layout, self._blocks(cache))
+
+    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+        cache, layout = self.layers[layer]
+        dev = cache.device
+        return kernels.attention_columns_paged(queries.to(dev), cache, layout, self._blocks(cache), positions.to(dev),
+                                               query_positions.to(dev), self.scale, backend=self.backend)
+
+    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
+                       positions: Tensor) -> PagedFeatures | None:
+        if not self.fused:
+            return None
+        cache, layout = self.layers[layer]
+        dev = cache.device
+        q, qpos, pos, blocks = queries.to(dev), query_positions.to(dev), positions.to(dev), self._blocks(cache)
+
+        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+            return kernels.paged_spectrogram_ema(q, cache, layout, blocks, pos, qpos, self.scale, prev_pad, prev_ema,
+                                                 first.to(dev), gamma, backend=self.backend)
+
+        return features
 
 
 @dataclass
@@ -46,19 +141,19 @@ class RequestMemory:
     num_tokens: int = 0
     """Logical tokens whose KV is in the cache (evicted ones included)."""
     evicted_pages: set[int] = field(default_factory=set)
-    tokens_at_last_step: int = 0
+    scored_tokens: int = 0
+    """Tokens [0, scored_tokens) have been through a step (policy states track the live ones)."""
     queries: list[list[Tensor]] = field(default_factory=list)
     """Per layer: unscored query chunks [n, q_heads, d], oldest first."""
     query_positions: list[Tensor] = field(default_factory=list)
     states: list[PolicyState] = field(default_factory=list)
     steps: int = 0
+    pending: bool = False
+    """A step was begun and not finished yet (computing off the critical path)."""
 
     def __post_init__(self) -> None:
         self.queries = [[] for _ in range(self.num_layers)]
-        if self.params is not None:
-            self.states = [self.policy.new_state(params=self.params) for _ in range(self.num_layers)]  # type: ignore[call-arg]
-        else:
-            self.states = [self.policy.new_state() for _ in range(self.num_layers)]
+        self.states = [self.policy.new_state(params=self.params) for _ in range(self.num_layers)]
 
     @property
     def num_unscored(self) -> int:
@@ -102,76 +197,151 @@ class RequestMemory:
     def due(self, interval: int, prompt_len: int, hop: int = 16) -> bool:
         """An eviction step is due every ``interval`` queries, and once when the prompt ends
         if at least one STFT hop is waiting (unlike evo-memory, which never scores the prompt's
-        last, shorter chunk: this bounds the cache a request holds when decoding starts)."""
-        if self.policy.name == "none":
+        last, shorter chunk: this bounds the cache a request holds when decoding starts).
+        Never while the previous step is still being computed."""
+        if self.policy.name == "none" or self.pending:
             return False
         n = self.num_unscored
         return n >= interval or (self.num_tokens == prompt_len and n >= hop)
 
 
+@dataclass
+class StepJob:
+    """One request's due step, fixed by :func:`begin_step` (see the module docstring)."""
+
+    mem: RequestMemory
+    reader: CacheReader
+    req_id: str
+    queries: list[Tensor]
+    """Per layer [n_q, q_heads, d]: the step's queries."""
+    query_positions: Tensor
+    positions: Tensor
+    """[n] logical positions of the scored live tokens (oldest first)."""
+    num_new_tokens: int
+    protect_from_position: int
+    """Pages holding this position or newer are never freed (unscored tokens, the page being written)."""
+
+
+@dataclass
+class StepResult:
+    job: StepJob
+    plan: PagePlan
+
+
+def begin_step(mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: str = "") -> StepJob:
+    """Take the oldest ``floor(unscored / hop) * hop`` queries (exactly ``interval`` when prompt
+    chunks are aligned, as the scheduler arranges) and fix the tokens they have seen."""
+    n_q = (mem.num_unscored // hop) * hop
+    if n_q == 0:
+        raise ValueError("begin_step needs at least one STFT hop of unscored queries")
+    queries, qpos = mem.take_queries(n_q)
+    last = int(qpos[-1])
+    positions = mem.live_positions()
+    positions = positions[positions <= last]
+    job = StepJob(
+        mem=mem, reader=reader, req_id=req_id, queries=queries, query_positions=qpos, positions=positions,
+        num_new_tokens=last + 1 - mem.scored_tokens,
+        protect_from_position=min(last + 1, mem.num_tokens - 1),
+    )
+    mem.scored_tokens = last + 1
+    mem.pending = True
+    return job
+
+
+def _layer_view(job: StepJob, layer: int, policy: EvictionPolicy, scale: float, kv_heads: int,
+                device: torch.device | str) -> LayerView:
+    """One layer's view: columns from the reader (or from its keys), or the fused feature source."""
+    reader, positions, qpos = job.reader, job.positions, job.query_positions
+    n = positions.numel()
+    keys = reader.keys(layer)[:n] if policy.needs_keys else None
+    attn, paged = None, None
+    if policy.needs_attention:
+        if policy.accepts_paged_features:
+            paged = reader.paged_features(layer, job.queries[layer], qpos, positions)
+        if paged is None:
+            attn = reader.columns(layer, job.queries[layer], qpos, positions)
+            if attn is None:
+                k = keys if keys is not None else reader.keys(layer)[:n]
+                attn = attention_columns(job.queries[layer].to(k.device), k, qpos.to(k.device),
+                                         positions.to(k.device), scale)
+            attn = attn[..., :n]
+    return LayerView(
+        attn=attn,
+        keys=keys.permute(1, 0, 2) if keys is not None else None,
+        positions=positions.to(device).unsqueeze(0).expand(kv_heads, -1),
+        query_positions=qpos.to(device),
+        num_new_tokens=job.num_new_tokens,
+        paged_features=paged,
+    )
+
+
+@torch.no_grad()
+def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
+                  device: torch.device | str = "cpu") -> list[StepResult]:
+    """Score every scored token of every layer of every job; plan each request's freed pages.
+
+    Per layer, the attention columns are computed, handed to the policy's ``prepare`` and
+    dropped; then each policy scores all its (request, layer) entries in one
+    ``score_prepared`` call. Updates (filters) the jobs' policy states; touches nothing else.
+    """
+    by_policy: dict[int, tuple[EvictionPolicy, list[Any], list[tuple[int, int]]]] = {}
+    views: dict[tuple[int, int], LayerView] = {}
+    for j, job in enumerate(jobs):
+        policy = job.mem.policy
+        _, prepared, slots = by_policy.setdefault(id(policy), (policy, [], []))
+        for layer in range(job.mem.num_layers):
+            view = _layer_view(job, layer, policy, scale, kv_heads, device)
+            prepared.append(policy.prepare(view, job.mem.states[layer]))
+            view.attn, view.paged_features = None, None  # consumed: free before the next layer
+            views[j, layer] = view
+            slots.append((j, layer))
+    keep: dict[tuple[int, int], Tensor] = {}
+    for policy, prepared, slots in by_policy.values():
+        for slot, scores in zip(slots, policy.score_prepared(prepared), strict=True):
+            view = views[slot]
+            keep[slot] = protect(policy.select(scores, view), view, config.protect)
+    results = []
+    for j, job in enumerate(jobs):
+        mem = job.mem
+        plan = plan_pages(
+            [keep[j, layer] for layer in range(mem.num_layers)], job.positions, mem.block_size,
+            rule=config.page_rule, protect_from_position=job.protect_from_position,
+        )
+        for state in mem.states:
+            state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
+        results.append(StepResult(job, plan))
+    return results
+
+
+def finish_step(result: StepResult) -> StepStats:
+    """Record a computed step in its request's memory (engine thread)."""
+    mem, plan = result.job.mem, result.plan
+    mem.evicted_pages.update(plan.free_pages)
+    mem.steps += 1
+    mem.pending = False
+    return StepStats(plan.free_pages, sum(plan.requested), sum(plan.realised))
+
+
 def eviction_step(
     mem: RequestMemory,
     config: EvictionConfig,
-    read_keys: Callable[[int, list[int]], Tensor],
+    read_keys: Callable[[int, list[int]], Tensor] | CacheReader,
     scale: float,
     hop: int = 16,
-    columns: Callable[[int, Tensor, Tensor, Tensor, list[int]], Tensor] | None = None,
     kv_heads: int = 1,
     device: torch.device | str = "cpu",
 ) -> StepStats:
-    """Score every cached token of every layer, free the pages all layers agree on.
-
-    ``read_keys(layer, live_pages)`` returns that layer's cached keys of those logical pages,
-    [n_live_tokens(+ padding of the last page), kv_heads, d] in page order (the caller knows
-    the paged layout). ``columns(layer, queries, query_positions, positions, live_pages)``,
-    when given, computes the attention columns straight from the paged cache (the Triton
-    kernel on GPU); otherwise they come from ``read_keys`` and the torch reference. Uses the
-    oldest ``floor(unscored / hop) * hop`` unscored queries (exactly ``interval`` when prompt
-    chunks are aligned, as the scheduler arranges); the remainder waits for the next step.
-    Updates ``mem`` (evicted pages, filtered policy states) and returns what it freed.
-    """
-    n_q = (mem.num_unscored // hop) * hop
-    queries, qpos = mem.take_queries(n_q)
-    live_pages = mem.live_pages
-    positions = mem.live_positions()
-    n_live = positions.numel()
-    policy = mem.policy
-    pos = positions.to(device)
-    keep_masks: list[Tensor] = []
-    for layer in range(mem.num_layers):
-        keys = read_keys(layer, live_pages)[:n_live] if (policy.needs_keys or columns is None) else None
-        attn = None
-        if policy.needs_attention:
-            if columns is not None:
-                attn = columns(layer, queries[layer], qpos, positions, live_pages)[..., :n_live]
-            else:
-                assert keys is not None
-                attn = attention_columns(queries[layer].to(keys.device), keys, qpos.to(keys.device),
-                                         positions.to(keys.device), scale)
-        view = LayerView(
-            attn=attn,
-            keys=keys.permute(1, 0, 2) if policy.needs_keys else None,
-            positions=pos.unsqueeze(0).expand(kv_heads, -1),
-            query_positions=qpos.to(device),
-            num_new_tokens=mem.num_tokens - mem.tokens_at_last_step,
-        )
-        scores = policy.score(view, mem.states[layer])
-        keep_masks.append(protect(policy.select(scores, view), view, config.protect))
-    # Unscored queries left over belong to tokens that must stay: protect their pages.
-    first_unscored = int(torch.cat(mem.query_positions).min()) if mem.query_positions else mem.num_tokens - 1
-    plan: PagePlan = plan_pages(
-        keep_masks,
-        positions,
-        mem.block_size,
-        rule=config.page_rule,
-        protect_from_position=min(first_unscored, mem.num_tokens - 1),
-    )
-    for state in mem.states:
-        state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
-    mem.evicted_pages.update(plan.free_pages)
-    mem.tokens_at_last_step = mem.num_tokens
-    mem.steps += 1
-    return StepStats(plan.free_pages, sum(plan.requested), sum(plan.realised))
+    """One synchronous step of one request: :func:`begin_step`, :func:`compute_steps`,
+    :func:`finish_step`. ``read_keys(layer, live_pages)`` (or a :class:`CacheReader`) gives
+    that layer's cached keys of the live pages, [n_live(+ padding), kv_heads, d], in page order."""
+    if callable(read_keys):
+        pages = mem.live_pages
+        fn = read_keys
+        reader: CacheReader = KeysReader(lambda layer: fn(layer, pages))
+    else:
+        reader = read_keys
+    job = begin_step(mem, reader, hop)
+    return finish_step(compute_steps([job], config, scale, kv_heads, device)[0])
 
 
 def state_device(state: PolicyState, fallback: Tensor) -> torch.device:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -40,6 +40,10 @@ class LayerView:
     """[n_queries] int64 logical positions of the queries in ``attn``."""
     num_new_tokens: int
     """How many trailing tokens entered the cache since this state's previous step."""
+    paged_features: Any = None
+    """Engine on GPU: ``(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad)`` computed by the
+    fused paged STFT+EMA kernel, given *instead of* ``attn`` to policies that only need NAMM's
+    spectral features (:attr:`EvictionPolicy.accepts_paged_features`)."""
 
 
 class PolicyState:
@@ -58,10 +62,28 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
     needs_attention: ClassVar[bool] = True
     needs_keys: ClassVar[bool] = False
+    accepts_paged_features: ClassVar[bool] = False
+    """True when the policy can use ``LayerView.paged_features`` instead of ``attn``."""
 
-    def new_state(self) -> PolicyState:
-        """Fresh state for a new request/layer (before any token is cached)."""
+    def new_state(self, params: Tensor | None = None) -> PolicyState:
+        """Fresh state for a new request/layer (before any token is cached).
+
+        ``params``: the request's own scorer parameter vector (evolution candidates); only
+        learnt policies take one.
+        """
+        if params is not None:
+            raise ValueError(f"policy '{self.name}' takes no parameter vector")
         return PolicyState()
+
+    def prepare(self, view: LayerView, state: PolicyState) -> Any:
+        """Per-layer part of :meth:`score`, run as soon as the layer's attention is available (the
+        engine drops ``view.attn`` right after). Default: the scores themselves."""
+        return self.score(view, state)
+
+    def score_prepared(self, prepared: list[Any]) -> list[Tensor]:
+        """Scores [kv_heads, n_tokens] from :meth:`prepare`'s results of many layers and requests.
+        The engine calls it once per policy and step, so a learnt scorer batches them in one call."""
+        return prepared
 
     @abstractmethod
     def score(self, view: LayerView, state: PolicyState) -> Tensor:

@@ -23,7 +23,8 @@ class H2OState(PolicyState):
 class H2OPolicy(BudgetPolicy):
     name = "h2o"
 
-    def new_state(self) -> H2OState:
+    def new_state(self, params: Tensor | None = None) -> H2OState:
+        super().new_state(params)  # rejects a parameter vector
         return H2OState()
 
     def score(self, view: LayerView, state: PolicyState) -> Tensor:

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 import vllm_namm.features as feats  # module import: features imports policies.base (cycle-safe)
+from vllm_namm.kernels import Backend
 from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, sanitize_scores
+from vllm_namm.scorers import score_ragged
 from vllm_namm.weights import NammWeights
 
 
@@ -24,14 +26,16 @@ class NammPolicy(EvictionPolicy):
     """
 
     name = "namm"
+    accepts_paged_features = True
 
-    def __init__(self, weights: NammWeights, threshold: float | None = None) -> None:
+    def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto") -> None:
         self.weights = weights
         self.features = weights.features
         self.scorer = weights.build_scorer()
         self.threshold = weights.threshold if threshold is None else threshold
         self.norm_mean = weights.norm_mean
         self.norm_std = weights.norm_std
+        self.kernels = kernels
 
     @property
     def num_params(self) -> int:
@@ -49,10 +53,11 @@ class NammPolicy(EvictionPolicy):
 
     def features_for(self, view: LayerView, state: feats.NammFeatureState) -> tuple[Tensor, Tensor]:
         """Scorer input [kv, n, 25] and the bad-token mask [kv, n]; updates ``state``."""
-        if view.attn is None:
+        if view.attn is None and view.paged_features is None:
             raise ValueError("namm needs the attention of the latest queries (view.attn is None)")
         ema, bad = feats.spectral_features(
-            view.attn, view.positions, view.query_positions, view.num_new_tokens, state
+            view.attn, view.positions, view.query_positions, view.num_new_tokens, state,
+            paged=view.paged_features, backend=self.kernels,
         )
         newest = view.query_positions.max() if view.query_positions.numel() else view.positions.max()
         x = feats.token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)
@@ -60,13 +65,30 @@ class NammPolicy(EvictionPolicy):
 
     @torch.no_grad()
     def score(self, view: LayerView, state: PolicyState) -> Tensor:
+        return self.score_prepared([self.prepare(view, state)])[0]
+
+    @torch.no_grad()
+    def prepare(self, view: LayerView, state: PolicyState) -> tuple[Tensor, Tensor, Tensor | None]:
+        """This layer's scorer input, bad-token mask and candidate vector (updates the EMA state)."""
         assert isinstance(state, feats.NammFeatureState)
         x, bad = self.features_for(view, state)
-        if self.scorer.flat.device != x.device:
-            self.scorer.to(x.device)
-        flat = None if state.params is None else state.params.to(x.device)
-        scores = self.scorer(x, flat)
-        return scores.masked_fill(bad, float("inf"))
+        return x, bad, state.params
+
+    @torch.no_grad()
+    def score_prepared(self, prepared: list[tuple[Tensor, Tensor, Tensor | None]]) -> list[Tensor]:
+        """ONE scorer call for every (request, layer, KV head) of the step (ragged, left-padded)."""
+        if not prepared:
+            return []
+        device = prepared[0][0].device
+        if self.scorer.flat.device != device:
+            self.scorer.to(device)
+        xs = [x for x, _, _ in prepared]
+        flats = [None if f is None else f.to(device) for _, _, f in prepared]
+        if self.kernels == "reference":  # the slow definition, one entry at a time (for checking)
+            scores = [self.scorer.forward_reference(x, f) for x, f in zip(xs, flats, strict=True)]
+        else:
+            scores = score_ragged(self.scorer, xs, flats)
+        return [s.masked_fill(bad, float("inf")) for s, (_, bad, _) in zip(scores, prepared, strict=True)]
 
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
         return sanitize_scores(scores) >= self.threshold

@@ -43,8 +43,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    help="Newest tokens never evicted (default 1).")
     g.add_argument("--kv-eviction-page-rule", choices=["all", "majority", "any"], default="all",
                    help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")
-    g.add_argument("--namm-kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="Attention-column kernels of the eviction step: auto = Triton on GPU, torch on CPU.")
+    g.add_argument("--namm-kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
+                   help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
+                        "reference = the slow plain-torch definitions, for checking.")
+    g.add_argument("--kv-eviction-lag", type=int, default=None, metavar="STEPS",
+                   help="Engine steps between an eviction step's start and its freed pages; the decision is "
+                        "computed off the critical path meanwhile (default 2; 0 = synchronous).")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -57,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         raw["weights"] = args.namm_weights
     if args.namm_threshold is not None:
         raw["threshold"] = args.namm_threshold
+    if args.kv_eviction_lag is not None:
+        raw["lag"] = args.kv_eviction_lag
     if args.kv_eviction_budget is not None or args.kv_eviction_ratio is not None:
         raw["budget"] = {"tokens": args.kv_eviction_budget, "ratio": args.kv_eviction_ratio}
     protect = {}

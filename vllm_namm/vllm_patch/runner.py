@@ -20,12 +20,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
 
+from vllm_namm import kernels
+from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import RequestMemory, eviction_step
+from vllm_namm.paged_memory import (
+    PagedCacheReader,
+    RequestMemory,
+    StepJob,
+    StepResult,
+    begin_step,
+    compute_steps,
+    finish_step,
+)
 from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
@@ -80,11 +91,23 @@ class NammRunnerState:
         self.requests: dict[str, RequestMemory] = {}
         self.captured: list[torch.Tensor | None] = [None] * len(self.layers)
         self.capturing = False
+        self.hop = self.weights.features.s_w
+        side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
+        # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
+        self.fused_features = side == "triton" and (self.weights.features.n_w, self.hop) == (32, 16)
+        engine_cpus = os.sched_getaffinity(0)
+        cpus = eviction_cpus(engine_cpus) if self.device.type == "cpu" else None
+        self.executor: LaggedExecutor[StepJob, StepResult] = LaggedExecutor(
+            self._compute, config.lag, device=self.device, cpus=cpus)
         for idx, mod in enumerate(self.layers):
             _wrap_impl_forward(mod, idx, self)
         logger.info(
-            "vllm-namm: %s eviction on %d layers (block %d, interval %d, backend %s)",
-            config.policy, len(self.layers), self.block_size, config.interval, self.backend,
+            "vllm-namm: %s eviction on %d layers (block %d, interval %d, attention backend %s, feature kernels %s%s; "
+            "decisions applied %d engine steps later%s)",
+            config.policy, len(self.layers), self.block_size, config.interval, self.backend, side,
+            ", fused paged STFT" if self.fused_features else "", config.lag,
+            f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
+            if config.lag and cpus else "",
         )
 
     # ---- per-request policies -------------------------------------------------------------
@@ -136,7 +159,7 @@ class NammRunnerState:
             self.requests[req_id] = RequestMemory(
                 policy, len(self.layers), self.block_size, params=params,
                 # A prefix-cache hit brings tokens no policy has seen: they are all "new" to it.
-                num_tokens=num_computed_tokens, tokens_at_last_step=0,
+                num_tokens=num_computed_tokens, scored_tokens=0,
             )
         except ValueError as e:  # validated at the API server already; never kill the engine
             logger.error("vllm-namm: request %s runs without eviction: %s", req_id, e)
@@ -153,74 +176,82 @@ class NammRunnerState:
         return rows
 
     def after_forward(self, scheduler_output: Any) -> None:
-        if not self.capturing:
-            return
-        runner = self.runner
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
-        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
-            mem = self.requests.get(req_id)
-            if mem is None:
-                continue
-            n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            if n == 0 or any(q is None for q in self.captured):
-                continue
-            start = int(batch.num_computed_tokens_cpu[row])
-            mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
-            if mem.due(self.config.interval, self.runner.requests[req_id].num_prompt_tokens):
-                self._evict(req_id, row, mem)
-        self.captured = [None] * len(self.layers)
+        """File this step's queries per request; start the steps that are due (all in one batch);
+        apply the decisions whose lag has passed."""
+        if self.capturing:
+            runner = self.runner
+            batch = runner.input_batch
+            num_reqs = batch.num_reqs
+            qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+            jobs = []
+            for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+                mem = self.requests.get(req_id)
+                if mem is None:
+                    continue
+                n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                if n == 0 or any(q is None for q in self.captured):
+                    continue
+                start = int(batch.num_computed_tokens_cpu[row])
+                mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
+                if mem.due(self.config.interval, runner.requests[req_id].num_prompt_tokens, self.hop):
+                    jobs.append(begin_step(mem, self._reader(row, mem), self.hop, req_id))
+            self.captured = [None] * len(self.layers)
+            self.executor.submit(jobs)
+        self.executor.step()
+        for future in self.executor.due():
+            self._apply(future)
 
     # ---- the eviction itself ---------------------------------------------------------------
-    def _evict(self, req_id: str, row: int, mem: RequestMemory) -> None:
+    def _reader(self, row: int, mem: RequestMemory) -> PagedCacheReader:
+        """Read access to a request's live pages, fixed now (the batch row may move later)."""
         table = self.runner.input_batch.block_table[0].block_table.np
+        blocks = torch.from_numpy(table[row, mem.live_pages].astype("int64"))
+        return PagedCacheReader([key_layout(mod, self.backend) for mod in self.layers], blocks, self.scale,
+                                backend=self.config.kernels, fused=self.fused_features)
 
-        import namm_kernels as nk
+    def _compute(self, jobs: list[StepJob]) -> list[StepResult]:
+        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device)
 
-        def live_blocks(live_pages: list[int], device: torch.device) -> torch.Tensor:
-            return torch.as_tensor(table[row, live_pages].astype("int64"), device=device)
+    def _apply(self, future: Any) -> None:
+        """Turn computed decisions into holes and reports (engine thread)."""
+        error = future.exception()
+        if error is not None:  # never take the engine down: those requests stop evicting
+            logger.error("vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error)
+            return
+        batch = self.runner.input_batch
+        table = batch.block_table[0].block_table.np
+        for result in future.result():
+            req_id = result.job.req_id
+            if self.requests.get(req_id) is not result.job.mem:
+                continue  # finished, aborted or preempted (state reset) since the step began
+            row = batch.req_id_to_index.get(req_id)
+            if row is None:
+                continue
+            stats = finish_step(result)
+            req_state = self.runner.requests[req_id]
+            freed = []
+            for page in stats.freed_pages:
+                block_id = int(table[row, page])
+                if block_id == NULL_BLOCK_ID:
+                    raise RuntimeError(f"vllm-namm: page {page} of {req_id} evicted twice")
+                table[row, page] = NULL_BLOCK_ID
+                req_state.block_ids[0][page] = NULL_BLOCK_ID
+                freed.append((page, block_id))
+            channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions)
+            if freed:
+                logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
 
-        def read_keys(layer: int, live_pages: list[int]) -> torch.Tensor:
-            cache, layout = key_layout(self.layers[layer], self.backend)
-            return nk.gather_keys(cache, layout, live_blocks(live_pages, cache.device))
 
-        def columns(layer: int, queries: torch.Tensor, qpos: torch.Tensor, pos: torch.Tensor,
-                    live_pages: list[int]) -> torch.Tensor:
-            cache, layout = key_layout(self.layers[layer], self.backend)
-            return nk.attention_columns_paged(
-                queries.to(cache.device), cache, layout, live_blocks(live_pages, cache.device),
-                pos.to(cache.device), qpos.to(cache.device), self.scale, backend=self.config.kernels,
-            )
-
-        stats = eviction_step(mem, self.config, read_keys, self.scale, columns=columns,
-                              kv_heads=self.num_kv_heads, device=self.device)
-        req_state = self.runner.requests[req_id]
-        freed = []
-        for page in stats.freed_pages:
-            block_id = int(table[row, page])
-            if block_id == NULL_BLOCK_ID:
-                raise RuntimeError(f"vllm-namm: page {page} of {req_id} evicted twice")
-            table[row, page] = NULL_BLOCK_ID
-            req_state.block_ids[0][page] = NULL_BLOCK_ID
-            freed.append((page, block_id))
-        channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions)
-        if freed:
-            logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
-
-
-def key_layout(layer: Any, backend: str) -> Any:
-    """The paged key layout of one attention layer (see :mod:`namm_kernels`).
+def key_layout(layer: Any, backend: str) -> tuple[torch.Tensor, kernels.PagedKeyLayout]:
+    """The paged key layout of one attention layer (see :mod:`vllm_namm.kernels`).
 
     CPU_ATTN packs keys per ISA (``vec``: transposed inside a block; ``amx``: VNNI tiles),
     FlashAttention-style backends keep ``[num_blocks, kv_heads, block_size, 2 * head_size]``.
     """
-    import namm_kernels as nk
-
     kv_cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
     if backend.startswith("CPU"):
-        return kv_cache, nk.PagedKeyLayout.cpu(kv_cache, getattr(layer, "isa", "vec"))
-    return kv_cache, nk.PagedKeyLayout.flash(kv_cache, layer.head_size)
+        return kv_cache, kernels.PagedKeyLayout.cpu(kv_cache, getattr(layer, "isa", "vec"))
+    return kv_cache, kernels.PagedKeyLayout.flash(kv_cache, layer.head_size)
 
 
 def _wrap_impl_forward(layer: Any, idx: int, state: NammRunnerState) -> None:
