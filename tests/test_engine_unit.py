@@ -171,3 +171,41 @@ def test_ratio_budget_is_a_fraction_of_the_context_not_compounded() -> None:
     # 25 % of 2048 tokens, plus at most the first page and the page being written; compounding
     # (25 % of what was left at every step) would keep ~1/4 of that.
     assert 512 <= kept <= 512 + 2 * BS, kept
+
+
+def test_tokens_no_query_has_seen_stay_out_of_the_scorer(tmp_path) -> None:
+    """The prompt-end step scores only tokens its queries attended (evo-memory never scores the
+    others): a 1000-token prompt's step covers tokens 0..991, and the scores of those tokens are
+    those of a 992-token prompt, whatever the 8 unseen tokens are."""
+    from vllm_namm.weights import NammWeights, save_weights
+
+    w = NammWeights.zeros()
+    w.params = 0.3 * torch.randn(w.params.shape, generator=torch.Generator().manual_seed(0))
+    save_weights(tmp_path / "w.safetensors", w)
+    cfg = EvictionConfig(policy="namm", weights=tmp_path / "w.safetensors")
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 1000, KV, D, generator=g)
+    queries = torch.randn(2, 1000, H, D, generator=g)
+    seen: list[list[torch.Tensor]] = []
+    for n_tokens in (1000, 992):
+        policy = make_policy(cfg)
+        scored: list[torch.Tensor] = []
+        original = policy.score_prepared
+
+        def spy(prepared, original=original, scored=scored):
+            out = original(prepared)
+            scored.extend(s.clone() for s in out)
+            return out
+
+        policy.score_prepared = spy  # type: ignore[method-assign]
+        mem = RequestMemory(policy, 2, BS)
+        for start in range(0, n_tokens, 512):
+            n = min(512, n_tokens - start)
+            mem.add_queries([queries[layer, start : start + n] for layer in range(2)], start)
+            if mem.due(512, prompt_len=n_tokens):
+                eviction_step(mem, cfg, _keys_reader(keys[:, :n_tokens]), D**-0.5, kv_heads=KV)
+        assert mem.steps == 2 and mem.scored_tokens == 992
+        seen.append(scored)
+    assert [s.shape for s in seen[0]] == [s.shape for s in seen[1]]  # never the 8 unseen tokens
+    for a, b in zip(*seen, strict=True):
+        torch.testing.assert_close(a, b)

@@ -145,3 +145,22 @@ def test_nan_attention_marks_tokens_bad_and_keeps_state_finite():
     ema, bad = spectral_features(attn, torch.arange(16).expand(2, -1), qpos, 16, state)
     assert bad[0].any() and not bad[1].any()
     assert torch.isfinite(state.ema).all() and torch.isfinite(state.pad).all()
+
+
+def test_oldness_starts_at_zero_and_is_recorded_in_weights(tmp_path):
+    """evo-memory's stage configs (base_bam.yaml: start_recency_from 0) give the newest token oldness 0."""
+    from vllm_namm.features import token_features
+    from vllm_namm.weights import NammWeights, describe, load_weights, save_weights
+
+    cfg = FeatureConfig()
+    assert cfg.start_oldness_from == 0
+    positions = torch.tensor([[0, 95, 100]])
+    x = token_features(torch.zeros(1, 3, 17), positions, 100, cfg, torch.zeros(17), torch.ones(17))
+    f = [50000.0 ** (-j / 4) for j in range(4)]
+    by_hand = [[math.sin(o * fj) for fj in f] + [math.cos(o * fj) for fj in f] for o in (100, 5, 0)]
+    torch.testing.assert_close(x[0, :, :8], torch.tensor(by_hand), atol=1e-6, rtol=0)
+    assert x[0, 2, :8].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # the newest token: oldness 0
+    path = tmp_path / "w.safetensors"
+    save_weights(path, NammWeights.zeros())
+    assert load_weights(path).features.start_oldness_from == 0
+    assert "oldness from 0" in describe(load_weights(path))

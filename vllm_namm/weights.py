@@ -182,11 +182,12 @@ def describe(w: NammWeights) -> str:
     f = w.features
     lines = [
         f"scorer: {w.scorer.kind.upper()} (input {w.scorer.input_dim}, hidden {w.scorer.hidden}, "
-        f"bias {w.scorer.bias}" + (f", {w.scorer.mlp_layers} layers" if w.scorer.kind == "mlp" else "") + ")",
+        f"bias {w.scorer.bias}" + (f", {w.scorer.mlp_layers} layers" if w.scorer.kind == "mlp" else "")
+        + (f", window {w.scorer.window}" if w.scorer.window is not None else "") + ")",
         f"parameters: {w.params.numel()} (|p|max {w.params.abs().max().item():.4g})",
         f"features: n_up {f.n_up}, n_w {f.n_w}, s_w {f.s_w}, bins {f.bins}, "
         f"ema {f.ema_coeff_per_step}/step (gamma {f.gamma:.4f}/frame), oldness {f.pos_dims} dims "
-        f"(max freq {f.pos_max_freq:g})",
+        f"(max freq {f.pos_max_freq:g}, oldness from {f.start_oldness_from})",
         f"threshold: keep score >= {w.threshold}",
         f"normalisation mean: {[round(x, 5) for x in w.norm_mean.tolist()]}",
         f"normalisation std: {[round(x, 5) for x in w.norm_std.tolist()]}",
