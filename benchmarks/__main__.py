@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-model": ("benchmarks.train_model", "train the small long-context Llama used by the quality benchmark"),
     "page-rounding": ("benchmarks.page_rounding", "token evictions each policy asks for vs what freed pages realise"),
     "evolve-overhead": ("benchmarks.evolve_overhead", "one evolution generation vs the same requests without eviction"),
+    "overhead": ("benchmarks.overhead", "one eviction step vs the model's forward over the same chunk, 8B layer shapes"),
 }
 
 

@@ -390,7 +390,7 @@ def attention_columns_dense(
     positions: torch.Tensor,
     query_positions: torch.Tensor,
     scale: float,
-    max_block_elems: int = 1 << 24,
+    max_block_elems: int = 1 << 20,
 ) -> torch.Tensor:
     """Exact fast torch version of the columns: q ``[n_q, Hq, D]``, k ``[n, Hkv, D]`` → ``[Hkv, n_q, n]`` fp32.
 

@@ -6,7 +6,7 @@ Selected by ``prepare_engine_args`` (``scheduler_cls``) only when eviction is on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -23,6 +23,7 @@ class RequestEvictionStats:
     evicted_blocks: int = 0
     requested_tokens: int = 0
     realised_tokens: int = 0
+    evicted_pages: list[int] = field(default_factory=list)
 
 
 class NammScheduler(Scheduler):
@@ -74,6 +75,7 @@ class NammScheduler(Scheduler):
             blocks = manager.req_to_blocks.get(report.req_id)
             if request is None or request.is_finished() or blocks is None:
                 continue  # already freed as a whole
+            stats = self.namm_stats.setdefault(report.req_id, RequestEvictionStats())
             freed = []
             for page, block_id in report.pages:
                 block = blocks[page]
@@ -87,10 +89,10 @@ class NammScheduler(Scheduler):
                     )
                 blocks[page] = manager._null_block
                 freed.append(block)
+                stats.evicted_pages.append(page)
             if freed:
                 manager.block_pool.free_blocks(freed)
                 manager.num_cached_block[report.req_id] = _NEVER_CACHE
-            stats = self.namm_stats.setdefault(report.req_id, RequestEvictionStats())
             stats.evicted_blocks += len(freed)
             stats.requested_tokens += report.requested_tokens
             stats.realised_tokens += report.realised_tokens
@@ -112,6 +114,7 @@ class NammScheduler(Scheduler):
                 "held_blocks": held,
                 "token_evictions_requested": stats.requested_tokens,
                 "token_evictions_realised": stats.realised_tokens,
+                "evicted_pages": sorted(stats.evicted_pages),
                 "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
             }
             logger.info(
