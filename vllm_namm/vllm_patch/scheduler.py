@@ -23,6 +23,8 @@ class RequestEvictionStats:
     evicted_blocks: int = 0
     requested_tokens: int = 0
     realised_tokens: int = 0
+    steps: int = 0
+    last_step_tokens: int = 0
 
 
 class NammScheduler(Scheduler):
@@ -94,6 +96,8 @@ class NammScheduler(Scheduler):
             stats.evicted_blocks += len(freed)
             stats.requested_tokens += report.requested_tokens
             stats.realised_tokens += report.realised_tokens
+            stats.steps += 1
+            stats.last_step_tokens = report.tokens
 
     def held_blocks(self, req_id: str) -> int:
         blocks = self._namm_manager.req_to_blocks.get(req_id) or []
@@ -112,6 +116,8 @@ class NammScheduler(Scheduler):
                 "held_blocks": held,
                 "token_evictions_requested": stats.requested_tokens,
                 "token_evictions_realised": stats.realised_tokens,
+                "eviction_steps": stats.steps,
+                "last_eviction_at": stats.last_step_tokens,
                 "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
             }
             logger.info(
