@@ -91,7 +91,8 @@ def parse_request_settings(extra_args: dict[str, Any] | None) -> RequestSettings
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "vllm_xargs"
-        raise RequestSettingsError(f"vllm_xargs.{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        raise RequestSettingsError(f"vllm_xargs.{where}: {msg}") from None
 
 
 def validate_for_server(
