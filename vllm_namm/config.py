@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 PageRule = Literal["all", "majority", "any"]
@@ -31,7 +31,7 @@ class FeatureConfig(_Strict):
     n_up: int = Field(512, gt=0, description="queries between two NAMM executions")
     n_w: int = Field(32, gt=0, description="STFT (Hann) window")
     s_w: int = Field(16, gt=0, description="STFT hop")
-    ema_coeff_per_step: float = Field(0.99, gt=0.0, lt=1.0)
+    ema_coeff_per_step: float = Field(0.99, gt=0.0, lt=1.0, allow_inf_nan=False)
     pos_dims: int = Field(8, ge=0, description="sinusoidal oldness embedding size (even)")
     pos_max_freq: float = Field(50000.0, gt=1.0)
     start_oldness_from: int = Field(
@@ -97,7 +97,7 @@ class BudgetConfig(_Strict):
     """
 
     tokens: int | None = Field(None, gt=0)
-    ratio: float | None = Field(None, gt=0.0, le=1.0)
+    ratio: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     streaming_sinks: int = Field(4, ge=0, description="StreamingLLM attention-sink tokens")
     snapkv_window: int = Field(32, gt=0, description="SnapKV observation window (latest queries)")
     snapkv_kernel: int = Field(7, gt=0, description="SnapKV max-pool kernel (odd)")
@@ -137,7 +137,9 @@ class EvictionConfig(_Strict):
     protect: ProtectConfig = ProtectConfig()
     weights: Path | None = Field(None, description="NAMM weights file; None = shipped default")
     threshold: float | None = Field(
-        None, description="NAMM keep threshold (keep score >= threshold); None = the weights file's"
+        None, allow_inf_nan=False,
+        description="NAMM keep threshold (keep score >= threshold); None = the weights file's "
+        "(NaN would evict every unprotected token: score >= nan is always false)",
     )
     page_rule: PageRule = "all"
     kernels: Literal["auto", "triton", "torch", "reference"] = Field(
@@ -151,12 +153,15 @@ class EvictionConfig(_Strict):
         "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )
 
+    @field_validator("interval")
+    @classmethod
+    def _whole_hops(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 (the STFT hop)")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> EvictionConfig:
-        if self.interval % 16:
-            raise ValueError(
-                f"interval must be a multiple of 16 (the STFT hop), got {self.interval}"
-            )
         if self.policy in BUDGET_POLICIES and self.budget is None:
             raise ValueError(f"policy '{self.policy}' needs a budget (budget.tokens or budget.ratio)")
         if self.policy not in BUDGET_POLICIES and self.budget is not None:

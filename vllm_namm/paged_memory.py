@@ -220,6 +220,8 @@ class StepJob:
     num_new_tokens: int
     protect_from_position: int
     """Pages holding this position or newer are never freed (unscored tokens, the page being written)."""
+    num_tokens: int
+    """Logical tokens in the request's cache when the step began (evicted ones included)."""
 
 
 @dataclass
@@ -241,7 +243,7 @@ def begin_step(mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: s
     job = StepJob(
         mem=mem, reader=reader, req_id=req_id, queries=queries, query_positions=qpos, positions=positions,
         num_new_tokens=last + 1 - mem.scored_tokens,
-        protect_from_position=min(last + 1, mem.num_tokens - 1),
+        protect_from_position=min(last + 1, mem.num_tokens - 1), num_tokens=mem.num_tokens,
     )
     mem.scored_tokens = last + 1
     mem.pending = True

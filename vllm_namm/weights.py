@@ -54,7 +54,7 @@ class WeightsMeta(BaseModel):
     scorer: ScorerConfig
     features: FeatureConfig
     num_params: int
-    threshold: float = 0.0
+    threshold: float = Field(0.0, allow_inf_nan=False)
     provenance: Provenance | None = None
 
 

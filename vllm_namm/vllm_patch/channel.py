@@ -20,19 +20,23 @@ ATTR = "namm_reports"
 
 @dataclass
 class EvictionReport:
+    """One eviction step of one request (posted even when it freed nothing)."""
+
     req_id: str
     pages: list[tuple[int, int]]
     """(logical page index, physical block id) pairs the worker turned into holes."""
     requested_tokens: int
     realised_tokens: int
+    tokens: int = 0
+    """Logical tokens in the request's cache when the step ran (evicted ones included)."""
 
 
 _pending: list[EvictionReport] = []
 
 
-def post(req_id: str, pages: list[tuple[int, int]], requested: int, realised: int) -> None:
-    """Worker side: queue a report for this step's output."""
-    _pending.append(EvictionReport(req_id, pages, requested, realised))
+def post(req_id: str, pages: list[tuple[int, int]], requested: int, realised: int, tokens: int = 0) -> None:
+    """Worker side: queue the report of one eviction step for this step's output."""
+    _pending.append(EvictionReport(req_id, pages, requested, realised, tokens))
 
 
 def attach(output: Any) -> Any:

@@ -12,10 +12,57 @@ import functools
 import sys
 from typing import Any
 
-from vllm_namm.config import EvictionConfig
-from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, parse_eviction_config
+from pydantic import ValidationError
+
+from vllm_namm.config import BUDGET_POLICIES, EvictionConfig
+from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
 
 POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+
+# flag -> (EvictionConfig field path, argparse options). One table drives the parser, the
+# config mapping and the error messages, so every message names the flag the user typed.
+FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--kv-eviction": ("policy", dict(
+        choices=POLICY_CHOICES, default="none",
+        help="Eviction policy. 'none' leaves vLLM unchanged.")),
+    "--namm-weights": ("weights", dict(
+        default=None, metavar="PATH",
+        help="NAMM weights (.safetensors). Default: the shipped initial weights.")),
+    "--namm-threshold": ("threshold", dict(
+        type=float, default=None,
+        help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).")),
+    "--kv-eviction-interval": ("interval", dict(
+        type=int, default=512, metavar="N",
+        help="n_up: tokens between two eviction steps (a multiple of 16); prompts are chunked at "
+             "these boundaries. Longer than --max-model-len: one step at the end of each prompt.")),
+    "--kv-eviction-budget": ("budget.tokens", dict(
+        type=int, default=None, metavar="TOKENS",
+        help="Cache budget in tokens for h2o/l2/streaming/snapkv.")),
+    "--kv-eviction-ratio": ("budget.ratio", dict(
+        type=float, default=None, metavar="R",
+        help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.")),
+    "--kv-eviction-sink-tokens": ("protect.sink_tokens", dict(
+        type=int, default=None, metavar="N",
+        help="Oldest tokens never evicted (the first page is always kept).")),
+    "--kv-eviction-recent-tokens": ("protect.recent_tokens", dict(
+        type=int, default=None, metavar="N",
+        help="Newest tokens never evicted (default 1).")),
+    "--kv-eviction-page-rule": ("page_rule", dict(
+        choices=["all", "majority", "any"], default="all",
+        help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")),
+    "--namm-kernels": ("kernels", dict(
+        choices=["auto", "triton", "torch", "reference"], default="auto",
+        help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
+             "reference = the slow plain-torch definitions, for checking.")),
+    "--kv-eviction-lag": ("lag", dict(
+        type=int, default=None, metavar="STEPS",
+        help="Engine steps between an eviction step's start and its freed pages; the decision is "
+             "computed off the critical path meanwhile (default 2; 0 = synchronous).")),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,54 +72,60 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "vllm-namm KV eviction",
         "Free KV-cache pages of running requests (NAMM, arXiv 2410.13166, and baselines).",
     )
-    g.add_argument("--kv-eviction", choices=POLICY_CHOICES, default="none",
-                   help="Eviction policy. 'none' leaves vLLM unchanged.")
-    g.add_argument("--namm-weights", default=None, metavar="PATH",
-                   help="NAMM weights (.safetensors). Default: the shipped initial weights.")
-    g.add_argument("--namm-threshold", type=float, default=None,
-                   help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).")
-    g.add_argument("--kv-eviction-interval", type=int, default=512, metavar="N",
-                   help="n_up: tokens between two eviction steps; prompts are chunked at these boundaries.")
-    g.add_argument("--kv-eviction-budget", type=int, default=None, metavar="TOKENS",
-                   help="Cache budget in tokens for h2o/l2/streaming/snapkv.")
-    g.add_argument("--kv-eviction-ratio", type=float, default=None, metavar="R",
-                   help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.")
-    g.add_argument("--kv-eviction-sink-tokens", type=int, default=None, metavar="N",
-                   help="Oldest tokens never evicted (the first page is always kept).")
-    g.add_argument("--kv-eviction-recent-tokens", type=int, default=None, metavar="N",
-                   help="Newest tokens never evicted (default 1).")
-    g.add_argument("--kv-eviction-page-rule", choices=["all", "majority", "any"], default="all",
-                   help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")
-    g.add_argument("--namm-kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
-                   help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
-                        "reference = the slow plain-torch definitions, for checking.")
-    g.add_argument("--kv-eviction-lag", type=int, default=None, metavar="STEPS",
-                   help="Engine steps between an eviction step's start and its freed pages; the decision is "
-                        "computed off the critical path meanwhile (default 2; 0 = synchronous).")
+    for flag, (_, options) in FLAGS.items():
+        g.add_argument(flag, **options)
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``additional_config["namm"]`` dict for these flags (None when eviction is off)."""
-    if getattr(args, "kv_eviction", "none") == "none":
+    """The ``additional_config["namm"]`` dict for these flags (None when eviction is off).
+
+    Raises :class:`NammConfigError` with a message naming the offending flag(s).
+    """
+    value = {flag: getattr(args, _dest(flag), options.get("default")) for flag, (_, options) in FLAGS.items()}
+    given = [f for f, (_, options) in FLAGS.items() if f != "--kv-eviction" and value[f] != options.get("default")]
+    policy = value["--kv-eviction"]
+    if policy == "none":
+        if given:
+            raise NammConfigError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                                  "--kv-eviction POLICY (the default, none, leaves vLLM unchanged)")
         return None
-    raw: dict[str, Any] = {"policy": args.kv_eviction, "interval": args.kv_eviction_interval,
-                           "page_rule": args.kv_eviction_page_rule, "kernels": args.namm_kernels}
-    if args.namm_weights is not None:
-        raw["weights"] = args.namm_weights
-    if args.namm_threshold is not None:
-        raw["threshold"] = args.namm_threshold
-    if args.kv_eviction_lag is not None:
-        raw["lag"] = args.kv_eviction_lag
-    if args.kv_eviction_budget is not None or args.kv_eviction_ratio is not None:
-        raw["budget"] = {"tokens": args.kv_eviction_budget, "ratio": args.kv_eviction_ratio}
-    protect = {}
-    if args.kv_eviction_sink_tokens is not None:
-        protect["sink_tokens"] = args.kv_eviction_sink_tokens
-    if args.kv_eviction_recent_tokens is not None:
-        protect["recent_tokens"] = args.kv_eviction_recent_tokens
-    if protect:
-        raw["protect"] = protect
-    return parse_eviction_config(raw).model_dump(mode="json")
+    budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
+    if len(budget_flags) == 2:
+        raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
+    budget_policies = sorted(BUDGET_POLICIES)
+    if policy in BUDGET_POLICIES and not budget_flags:
+        raise NammConfigError(f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R")
+    if policy not in BUDGET_POLICIES and budget_flags:
+        raise NammConfigError(f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, "
+                              f"not {policy}")
+    namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
+    if policy != "namm" and namm_flags:
+        raise NammConfigError(f"{namm_flags[0]} only applies to --kv-eviction namm, not {policy}")
+    raw: dict[str, Any] = {}
+    for flag, (path, _) in FLAGS.items():
+        if value[flag] is not None:
+            *parents, leaf = path.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value[flag]
+    try:
+        cfg = EvictionConfig(**raw)
+    except ValidationError as e:
+        raise NammConfigError(flag_error(e, value)) from None
+    return cfg.model_dump(mode="json")
+
+
+def flag_error(e: ValidationError, value: dict[str, Any]) -> str:
+    """The first error of ``e`` as one line naming the flag and the value given."""
+    err = e.errors()[0]
+    path = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    flags = [f for f, (p, _) in FLAGS.items() if p == path or p.startswith(path + ".")]
+    flags = [f for f in flags if value.get(f) is not None] or flags
+    if len(flags) == 1:
+        return f"{flags[0]} {value[flags[0]]}: {msg}"
+    return f"{'/'.join(flags)}: {msg}" if flags else msg
 
 
 def fail(message: str) -> None:
@@ -131,4 +184,4 @@ def _is_cli() -> bool:
     return os.path.basename(sys.argv[0]) == "vllm"
 
 
-__all__ = ["EvictionConfig", "add_flags", "config_from_args", "install"]
+__all__ = ["FLAGS", "EvictionConfig", "add_flags", "config_from_args", "install"]

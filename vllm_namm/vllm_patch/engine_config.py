@@ -8,7 +8,9 @@ engine starts), so a bad setting stops the server with one clear message.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,7 +33,8 @@ def parse_eviction_config(raw: Any) -> EvictionConfig:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise NammConfigError(f"invalid eviction setting {where or ''}: {err['msg']}".replace("  ", " ")) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise NammConfigError(f"invalid eviction setting {where}: {msg}" if where else f"invalid eviction setting: {msg}") from None
 
 
 def eviction_config_from(vllm_config: Any) -> EvictionConfig | None:
@@ -72,12 +75,17 @@ def prepare_engine_args(args: Any) -> None:
 
     if args.scheduler_cls not in (None, SCHEDULER_CLS, SchedulerConfig.scheduler_cls):
         raise NammConfigError(f"--kv-eviction replaces the scheduler; drop --scheduler-cls {args.scheduler_cls}")
-    args.scheduler_cls = SCHEDULER_CLS
-    args.async_scheduling = False
-    args.long_prefill_token_threshold = cfg.interval
-    args.enable_chunked_prefill = True
     from vllm.platforms import current_platform
 
+    if cfg.kernels == "triton" and not current_platform.is_cuda_alike() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NammConfigError(
+            f"--namm-kernels triton needs a CUDA or ROCm GPU (this platform: {current_platform.device_type}); "
+            "use auto or torch"
+        )
+    args.scheduler_cls = SCHEDULER_CLS
+    args.async_scheduling = False
+    args.long_prefill_token_threshold = cfg.interval  # capped at the model length: cap_prefill_chunk
+    args.enable_chunked_prefill = True
     if not current_platform.is_cpu() and not args.enforce_eager:
         logger.warning("vllm-namm: --kv-eviction forces eager mode on GPU (CUDA graphs skip the eviction hooks)")
         args.enforce_eager = True
@@ -85,7 +93,33 @@ def prepare_engine_args(args: Any) -> None:
     logger.info("vllm-namm: KV eviction %s, interval %d", cfg.policy, cfg.interval)
 
 
+def cap_prefill_chunk(args: Any, max_model_len: int | None) -> None:
+    """Cap the prompt-chunk limit (the interval) at the model length, once vLLM knows it.
+
+    vLLM refuses ``long_prefill_token_threshold > max_model_len``; an interval that long
+    means no step can fall inside a prompt, so the request gets a single eviction step when
+    its prompt ends (kvpress-style one-shot compression). ``max_model_len`` is often None in
+    the engine args (derived from the model's config), hence this runs right after
+    ``EngineArgs.create_model_config``.
+    """
+    raw = (getattr(args, "additional_config", None) or {}).get(CONFIG_KEY)
+    if raw is None or getattr(args, "scheduler_cls", None) != SCHEDULER_CLS or not max_model_len:
+        return
+    threshold = args.long_prefill_token_threshold or 0
+    if threshold > max_model_len:
+        args.long_prefill_token_threshold = max_model_len
+        logger.info(
+            "vllm-namm: eviction interval %d exceeds max_model_len %d: one eviction step at the end of "
+            "each prompt (one-shot)", threshold, max_model_len,
+        )
+
+
 def install() -> None:
+    _keep_v1_model_runner()
+    _cap_prefill_chunk_after_model_config()
+
+
+def _keep_v1_model_runner() -> None:
     """Keep the V1 model runner when eviction is on: 0.32 runs Model Runner V2 by default on
     GPU, whose block tables and metadata code our runner hooks do not cover yet."""
     from vllm.config import VllmConfig
@@ -101,3 +135,20 @@ def install() -> None:
 
     use_v2_model_runner._namm = True  # type: ignore[attr-defined]
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+
+
+def _cap_prefill_chunk_after_model_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    orig = EngineArgs.create_model_config
+    if getattr(orig, "_namm", False):
+        return
+
+    @functools.wraps(orig)
+    def create_model_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        model_config = orig(self, *args, **kwargs)
+        cap_prefill_chunk(self, getattr(model_config, "max_model_len", None))
+        return model_config
+
+    create_model_config._namm = True  # type: ignore[attr-defined]
+    EngineArgs.create_model_config = create_model_config

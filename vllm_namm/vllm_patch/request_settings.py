@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vllm_namm.config import BudgetConfig, EvictionConfig, PolicyName
+from vllm_namm.config import BUDGET_POLICIES, BudgetConfig, EvictionConfig, PolicyName
 
 OUR_PREFIXES = ("kv_eviction", "namm_")
 
@@ -27,23 +27,24 @@ class RequestSettings(BaseModel):
 
     kv_eviction: PolicyName | None = None
     kv_eviction_budget: int | None = Field(None, gt=0)
-    kv_eviction_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    kv_eviction_ratio: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     namm_params: tuple[float, ...] | None = None
-    namm_threshold: float | None = None
-    namm_ema_coeff_per_step: float | None = Field(None, gt=0.0, lt=1.0)
+    namm_threshold: float | None = Field(None, allow_inf_nan=False)
+    namm_ema_coeff_per_step: float | None = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools(cls, v: Any) -> Any:
+        """``True`` is no budget, ratio or policy (pydantic would read it as 1)."""
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("must not be a boolean")
+        return v
 
     @field_validator("namm_params")
     @classmethod
     def _finite(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if v is not None and not all(math.isfinite(x) for x in v):
             raise ValueError("namm_params contains NaN or inf")
-        return v
-
-    @field_validator("namm_threshold")
-    @classmethod
-    def _finite_threshold(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("namm_threshold must be finite")
         return v
 
     @property
@@ -66,7 +67,7 @@ class RequestSettings(BaseModel):
                 "ratio": self.kv_eviction_ratio,
             }
             data["budget"] = BudgetConfig(**extra).model_dump()
-        if policy not in ("h2o", "l2", "streaming", "snapkv"):
+        if policy not in BUDGET_POLICIES:
             data["budget"] = None
         if policy != "namm":
             data["weights"] = None
@@ -90,7 +91,8 @@ def parse_request_settings(extra_args: dict[str, Any] | None) -> RequestSettings
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "vllm_xargs"
-        raise RequestSettingsError(f"vllm_xargs.{where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        raise RequestSettingsError(f"vllm_xargs.{where}: {msg}") from None
 
 
 def validate_for_server(
@@ -98,7 +100,8 @@ def validate_for_server(
 ) -> None:
     """Check the request's settings make sense on this server; raises RequestSettingsError.
 
-    ``num_params(cfg)`` gives the scorer size of the NAMM policy ``cfg`` builds.
+    ``num_params(cfg)`` gives the scorer size of the NAMM policy ``cfg`` builds. A key that
+    would be silently ignored (a budget for namm, a threshold for streaming) is an error too.
     """
     if settings.is_default:
         return
@@ -107,16 +110,31 @@ def validate_for_server(
             "vllm_xargs.kv_eviction: this server runs with --kv-eviction none; start it with a policy "
             "to evict per request"
         )
+    policy = settings.kv_eviction or server.policy
+    given = [k for k in type(settings).model_fields if k != "kv_eviction" and getattr(settings, k) is not None]
+    budget_keys = [k for k in ("kv_eviction_budget", "kv_eviction_ratio") if k in given]
+    if len(budget_keys) == 2:
+        raise RequestSettingsError("vllm_xargs: give exactly one of kv_eviction_budget or kv_eviction_ratio")
+    if budget_keys and policy not in BUDGET_POLICIES:
+        raise RequestSettingsError(
+            f"vllm_xargs.{budget_keys[0]}: only applies to kv_eviction {'/'.join(sorted(BUDGET_POLICIES))}, "
+            f"this request runs {policy}"
+        )
+    for key in ("namm_params", "namm_threshold", "namm_ema_coeff_per_step"):
+        if key in given and policy != "namm":
+            raise RequestSettingsError(f"vllm_xargs.{key}: only valid with kv_eviction=namm, this request runs {policy}")
+    if policy in BUDGET_POLICIES and not budget_keys and server.budget is None:
+        raise RequestSettingsError(
+            f"vllm_xargs.kv_eviction: {policy} needs kv_eviction_budget or kv_eviction_ratio "
+            "(this server has no budget)"
+        )
     try:
         cfg = settings.apply(server)
-    except (ValidationError, ValueError) as e:
-        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise RequestSettingsError(f"vllm_xargs: {msg}") from None
-    if settings.namm_ema_coeff_per_step is not None and cfg.policy != "namm":
-        raise RequestSettingsError("vllm_xargs.namm_ema_coeff_per_step: only valid with kv_eviction=namm")
+    except ValidationError as e:
+        err = e.errors()[0]  # the request's budget against the server's settings (e.g. its sinks)
+        key = budget_keys[0] if budget_keys else "kv_eviction"
+        raise RequestSettingsError(f"vllm_xargs.{key}: {err['msg'].removeprefix('Value error, ')}") from None
     if settings.namm_params is not None:
-        if cfg.policy != "namm":
-            raise RequestSettingsError("vllm_xargs.namm_params: only valid with kv_eviction=namm")
         expected = num_params(cfg)
         if len(settings.namm_params) != expected:
             raise RequestSettingsError(

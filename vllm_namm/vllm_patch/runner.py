@@ -237,7 +237,8 @@ class NammRunnerState:
                 table[row, page] = NULL_BLOCK_ID
                 req_state.block_ids[0][page] = NULL_BLOCK_ID
                 freed.append((page, block_id))
-            channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions)
+            channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions,
+                         result.job.num_tokens)
             if freed:
                 logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
 

@@ -24,6 +24,8 @@ class RequestEvictionStats:
     requested_tokens: int = 0
     realised_tokens: int = 0
     evicted_pages: list[int] = field(default_factory=list)
+    steps: int = 0
+    last_step_tokens: int = 0
 
 
 class NammScheduler(Scheduler):
@@ -96,6 +98,8 @@ class NammScheduler(Scheduler):
             stats.evicted_blocks += len(freed)
             stats.requested_tokens += report.requested_tokens
             stats.realised_tokens += report.realised_tokens
+            stats.steps += 1
+            stats.last_step_tokens = report.tokens
 
     def held_blocks(self, req_id: str) -> int:
         blocks = self._namm_manager.req_to_blocks.get(req_id) or []
@@ -115,6 +119,8 @@ class NammScheduler(Scheduler):
                 "token_evictions_requested": stats.requested_tokens,
                 "token_evictions_realised": stats.realised_tokens,
                 "evicted_pages": sorted(stats.evicted_pages),
+                "eviction_steps": stats.steps,
+                "last_eviction_at": stats.last_step_tokens,
                 "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
             }
             logger.info(
