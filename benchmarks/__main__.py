@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench-serve": ("benchmarks.bench_serve", "vLLM's own `vllm bench serve` per eviction mode, side by side with none"),
     "serving": ("benchmarks.serving", "throughput, KV blocks in use, concurrency, TTFT/TPOT per eviction mode vs none"),
     "quality": ("benchmarks.quality", "accuracy of full cache vs eviction policies at 25 % / 50 % cache"),
     "kernels": ("benchmarks.kernels_bench", "Triton kernels vs their torch references (GPU)"),

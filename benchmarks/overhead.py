@@ -121,22 +121,15 @@ def time_forward(model, n: int, device: torch.device, dtype: torch.dtype, repeat
 
 
 def variant_config(variant: str, tmp: Path):
+    from benchmarks.weights_files import resolve
     from vllm_namm.config import EvictionConfig
-    from vllm_namm.scorers import ScorerConfig
-    from vllm_namm.weights import NammWeights, save_weights
 
     if not variant.startswith("namm"):
         budget = None if variant == "none" else {"ratio": 0.25}
         return EvictionConfig(policy=variant, budget=budget, page_rule="majority")
     if variant == "namm-hand":
         return EvictionConfig(policy="namm")
-    kind, window = {"namm-bam": ("bam", None), "namm-mlp": ("mlp", None)}.get(variant, ("bam", None))
-    if variant.startswith("namm-bam-w"):
-        window = int(variant.removeprefix("namm-bam-w"))
-    w = NammWeights.zeros(ScorerConfig(kind=kind, window=window))
-    w.params = 0.1 * torch.randn(w.params.shape, generator=torch.Generator().manual_seed(0))  # random, non-zero
-    path = tmp / f"{variant}.safetensors"
-    save_weights(path, w)
+    path = resolve("random:" + variant.removeprefix("namm-"), tmp)  # random, non-zero weights
     return EvictionConfig(policy="namm", weights=path, page_rule="majority")
 
 

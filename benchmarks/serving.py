@@ -56,6 +56,8 @@ MODE_KEYS = {
     "sink": "--kv-eviction-sink-tokens",
     "recent": "--kv-eviction-recent-tokens",
     "page_rule": "--kv-eviction-page-rule",
+    "lag": "--kv-eviction-lag",
+    "kernels": "--namm-kernels",
 }
 DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
 

@@ -44,13 +44,19 @@ class ServerRequestError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """One completion. ``ok=False``: the request failed after its retries (``error`` says why)."""
+    """One completion. ``ok=False``: the request failed after its retries (``error`` says why).
+
+    Log-likelihood requests (:meth:`EvalClient.answer_logprob`) carry the answer's mean
+    log-probability per token in ``text``, as a decimal string, so both kinds share one cache.
+    """
 
     text: str | None
     retained_fraction: float = 1.0
     ok: bool = True
     error: str | None = None
     attempts: int = 1
+    eviction_steps: int | None = None
+    last_eviction_at: int | None = None
 
 
 def retained_fraction_of(payload: Any) -> float:
@@ -159,11 +165,37 @@ class EvalClient:
     async def complete(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
                        ) -> GenerationResult:
         """One completion with the given per-request settings; see the module doc for failures."""
+        return await self._request(prompt, max_tokens, xargs, temperature, answer_ids=None)
+
+    async def answer_logprob(self, prompt: str, answer: str, xargs: dict[str, Any]) -> GenerationResult:
+        """Teacher-forced mean log-probability per token of ``answer`` after ``prompt``, under the
+        request's eviction settings (the answer is part of the prompt; ``prompt_logprobs``).
+
+        Every eviction step of the prompt's n_up boundaries before the answer runs before the
+        answer's tokens are computed, so their probabilities are those of the evicted cache.
+        """
+        n_prompt = len(await self.tokenize(prompt))
+        full = await self.tokenize(prompt + answer)
+        if len(full) <= n_prompt:
+            raise ValueError(f"answer {answer!r} adds no token to the prompt")
+        return await self._request(prompt + answer, 1, xargs, 0.0, answer_ids=full[n_prompt:])
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The server tokenizer's ids of ``text`` (with the special tokens a prompt gets)."""
+        r = await self._http.post("/tokenize", json={"model": self.model, "prompt": text})
+        r.raise_for_status()
+        return r.json()["tokens"]
+
+    async def _request(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float,
+                       answer_ids: list[int] | None) -> GenerationResult:
         if self.model is None:
             raise RuntimeError("call check() first (resolves the model name)")
         attempts = self.cfg.retries + 1
         connect_failures = 0
         last = ""
+        body: dict[str, Any] = {"vllm_xargs": xargs}
+        if answer_ids is not None:
+            body["prompt_logprobs"] = 0
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
@@ -171,11 +203,17 @@ class EvalClient:
                 async with self._sem:
                     resp = await self._oai.completions.create(
                         model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                        extra_body={"vllm_xargs": xargs})
+                        extra_body=body)
                 extra = resp.model_extra or {}
-                return GenerationResult(text=resp.choices[0].text,
+                text = resp.choices[0].text
+                if answer_ids is not None:
+                    text = repr(answer_mean_logprob((resp.choices[0].model_extra or {}).get("prompt_logprobs"),
+                                                    answer_ids))
+                namm = (extra.get("kv_transfer_params") or {}).get("namm") or {}
+                return GenerationResult(text=text,
                                         retained_fraction=retained_fraction_of(extra.get("kv_transfer_params")),
-                                        attempts=attempt + 1)
+                                        attempts=attempt + 1, eviction_steps=namm.get("eviction_steps"),
+                                        last_eviction_at=namm.get("last_eviction_at"))
             except openai.APITimeoutError as e:
                 last = f"timeout after {self.cfg.timeout_s:g}s ({e})"
             except openai.APIConnectionError as e:
@@ -217,6 +255,21 @@ class EvalClient:
             d.raise_for_status()
             texts.append(d.json()["prompt"])
         return texts[0] + texts[1]
+
+
+def answer_mean_logprob(prompt_logprobs: Any, answer_ids: list[int]) -> float:
+    """Mean log-probability of the prompt's last tokens ``answer_ids``, from vLLM's ``prompt_logprobs``
+    (per position a ``{token_id: {"logprob": ...}}`` that holds the actual token; the first is None)."""
+    n = len(answer_ids)
+    if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) < n + 1:
+        raise ServerRequestError("the server returned no prompt_logprobs (vLLM too old, or not the completions API)")
+    total = 0.0
+    for pos, token in zip(prompt_logprobs[-n:], answer_ids, strict=True):
+        entry = pos.get(str(token), pos.get(token)) if isinstance(pos, dict) else None
+        if entry is None:
+            raise ServerRequestError(f"prompt_logprobs lack the answer token {token}")
+        total += float(entry["logprob"])
+    return total / n
 
 
 def _status_message(e: openai.APIStatusError) -> str:

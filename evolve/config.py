@@ -158,6 +158,17 @@ class EvolveConfig(_Strict):
         None, description="local HF tokenizer dir for synthetic lengths; None = characters (exact for the tiny model)"
     )
     temperature: float = Field(0.0, ge=0, description="sampling temperature (greedy, as LongBench)")
+    fitness: Literal["exact_match", "loglik"] = Field(
+        "exact_match",
+        description="exact_match: the task metric on greedy answers (what we report); loglik: the teacher-forced "
+        "probability of the reference answer, exp(mean log-prob per token), normalised by the full cache's: a "
+        "graded signal where exact match on a few prompts is nearly binary noise",
+    )
+    budget_ratio: float | None = Field(
+        None, gt=0, le=1,
+        description="rank NAMM scores under this memory budget (fraction of the context, kv_eviction_ratio per "
+        "request) instead of the threshold rule: candidates compare at equal memory",
+    )
 
     @property
     def baseline_cache_path(self) -> Path:

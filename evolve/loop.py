@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import time
@@ -62,6 +63,8 @@ class Client(Protocol):
                        ) -> GenerationResult: ...
 
     async def truncate_middle(self, prompt: str, max_tokens: int) -> str: ...
+
+    async def answer_logprob(self, prompt: str, answer: str, xargs: dict[str, Any]) -> GenerationResult: ...
 
 
 @dataclass
@@ -194,6 +197,32 @@ class Evolution:
             out.append(s)
         return out
 
+    def candidate_xargs(self, x: np.ndarray) -> dict[str, Any]:
+        """A candidate's per-request settings: its parameters, and the memory budget if ranked under one."""
+        xargs = self.space.xargs(x)
+        if self.cfg.budget_ratio is not None:
+            xargs["kv_eviction_ratio"] = self.cfg.budget_ratio
+        return xargs
+
+    def _job(self, s: EvalSample, xargs: dict[str, Any]):
+        if self.cfg.fitness == "loglik":
+            if s.answer is None:
+                raise ConfigError(f"fitness loglik needs a reference answer; task {s.task} has none")
+            return self.client.answer_logprob(s.prompt, s.answer, xargs)
+        return self.client.complete(s.prompt, s.max_tokens, xargs, self.cfg.temperature)
+
+    def _cache_key(self, s: EvalSample) -> tuple[str, int]:
+        """(prompt, max_tokens) under which the baseline is cached; log-likelihoods get their own keys."""
+        if self.cfg.fitness == "loglik":
+            return f"{s.prompt}\x00loglik\x00{s.answer}", 0
+        return s.prompt, s.max_tokens
+
+    def _score(self, s: EvalSample, text: str) -> float:
+        """exact_match: the task metric; loglik: exp(mean log-prob per answer token), in (0, 1]."""
+        if self.cfg.fitness == "loglik":
+            return math.exp(float(text))
+        return s.score(text)
+
     async def run_generation(self, state: RunState, cache: BaselineCache) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.monotonic()
@@ -203,16 +232,16 @@ class Evolution:
         temp = cfg.temperature
         missing: dict[str, EvalSample] = {}
         for s in samples:
-            if cache.get(self.model, s.prompt, s.max_tokens, temp) is None:
+            if cache.get(self.model, *self._cache_key(s), temp) is None:
                 missing.setdefault(s.key, s)
-        base_jobs = [self.client.complete(s.prompt, s.max_tokens, NONE_XARGS, temp) for s in missing.values()]
-        cand_xargs = [self.space.xargs(x) for x in evals]
-        cand_jobs = [self.client.complete(s.prompt, s.max_tokens, xa, temp) for xa in cand_xargs for s in samples]
+        base_jobs = [self._job(s, NONE_XARGS) for s in missing.values()]
+        cand_xargs = [self.candidate_xargs(x) for x in evals]
+        cand_jobs = [self._job(s, xa) for xa in cand_xargs for s in samples]
         results = await gather_or_cancel(base_jobs + cand_jobs)
         base_results, cand_results = results[: len(base_jobs)], results[len(base_jobs):]
         for s, r in zip(missing.values(), base_results, strict=True):
             if r.ok and r.text is not None:
-                cache.put(self.model, s.prompt, s.max_tokens, r.text, temp)
+                cache.put(self.model, *self._cache_key(s), r.text, temp)
         cache.save()
         req_failed = sum(not r.ok for r in results)
         if req_failed:
@@ -224,15 +253,15 @@ class Evolution:
                         base_failed, len(base_results))
         base_score: dict[str, float | None] = {}
         for s in samples:
-            text = cache.get(self.model, s.prompt, s.max_tokens, temp)
-            base_score[s.key] = None if text is None else s.score(text)
+            text = cache.get(self.model, *self._cache_key(s), temp)
+            base_score[s.key] = None if text is None else self._score(s, text)
 
         n = len(samples)
         fits: list[FitnessResult] = []
         for ci in range(len(evals)):
             outs = []
             for s, r in zip(samples, cand_results[ci * n:(ci + 1) * n], strict=True):
-                cand = s.score(r.text) if r.ok and r.text is not None else None
+                cand = self._score(s, r.text) if r.ok and r.text is not None else None
                 outs.append(SampleOutcome(s.task, cand, base_score[s.key], r.retained_fraction))
             fits.append(compute_fitness(outs, cfg.retained_penalty))
         pop = fits[: len(xs)]

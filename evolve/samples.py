@@ -25,6 +25,8 @@ class EvalSample:
     max_tokens: int
     score: Callable[[str], float]
     truncate_to: int | None = None  # LongBench middle truncation (server tokenizer), if configured
+    answer: str | None = None
+    """The reference answer as the model should continue the prompt (log-likelihood fitness)."""
 
 
 def generation_rng(seed: int, stage: int, generation: int, task: int) -> np.random.Generator:
@@ -56,14 +58,14 @@ class TaskPool:
             return EvalSample(task=self.name, key=f"{self.name}#{index}", prompt=row.prompt,
                               max_tokens=cfg.max_tokens or row.max_tokens,
                               score=lambda text, row=row: score_sample(row, text),
-                              truncate_to=cfg.max_prompt_tokens)
+                              truncate_to=cfg.max_prompt_tokens, answer=row.answers[0])
         from evolve.tasks.synthetic import score_answer
 
         length = cfg.target_tokens[index % len(cfg.target_tokens)]
         s = _synthetic(cfg.kind, index, length, self._count)
         return EvalSample(task=self.name, key=f"{self.name}#{index}", prompt=s.prompt,
                           max_tokens=cfg.max_tokens or SYNTHETIC_MAX_TOKENS,
-                          score=lambda text, answer=s.answer: score_answer(text, answer))
+                          score=lambda text, answer=s.answer: score_answer(text, answer), answer=" " + s.answer)
 
     def draw(self, n: int, rng: np.random.Generator) -> list[EvalSample]:
         """``n`` prompts: without replacement while the pool allows, else with."""

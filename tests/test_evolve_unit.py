@@ -461,3 +461,41 @@ def test_loop_refuses_to_overwrite_and_checks_resume_config(tmp_path: Path):
     default = Evolution(cfg.model_copy(update={"start_weights": None}), FakeClient())
     assert default.cfg.start_weights is not None and default.cfg.start_weights.name == "initial_weights.safetensors"
     assert not default.space.x0(zeros=True).any() and default.space.dim == default.space.x0().size
+
+
+def test_answer_mean_logprob_reads_the_answer_tokens():
+    from evolve.client import ServerRequestError, answer_mean_logprob
+
+    lps = [None, {"5": {"logprob": -9.0}}, {"7": {"logprob": -1.0}, "3": {"logprob": -0.1, "rank": 1}},
+           {"8": {"logprob": -3.0}}]
+    assert answer_mean_logprob(lps, [7, 8]) == pytest.approx(-2.0)
+    with pytest.raises(ServerRequestError, match="lack the answer token"):
+        answer_mean_logprob(lps, [4, 8])
+    with pytest.raises(ServerRequestError, match="no prompt_logprobs"):
+        answer_mean_logprob(None, [7])
+
+
+class FakeLogprobClient(FakeClient):
+    """Log-likelihood fitness: the answer's probability falls with how little of the cache a candidate keeps."""
+
+    async def answer_logprob(self, prompt: str, answer: str, xargs: dict[str, Any]) -> GenerationResult:
+        self.requests += 1
+        assert prompt.endswith("The pass key is") and answer.startswith(" ") and answer[1:].isdigit()
+        if xargs["kv_eviction"] == "none":
+            return GenerationResult(text=repr(-0.1))
+        assert xargs.get("kv_eviction_ratio") == 0.3
+        p = np.asarray(xargs["namm_params"])
+        return GenerationResult(text=repr(-0.1 - float(np.abs(p[:8]).sum())), retained_fraction=0.3)
+
+
+def test_loglik_fitness_is_graded_and_normalised(tmp_path: Path):
+    from evolve.loop import Evolution
+
+    cfg = _fake_run_config(tmp_path, 2).model_copy(update={"fitness": "loglik", "budget_ratio": 0.3,
+                                                           "retained_penalty": 0.0})
+    client = FakeLogprobClient()
+    summary = asyncio.run(Evolution(cfg, client, progress=False).run())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    fits = [f for rec in log for f in rec["fitness"]]
+    assert all(0 < f < 1 for f in fits) and len(set(fits)) > 1  # graded, below the full cache's 1.0
+    assert summary["fitness"] is not None

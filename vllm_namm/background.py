@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-logger = logging.getLogger("vllm_namm")
+logger = logging.getLogger("vllm.namm")
 
 J = TypeVar("J")
 R = TypeVar("R")

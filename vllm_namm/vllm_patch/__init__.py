@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 SUPPORTED_VLLM = "0.32."
-logger = logging.getLogger("vllm_namm")
+logger = logging.getLogger("vllm.namm")
 _installed = False
 
 

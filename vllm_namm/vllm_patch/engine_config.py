@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
 
-logger = logging.getLogger("vllm_namm")
+logger = logging.getLogger("vllm.namm")
 
 CONFIG_KEY = "namm"
 SCHEDULER_CLS = "vllm_namm.vllm_patch.scheduler.NammScheduler"

@@ -42,7 +42,7 @@ from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 from vllm_namm.weights import load_weights
 
-logger = logging.getLogger("vllm_namm")
+logger = logging.getLogger("vllm.namm")
 
 NULL_BLOCK_ID = 0
 

@@ -13,7 +13,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_namm.vllm_patch import channel
 
-logger = logging.getLogger("vllm_namm")
+logger = logging.getLogger("vllm.namm")
 
 _NEVER_CACHE = 1 << 60
 
