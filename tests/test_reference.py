@@ -37,11 +37,22 @@ def test_none_is_token_identical_to_generate(model):
 
 
 def test_streaming_budget_after_2k_prompt(model):
-    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300))
+    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300), selection="token")
     out = generate(model, None, _prompt(2048), make_policy(cfg), 3, cfg)
     assert out.prompt_cache_lengths == [300, 300]
     assert [s.seq_len for s in out.steps] == [512, 1024, 1536, 2048]
     assert out.cache_lengths == [302, 302]  # 2 decode tokens buffered, no boundary reached
+
+
+def test_streaming_budget_in_pages(model):
+    """Page-level selection (the default): 300 tokens buy ceil(300 / 16) = 19 whole pages,
+    the first page and the newest 18 (the page being written among them)."""
+    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300))
+    assert cfg.selection == "page"
+    out = generate(model, None, _prompt(2048), make_policy(cfg), 3, cfg, page_size=16)
+    assert out.prompt_cache_lengths == [19 * 16, 19 * 16]
+    assert [s.seq_len for s in out.steps] == [512, 1024, 1536, 2048]
+    assert out.cache_lengths == [19 * 16 + 2] * 2
 
 
 def test_namm_per_head_equal_drops_and_logical_positions(model):

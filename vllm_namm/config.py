@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 PageRule = Literal["all", "majority", "any"]
+Selection = Literal["page", "token"]
+PageScore = Literal["mean", "max", "vote"]
 BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
 
 
@@ -137,7 +139,18 @@ class EvictionConfig(_Strict):
     threshold: float | None = Field(
         None, description="NAMM keep threshold (keep score >= threshold); None = the weights file's"
     )
-    page_rule: PageRule = "all"
+    page_rule: PageRule = Field(
+        "all", description="token-level selection (and namm): free a page when all / most / any of its "
+        "(layer, head, token) entries are evicted"
+    )
+    selection: Selection = Field(
+        "page", description="budget policies: 'page' keeps the best whole pages within the budget "
+        "(paging.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
+    )
+    page_score: PageScore = Field(
+        "mean", description="page-level selection: a page's score from its tokens' per-head normalised "
+        "ranks over every layer and KV head (mean, max, or the share the token-level budget would keep)"
+    )
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="NAMM feature kernels: Triton on GPU, torch on CPU (auto)"
     )

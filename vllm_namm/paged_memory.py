@@ -21,8 +21,9 @@ from torch import Tensor
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import attention_columns
-from vllm_namm.paging import PagePlan, plan_pages
-from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect
+from vllm_namm.paging import PagePlan, plan_pages, select_pages
+from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
+from vllm_namm.policies.budget import BudgetPolicy
 
 
 @dataclass
@@ -138,6 +139,7 @@ def eviction_step(
     policy = mem.policy
     pos = positions.to(device)
     keep_masks: list[Tensor] = []
+    scores_per_layer: list[Tensor] = []
     for layer in range(mem.num_layers):
         keys = read_keys(layer, live_pages)[:n_live] if (policy.needs_keys or columns is None) else None
         attn = None
@@ -156,16 +158,25 @@ def eviction_step(
             num_new_tokens=mem.num_tokens - mem.tokens_at_last_step,
         )
         scores = policy.score(view, mem.states[layer])
+        scores_per_layer.append(scores)
         keep_masks.append(protect(policy.select(scores, view), view, config.protect))
     # Unscored queries left over belong to tokens that must stay: protect their pages.
     first_unscored = int(torch.cat(mem.query_positions).min()) if mem.query_positions else mem.num_tokens - 1
-    plan: PagePlan = plan_pages(
-        keep_masks,
-        positions,
-        mem.block_size,
-        rule=config.page_rule,
-        protect_from_position=min(first_unscored, mem.num_tokens - 1),
-    )
+    if config.selection == "page" and isinstance(policy, BudgetPolicy):  # whole pages within the budget
+        plan: PagePlan = select_pages(
+            scores_per_layer, positions, mem.block_size,
+            keep_tokens=policy.budget.size(n_live, mem.num_tokens), aggregate=config.page_score,
+            protected_token_mask=protected_mask(view, config.protect).any(dim=0),
+            protect_from_position=min(first_unscored, mem.num_tokens - 1), keep_masks=keep_masks,
+        )
+    else:
+        plan = plan_pages(
+            keep_masks,
+            positions,
+            mem.block_size,
+            rule=config.page_rule,
+            protect_from_position=min(first_unscored, mem.num_tokens - 1),
+        )
     for state in mem.states:
         state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
     mem.evicted_pages.update(plan.free_pages)

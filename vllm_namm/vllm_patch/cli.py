@@ -42,7 +42,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-eviction-recent-tokens", type=int, default=None, metavar="N",
                    help="Newest tokens never evicted (default 1).")
     g.add_argument("--kv-eviction-page-rule", choices=["all", "majority", "any"], default="all",
-                   help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")
+                   help="Token-level selection and namm: free a page when all / most / any of its (layer, head, "
+                        "token) entries are evicted.")
+    defaults = EvictionConfig.model_fields  # one source of truth for flags and the Python API
+    g.add_argument("--kv-eviction-selection", choices=["page", "token"], default=defaults["selection"].default,
+                   help="Budget policies: keep the best whole pages within the budget (page), or each head's "
+                        "best tokens, then free pages by --kv-eviction-page-rule (token).")
+    g.add_argument("--kv-eviction-page-score", choices=["mean", "max", "vote"], default=defaults["page_score"].default,
+                   help="Page-level selection: a page's score from its tokens' per-head normalised ranks over "
+                        "all layers and KV heads (mean, max, or the share a per-head token budget keeps).")
     g.add_argument("--namm-kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="Attention-column kernels of the eviction step: auto = Triton on GPU, torch on CPU.")
 
@@ -53,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     raw: dict[str, Any] = {"policy": args.kv_eviction, "interval": args.kv_eviction_interval,
                            "page_rule": args.kv_eviction_page_rule, "kernels": args.namm_kernels}
+    raw |= {"selection": args.kv_eviction_selection, "page_score": args.kv_eviction_page_score}
     if args.namm_weights is not None:
         raw["weights"] = args.namm_weights
     if args.namm_threshold is not None:
