@@ -35,6 +35,7 @@ from pydantic import Field
 
 from benchmarks.results import command_line, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
+from vllm_namm.config import EvictionConfig
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
 
@@ -53,6 +54,9 @@ class QualityConfig(BaseModel):
     interval: int
     block_size: int
     concurrency: int
+    selection: str = "page"
+    page_score: str = "mean"
+    page_rule: str = "all"
 
 
 class Setting(BaseModel):
@@ -194,7 +198,9 @@ def format_table(report: QualityReport) -> str:
 
     lines = [f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
              f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
-             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}",
+             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
+             f"selection {cfg.selection}" + (f" (page score {cfg.page_score})" if cfg.selection == "page" else
+                                             f" (page rule {cfg.page_rule})"),
              fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
              f"command: {report.command}"]
     return "\n".join(lines)
@@ -248,6 +254,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
     p.add_argument("--page-rule", choices=["all", "majority", "any"], default="all",
                    help="--kv-eviction-page-rule of the server (per-head policies free little under 'all')")
+    defaults = EvictionConfig.model_fields
+    p.add_argument("--selection", choices=["page", "token"], default=defaults["selection"].default,
+                   help="--kv-eviction-selection of the server: budget policies keep whole pages within the "
+                        "budget (page) or each head's tokens, freed by --page-rule (token)")
+    p.add_argument("--page-score", choices=["mean", "max", "vote"], default=defaults["page_score"].default,
+                   help="--kv-eviction-page-score of the server (page-level selection)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kv-space-gib", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -280,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                         namm_weights=str(args.namm_weights) if args.namm_weights else None,
                         namm_thresholds=thresholds, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
                         seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
-                        block_size=args.block_size, concurrency=args.concurrency)
+                        block_size=args.block_size, concurrency=args.concurrency, selection=args.selection,
+                        page_score=args.page_score, page_rule=args.page_rule)
     count = token_counter(model)
     samples = [make_sample(k, args.seed_base + i, n, count)
                for n in args.lengths for k in args.kinds for i in range(args.samples)]
@@ -289,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
     # chunks its policy must see.
     flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching",
-             "--kv-eviction-page-rule", args.page_rule]
+             "--kv-eviction-page-rule", args.page_rule, "--kv-eviction-selection", args.selection,
+             "--kv-eviction-page-score", args.page_score]
     if args.namm_weights:
         flags += ["--namm-weights", str(args.namm_weights)]
     longest = max(args.lengths) + args.max_tokens + args.block_size

@@ -18,7 +18,8 @@ Usage::
         --num-requests 16 --prompt-tokens 2048 --max-tokens 32 --kv-capacity-requests 4
 
 A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
-sink, recent, page_rule (the matching ``--kv-eviction-*`` / ``--namm-*`` flags).
+sink, recent, page_rule, selection, page_score (the matching ``--kv-eviction-*`` / ``--namm-*``
+flags), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ MODE_KEYS = {
     "sink": "--kv-eviction-sink-tokens",
     "recent": "--kv-eviction-recent-tokens",
     "page_rule": "--kv-eviction-page-rule",
+    "selection": "--kv-eviction-selection",
+    "page_score": "--kv-eviction-page-score",
 }
 DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
 

@@ -44,6 +44,9 @@ def test_mode_parsing():
     assert m.server_flags() == ["--kv-eviction", "h2o", "--kv-eviction-budget", "1024",
                                 "--kv-eviction-interval", "256"]
     assert Mode.parse("none").server_flags() == []  # the baseline is plain vLLM
+    assert Mode.parse("l2:ratio=0.25,selection=token,page_rule=majority,page_score=max").server_flags() == [
+        "--kv-eviction", "l2", "--kv-eviction-ratio", "0.25", "--kv-eviction-selection", "token",
+        "--kv-eviction-page-rule", "majority", "--kv-eviction-page-score", "max"]
     for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
         with pytest.raises(ValueError):
             Mode.parse(bad)

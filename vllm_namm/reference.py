@@ -60,6 +60,8 @@ class ReferenceOutput:
     prompt_cache_lengths: list[int]
     """Per-layer tokens cached right after the prompt (after its last eviction step)."""
     steps: list[StepStats] = field(default_factory=list)
+    cache_positions: list[Tensor] = field(default_factory=list)
+    """Per layer: logical positions [kv_heads, n] of the tokens cached at the end."""
 
     @property
     def evicted(self) -> int:
@@ -205,6 +207,7 @@ def generate(
         _ACTIVE.remove(run)
         model.config._attn_implementation = saved_impl
     out.cache_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    out.cache_positions = [p.clone() for p in run.key_positions if p is not None]
     return out
 
 
