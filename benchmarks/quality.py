@@ -55,7 +55,7 @@ class QualityConfig(BaseModel):
     block_size: int
     concurrency: int
     selection: str = "page"
-    page_score: str = "mean"
+    page_score: str = "max"
     page_rule: str = "all"
 
 
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--selection", choices=["page", "token"], default=defaults["selection"].default,
                    help="--kv-eviction-selection of the server: budget policies keep whole pages within the "
                         "budget (page) or each head's tokens, freed by --page-rule (token)")
-    p.add_argument("--page-score", choices=["mean", "max", "vote"], default=defaults["page_score"].default,
+    p.add_argument("--page-score", choices=["max", "mean", "vote"], default=defaults["page_score"].default,
                    help="--kv-eviction-page-score of the server (page-level selection)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kv-space-gib", type=int, default=1)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 PageRule = Literal["all", "majority", "any"]
 Selection = Literal["page", "token"]
-PageScore = Literal["mean", "max", "vote"]
+PageScore = Literal["max", "mean", "vote"]
 BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
 
 
@@ -148,8 +148,9 @@ class EvictionConfig(_Strict):
         "(paging.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
     )
     page_score: PageScore = Field(
-        "mean", description="page-level selection: a page's score from its tokens' per-head normalised "
-        "ranks over every layer and KV head (mean, max, or the share the token-level budget would keep)"
+        "max", description="page-level selection: a page's score from its tokens' per-head normalised "
+        "ranks over every layer and KV head (max, mean, or the share the token-level budget would keep); "
+        "max measured best (README, Measured results)"
     )
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="NAMM feature kernels: Triton on GPU, torch on CPU (auto)"

@@ -156,7 +156,7 @@ def select_pages(
     positions: Tensor,
     block_size: int,
     keep_tokens: int,
-    aggregate: PageScore = "mean",
+    aggregate: PageScore = "max",
     protected_token_mask: Tensor | None = None,
     protect_first_page: bool = True,
     protect_from_position: int | None = None,
@@ -172,8 +172,11 @@ def select_pages(
     key norms, recency), so each (layer, head) row is first turned into normalised ranks in
     [0, 1]; ``aggregate`` then scores a page over its (layer, head, token) entries:
 
+    * ``max`` (default): the best normalised rank (a page survives if any layer and head ranks
+      one of its tokens high); ties broken by ``mean``. Measured best: a page's few important
+      entries (a needle's tokens in the heads that read them) decide, instead of being
+      averaged away over its ``layers x heads x block_size`` entries;
     * ``mean``: the mean normalised rank (how much every head values the page, on average);
-    * ``max``: the best normalised rank (a page survives if any head ranks one of its tokens high);
     * ``vote``: the share of entries the per-head token-level budget would keep (each head's
       best ``keep_tokens``), ties broken by ``mean``.
 
@@ -196,7 +199,7 @@ def select_pages(
     if keep_tokens < 0:
         raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
     if aggregate not in ("mean", "max", "vote"):
-        raise ValueError(f"unknown page score {aggregate!r} (mean, max, vote)")
+        raise ValueError(f"unknown page score {aggregate!r} (max, mean, vote)")
     device = scores_per_layer[0].device
     n = positions.shape[-1]
     rows = []

@@ -48,9 +48,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-eviction-selection", choices=["page", "token"], default=defaults["selection"].default,
                    help="Budget policies: keep the best whole pages within the budget (page), or each head's "
                         "best tokens, then free pages by --kv-eviction-page-rule (token).")
-    g.add_argument("--kv-eviction-page-score", choices=["mean", "max", "vote"], default=defaults["page_score"].default,
+    g.add_argument("--kv-eviction-page-score", choices=["max", "mean", "vote"], default=defaults["page_score"].default,
                    help="Page-level selection: a page's score from its tokens' per-head normalised ranks over "
-                        "all layers and KV heads (mean, max, or the share a per-head token budget keeps).")
+                        "all layers and KV heads (max, mean, or the share a per-head token budget keeps).")
     g.add_argument("--namm-kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="Attention-column kernels of the eviction step: auto = Triton on GPU, torch on CPU.")
 
