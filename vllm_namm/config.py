@@ -90,10 +90,12 @@ class ProtectConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    """Cache size per layer and KV head for the fixed-budget baselines.
+    """Cache size of the fixed-budget baselines.
 
     Exactly one of ``tokens`` (absolute) or ``ratio`` (fraction of the request's context so
-    far) must be given.
+    far) must be given. Under page-level selection (the default) the budget is met in whole
+    pages shared by every layer and KV head: ceil(budget / block size) pages, protected pages
+    included; under token-level selection it is a per-(layer, KV head) token count.
     """
 
     tokens: int | None = Field(None, gt=0)
