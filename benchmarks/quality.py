@@ -57,6 +57,7 @@ class QualityConfig(BaseModel):
     selection: str = "page"
     page_score: str = "max"
     page_rule: str = "all"
+    runner: str = "server"
 
 
 class Setting(BaseModel):
@@ -159,6 +160,47 @@ async def _run_all(url: str, settings: list[Setting], samples: list[Any], cfg: Q
             bar.close()
 
 
+def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConfig) -> list[Outcome]:
+    """The same table from :mod:`vllm_namm.reference` on the Hugging Face model, no server.
+
+    Pages are ``cfg.block_size`` logical positions (page-level selection); token-level
+    selection is the reference's per-head rule (evo-memory), not a page rule. The retained
+    fraction is cached tokens / context tokens, averaged over layers; unlike the engine, the
+    reference never scores the prompt's last chunk shorter than the interval, so it keeps
+    that tail.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from evolve.tasks.synthetic import score_answer
+    from vllm_namm.config import BudgetConfig
+    from vllm_namm.policies import make_policy
+    from vllm_namm.reference import generate
+
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = LlamaForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
+    outcomes = []
+    with tqdm(total=len(settings) * len(samples), desc="quality (reference)", unit="req", file=sys.stderr) as bar:
+        for sample in samples:
+            ids = tok(sample.prompt)["input_ids"]
+            for st in settings:
+                ecfg = EvictionConfig(
+                    policy=st.policy, interval=cfg.interval, selection=cfg.selection, page_score=cfg.page_score,
+                    page_rule=cfg.page_rule, budget=None if st.ratio is None else BudgetConfig(ratio=st.ratio),
+                    weights=cfg.namm_weights if st.policy == "namm" else None, threshold=st.threshold)
+                out = generate(model, tok, ids, make_policy(ecfg), cfg.max_tokens, ecfg, page_size=cfg.block_size)
+                text = tok.decode(out.tokens, skip_special_tokens=True)
+                context = len(ids) + len(out.tokens) - 1
+                outcomes.append(Outcome(
+                    setting=st.label, kind=sample.kind, length=sample.target_tokens, seed=sample.seed,
+                    answer=sample.answer, completion=text, correct=score_answer(text, sample.answer),
+                    retained_fraction=sum(out.cache_lengths) / (len(out.cache_lengths) * context),
+                    evicted_blocks=0, prompt_tokens=len(ids)))
+                bar.update(1)
+    return outcomes
+
+
 def summarise(settings: list[Setting], outcomes: list[Outcome]) -> list[SettingSummary]:
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
@@ -200,7 +242,8 @@ def format_table(report: QualityReport) -> str:
              f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
              f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
              f"selection {cfg.selection}" + (f" (page score {cfg.page_score})" if cfg.selection == "page" else
-                                             f" (page rule {cfg.page_rule})"),
+                                             f" (page rule {cfg.page_rule})")
+             + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
              fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
              f"command: {report.command}"]
     return "\n".join(lines)
@@ -260,7 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "budget (page) or each head's tokens, freed by --page-rule (token)")
     p.add_argument("--page-score", choices=["max", "mean", "vote"], default=defaults["page_score"].default,
                    help="--kv-eviction-page-score of the server (page-level selection)")
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=32, help="KV block size (= page size with --reference)")
+    p.add_argument("--reference", action="store_true",
+                   help="run vllm_namm.reference on the Hugging Face model instead of a server (slow; same "
+                        "selection settings, pages of --block-size tokens)")
     p.add_argument("--kv-space-gib", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -293,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                         namm_thresholds=thresholds, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
                         seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
                         block_size=args.block_size, concurrency=args.concurrency, selection=args.selection,
-                        page_score=args.page_score, page_rule=args.page_rule)
+                        page_score=args.page_score, page_rule=args.page_rule,
+                        runner="reference" if args.reference else "server")
     count = token_counter(model)
     samples = [make_sample(k, args.seed_base + i, n, count)
                for n in args.lengths for k in args.kinds for i in range(args.samples)]
@@ -310,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     max_model_len = -(-longest // args.block_size) * args.block_size
     print(f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr)
     t0 = time.monotonic()
-    with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
-                     max_model_len=max_model_len, block_size=args.block_size,
-                     timeout_s=args.startup_timeout) as server:
-        outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
-    report = QualityReport(command=command, started=stamp, server_command=server.command, server_log=str(server.log),
+    if args.reference:
+        outcomes, server_command, server_log = _run_reference(settings, samples, cfg), [], ""
+    else:
+        with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
+                         max_model_len=max_model_len, block_size=args.block_size,
+                         timeout_s=args.startup_timeout) as server:
+            outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
+        server_command, server_log = server.command, str(server.log)
+    report = QualityReport(command=command, started=stamp, server_command=server_command, server_log=server_log,
                            wall_s=time.monotonic() - t0, config=cfg, summaries=summarise(settings, outcomes),
                            outcomes=outcomes)
     report.table = format_table(report)
