@@ -11,8 +11,10 @@ Tasks are held-out synthetic samples (seeds >= 10**9; training used seeds < 10**
 ``evolve.tasks.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
 chose, measured per request (``kv_transfer_params["namm"]["retained_fraction"]`` = KV
 blocks still held / blocks the request's tokens span, at the end of the request); the
-baselines' measured fraction is shown too (page rounding and protected pages keep a bit
-more than the ratio).
+baselines' measured fraction is shown too (under token-level selection page rounding keeps
+more than the ratio; page-level selection, the default, meets it in pages).
+``--selection``/``--page-score``/``--page-rule`` set the server's selection, and
+``--reference`` computes the same table with the HF reference runner, without a server.
 
 Usage::
 
