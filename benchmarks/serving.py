@@ -19,7 +19,8 @@ Usage::
 
 A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
 sink, recent, page_rule, selection, page_score (the matching ``--kv-eviction-*`` / ``--namm-*``
-flags), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
+flags) and watermark (vLLM's ``--watermark``: the fraction of KV blocks kept free when admitting
+requests), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ MODE_KEYS = {
     "page_rule": "--kv-eviction-page-rule",
     "selection": "--kv-eviction-selection",
     "page_score": "--kv-eviction-page-score",
+    "watermark": "--watermark",  # vLLM's own: KV blocks kept free when admitting requests
 }
 DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
 

@@ -47,6 +47,7 @@ def test_mode_parsing():
     assert Mode.parse("l2:ratio=0.25,selection=token,page_rule=majority,page_score=max").server_flags() == [
         "--kv-eviction", "l2", "--kv-eviction-ratio", "0.25", "--kv-eviction-selection", "token",
         "--kv-eviction-page-rule", "majority", "--kv-eviction-page-score", "max"]
+    assert Mode.parse("h2o:ratio=0.25,watermark=0.05").server_flags()[-2:] == ["--watermark", "0.05"]
     for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
         with pytest.raises(ValueError):
             Mode.parse(bad)
