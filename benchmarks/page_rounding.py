@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                              "retained_fraction": s.get("retained_fraction", 1.0)})
     print(f"prompt {a.tokens} tokens, block {a.block_size}, budget {a.budget} tokens "
           f"({-(-a.budget // a.block_size)} blocks)")
-    print(f"| {'selection':14} | {'policy':9} | {'requested':>9} | {'realised':>8} | {'realised %':>10} "
+    print(f"| {'selection':15} | {'policy':9} | {'requested':>9} | {'realised':>8} | {'realised %':>10} "
           f"| {'blocks held':>11} |")
-    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
+    print(f"|{'-' * 17}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
     for row in rows:
         frac = "-" if row["realised_fraction"] is None else f"{100 * row['realised_fraction']:.1f}"
         held = f"{row['held_blocks']}/{row['logical_blocks']}" if row["held_blocks"] is not None else "all"
-        print(f"| {row['selection']:14} | {row['policy']:9} | {row['requested']:>9} | {row['realised']:>8} "
+        print(f"| {row['selection']:15} | {row['policy']:9} | {row['requested']:>9} | {row['realised']:>8} "
               f"| {frac:>10} | {held:>11} |")
     print("command: " + command_line("python -m benchmarks page-rounding", argv))
     if a.out:
