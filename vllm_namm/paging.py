@@ -185,8 +185,8 @@ def select_pages(
     position >= ``protect_from_position`` (default: the newest token's, the page being written;
     pass the first unscored position to keep unscored tokens too), ``protected_pages``, and
     every page holding a token of ``protected_token_mask`` (bool [n_tokens]: sink/recent
-    tokens). The request then holds ``max(budget_pages(keep_tokens), protected)`` pages of
-    these, at most ``ceil(keep_tokens / block_size)`` + the protected pages.
+    tokens). Of the pages given, ``max(ceil(keep_tokens / block_size), #protected)`` stay (all
+    of them if fewer): at most ceil(budget / block size) + the protected pages.
 
     ``keep_masks`` (the policy's token-level decisions, as for :func:`plan_pages`) only feed
     the statistics: how many of the token evictions it asked for the freed pages realise.
