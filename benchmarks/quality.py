@@ -11,8 +11,10 @@ Tasks are held-out synthetic samples (seeds >= 10**9; training used seeds < 10**
 ``evolve.tasks.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
 chose, measured per request (``kv_transfer_params["namm"]["retained_fraction"]`` = KV
 blocks still held / blocks the request's tokens span, at the end of the request); the
-baselines' measured fraction is shown too (page rounding and protected pages keep a bit
-more than the ratio).
+baselines' measured fraction is shown too (under token-level selection page rounding keeps
+more than the ratio; page-level selection, the default, meets it in pages).
+``--selection``/``--page-score``/``--page-rule`` set the server's selection, and
+``--reference`` computes the same table with the HF reference runner, without a server.
 
 Usage::
 
@@ -35,6 +37,7 @@ from pydantic import Field
 
 from benchmarks.results import command_line, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
+from vllm_namm.config import EvictionConfig
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
 
@@ -53,6 +56,10 @@ class QualityConfig(BaseModel):
     interval: int
     block_size: int
     concurrency: int
+    selection: str = "page"
+    page_score: str = "max"
+    page_rule: str = "all"
+    runner: str = "server"
 
 
 class Setting(BaseModel):
@@ -155,6 +162,47 @@ async def _run_all(url: str, settings: list[Setting], samples: list[Any], cfg: Q
             bar.close()
 
 
+def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConfig) -> list[Outcome]:
+    """The same table from :mod:`vllm_namm.reference` on the Hugging Face model, no server.
+
+    Pages are ``cfg.block_size`` logical positions (page-level selection); token-level
+    selection is the reference's per-head rule (evo-memory), not a page rule. The retained
+    fraction is cached tokens / context tokens, averaged over layers; unlike the engine, the
+    reference never scores the prompt's last chunk shorter than the interval, so it keeps
+    that tail.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from evolve.tasks.synthetic import score_answer
+    from vllm_namm.config import BudgetConfig
+    from vllm_namm.policies import make_policy
+    from vllm_namm.reference import generate
+
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = LlamaForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
+    outcomes = []
+    with tqdm(total=len(settings) * len(samples), desc="quality (reference)", unit="req", file=sys.stderr) as bar:
+        for sample in samples:
+            ids = tok(sample.prompt)["input_ids"]
+            for st in settings:
+                ecfg = EvictionConfig(
+                    policy=st.policy, interval=cfg.interval, selection=cfg.selection, page_score=cfg.page_score,
+                    page_rule=cfg.page_rule, budget=None if st.ratio is None else BudgetConfig(ratio=st.ratio),
+                    weights=cfg.namm_weights if st.policy == "namm" else None, threshold=st.threshold)
+                out = generate(model, tok, ids, make_policy(ecfg), cfg.max_tokens, ecfg, page_size=cfg.block_size)
+                text = tok.decode(out.tokens, skip_special_tokens=True)
+                context = len(ids) + len(out.tokens) - 1
+                outcomes.append(Outcome(
+                    setting=st.label, kind=sample.kind, length=sample.target_tokens, seed=sample.seed,
+                    answer=sample.answer, completion=text, correct=score_answer(text, sample.answer),
+                    retained_fraction=sum(out.cache_lengths) / (len(out.cache_lengths) * context),
+                    evicted_blocks=0, prompt_tokens=len(ids)))
+                bar.update(1)
+    return outcomes
+
+
 def summarise(settings: list[Setting], outcomes: list[Outcome]) -> list[SettingSummary]:
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
@@ -194,7 +242,10 @@ def format_table(report: QualityReport) -> str:
 
     lines = [f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
              f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
-             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}",
+             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
+             f"selection {cfg.selection}" + (f" (page score {cfg.page_score})" if cfg.selection == "page" else
+                                             f" (page rule {cfg.page_rule})")
+             + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
              fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
              f"command: {report.command}"]
     return "\n".join(lines)
@@ -248,7 +299,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
     p.add_argument("--page-rule", choices=["all", "majority", "any"], default="all",
                    help="--kv-eviction-page-rule of the server (per-head policies free little under 'all')")
-    p.add_argument("--block-size", type=int, default=32)
+    defaults = EvictionConfig.model_fields
+    p.add_argument("--selection", choices=["page", "token"], default=defaults["selection"].default,
+                   help="--kv-eviction-selection of the server: budget policies keep whole pages within the "
+                        "budget (page) or each head's tokens, freed by --page-rule (token)")
+    p.add_argument("--page-score", choices=["max", "mean", "vote"], default=defaults["page_score"].default,
+                   help="--kv-eviction-page-score of the server (page-level selection)")
+    p.add_argument("--block-size", type=int, default=32, help="KV block size (= page size with --reference)")
+    p.add_argument("--reference", action="store_true",
+                   help="run vllm_namm.reference on the Hugging Face model instead of a server (slow; same "
+                        "selection settings, pages of --block-size tokens)")
     p.add_argument("--kv-space-gib", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -280,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                         namm_weights=str(args.namm_weights) if args.namm_weights else None,
                         namm_thresholds=thresholds, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
                         seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
-                        block_size=args.block_size, concurrency=args.concurrency)
+                        block_size=args.block_size, concurrency=args.concurrency, selection=args.selection,
+                        page_score=args.page_score, page_rule=args.page_rule,
+                        runner="reference" if args.reference else "server")
     count = token_counter(model)
     samples = [make_sample(k, args.seed_base + i, n, count)
                for n in args.lengths for k in args.kinds for i in range(args.samples)]
@@ -289,18 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
     # chunks its policy must see.
     flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching",
-             "--kv-eviction-page-rule", args.page_rule]
+             "--kv-eviction-page-rule", args.page_rule, "--kv-eviction-selection", args.selection,
+             "--kv-eviction-page-score", args.page_score]
     if args.namm_weights:
         flags += ["--namm-weights", str(args.namm_weights)]
     longest = max(args.lengths) + args.max_tokens + args.block_size
     max_model_len = -(-longest // args.block_size) * args.block_size
     print(f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr)
     t0 = time.monotonic()
-    with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
-                     max_model_len=max_model_len, block_size=args.block_size,
-                     timeout_s=args.startup_timeout) as server:
-        outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
-    report = QualityReport(command=command, started=stamp, server_command=server.command, server_log=str(server.log),
+    if args.reference:
+        outcomes, server_command, server_log = _run_reference(settings, samples, cfg), [], ""
+    else:
+        with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
+                         max_model_len=max_model_len, block_size=args.block_size,
+                         timeout_s=args.startup_timeout) as server:
+            outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
+        server_command, server_log = server.command, str(server.log)
+    report = QualityReport(command=command, started=stamp, server_command=server_command, server_log=server_log,
                            wall_s=time.monotonic() - t0, config=cfg, summaries=summarise(settings, outcomes),
                            outcomes=outcomes)
     report.table = format_table(report)

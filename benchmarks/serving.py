@@ -18,7 +18,9 @@ Usage::
         --num-requests 16 --prompt-tokens 2048 --max-tokens 32 --kv-capacity-requests 4
 
 A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
-sink, recent, page_rule (the matching ``--kv-eviction-*`` / ``--namm-*`` flags).
+sink, recent, page_rule, selection, page_score (the matching ``--kv-eviction-*`` / ``--namm-*``
+flags) and watermark (vLLM's ``--watermark``: the fraction of KV blocks kept free when admitting
+requests), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ MODE_KEYS = {
     "page_rule": "--kv-eviction-page-rule",
     "lag": "--kv-eviction-lag",
     "kernels": "--namm-kernels",
+    "selection": "--kv-eviction-selection",
+    "page_score": "--kv-eviction-page-score",
+    "watermark": "--watermark",  # vLLM's own: KV blocks kept free when admitting requests
 }
 DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
 

@@ -44,6 +44,10 @@ def test_mode_parsing():
     assert m.server_flags() == ["--kv-eviction", "h2o", "--kv-eviction-budget", "1024",
                                 "--kv-eviction-interval", "256"]
     assert Mode.parse("none").server_flags() == []  # the baseline is plain vLLM
+    assert Mode.parse("l2:ratio=0.25,selection=token,page_rule=majority,page_score=max").server_flags() == [
+        "--kv-eviction", "l2", "--kv-eviction-ratio", "0.25", "--kv-eviction-selection", "token",
+        "--kv-eviction-page-rule", "majority", "--kv-eviction-page-score", "max"]
+    assert Mode.parse("h2o:ratio=0.25,watermark=0.05").server_flags()[-2:] == ["--watermark", "0.05"]
     for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
         with pytest.raises(ValueError):
             Mode.parse(bad)
@@ -84,3 +88,19 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
     assert none["mean_retained_fraction"] == 1.0
     assert "command: python -m benchmarks serving" in report["table"]
     assert (out / "kv_usage.png").exists()
+
+
+def test_quality_benchmark_reference_runner_without_a_server(tmp_path, tiny_model):
+    """``quality --reference``: the same table from the HF reference runner, page-level selection."""
+    out = tmp_path / "q"
+    r = _run_benchmarks("quality", "--reference", "--model", str(tiny_model), "--lengths", "700", "--kinds", "passkey",
+                        "--samples", "1", "--no-namm", "--policies", "streaming", "--ratios", "0.25",
+                        "--interval", "128", "--block-size", "16", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads((out / "quality.json").read_text())
+    assert report["config"]["runner"] == "reference" and report["config"]["selection"] == "page"
+    by = {s["setting"]: s for s in report["summaries"]}
+    assert by["full"]["mean_retained_fraction"] == 1.0
+    # 25 % of the 640 scored tokens in 16-token pages, plus the unscored tail and the decode tokens
+    assert by["streaming@0.25"]["mean_retained_fraction"] < 0.5
+    assert "HF reference runner" in report["table"]

@@ -80,7 +80,7 @@ def test_namm_with_zero_params_evicts_nothing() -> None:
 
 
 def test_page_rule_any_frees_more_than_all() -> None:
-    base = EvictionConfig(policy="h2o", interval=512, budget=BudgetConfig(ratio=0.5))
+    base = EvictionConfig(policy="h2o", interval=512, budget=BudgetConfig(ratio=0.5), selection="token")
     freed_all = len(_run(base, 2048).evicted_pages)
     freed_any = len(_run(base.model_copy(update={"page_rule": "any"}), 2048).evicted_pages)
     assert freed_any > freed_all

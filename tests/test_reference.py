@@ -6,7 +6,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from vllm_namm.config import BudgetConfig, EvictionConfig, FeatureConfig, ProtectConfig  # noqa: E402
-from vllm_namm.policies import NammPolicy, make_policy  # noqa: E402
+from vllm_namm.policies import POLICIES, NammPolicy, make_policy  # noqa: E402
+from vllm_namm.policies.budget import BudgetPolicy  # noqa: E402
 from vllm_namm.reference import generate  # noqa: E402
 from vllm_namm.weights import NammWeights  # noqa: E402
 
@@ -37,11 +38,22 @@ def test_none_is_token_identical_to_generate(model):
 
 
 def test_streaming_budget_after_2k_prompt(model):
-    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300))
+    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300), selection="token")
     out = generate(model, None, _prompt(2048), make_policy(cfg), 3, cfg)
     assert out.prompt_cache_lengths == [300, 300]
     assert [s.seq_len for s in out.steps] == [512, 1024, 1536, 2048]
     assert out.cache_lengths == [302, 302]  # 2 decode tokens buffered, no boundary reached
+
+
+def test_streaming_budget_in_pages(model):
+    """Page-level selection (the default): 300 tokens buy ceil(300 / 16) = 19 whole pages,
+    the first page and the newest 18 (the page being written among them)."""
+    cfg = EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=300))
+    assert cfg.selection == "page"
+    out = generate(model, None, _prompt(2048), make_policy(cfg), 3, cfg, page_size=16)
+    assert out.prompt_cache_lengths == [19 * 16, 19 * 16]
+    assert [s.seq_len for s in out.steps] == [512, 1024, 1536, 2048]
+    assert out.cache_lengths == [19 * 16 + 2] * 2
 
 
 def test_namm_per_head_equal_drops_and_logical_positions(model):
@@ -56,3 +68,22 @@ def test_namm_per_head_equal_drops_and_logical_positions(model):
     for s in out.steps:
         assert all(a <= b for a, b in zip(s.after, s.before, strict=True))
     assert all(4 < n < 200 + 30 for n in out.cache_lengths)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("policy", sorted(n for n, c in POLICIES.items() if issubclass(c, BudgetPolicy)))
+def test_page_selection_keeps_whole_pages_shared_by_every_layer_and_head(model, policy, page_size):
+    """The engine's page rule in the reference runner: after the last step (at 512 of a 600-token
+    prompt) every layer and head hold the same whole pages, ceil(25 % x 512 / page) of them."""
+    cfg = EvictionConfig(policy=policy, interval=128, budget=BudgetConfig(ratio=0.25))
+    out = generate(model, None, _prompt(600, seed=7), make_policy(cfg), 4, cfg, page_size=page_size)
+    assert [s.seq_len for s in out.steps] == [128, 256, 384, 512]
+    assert out.prompt_cache_lengths == [128 + 88] * 2  # 8 x 16 or 4 x 32 tokens + the unscored tail
+    pos = out.cache_positions[0][0]
+    for layer in out.cache_positions:
+        assert torch.equal(layer, pos.expand_as(layer))  # one token set for all layers and heads
+    scored = pos[pos < 512]
+    pages = torch.unique(scored // page_size)
+    assert scored.numel() == pages.numel() * page_size  # whole pages only
+    assert 0 in pages.tolist() and 511 // page_size in pages.tolist()  # sink page, newest scored page
+    assert torch.equal(pos[pos >= 512], torch.arange(512, 600 + 3))

@@ -168,6 +168,15 @@ FLAG_CASES: list[FlagCase] = [
        kind="argparse"),
     _c("kernels-triton-on-cpu", [*NAMM, "--namm-kernels", "triton"], "--namm-kernels", "platform",
        "needs a CUDA or ROCm GPU", cpu_only=True),
+    # --kv-eviction-selection, --kv-eviction-page-score
+    _c("selection-bogus", [*STREAM_B, "--kv-eviction-selection", "pages"], "--kv-eviction-selection", "choice",
+       "invalid choice", kind="argparse"),
+    _c("selection-without-budget", [*NAMM, "--kv-eviction-selection", "token"], "--kv-eviction-selection",
+       "conflict", "only applies under a budget"),
+    _c("page-score-bogus", [*STREAM_B, "--kv-eviction-page-score", "min"], "--kv-eviction-page-score", "choice",
+       "invalid choice", kind="argparse"),
+    _c("page-score-without-budget", [*NAMM, "--kv-eviction-page-score", "mean"], "--kv-eviction-page-score",
+       "conflict", "only applies under a budget"),
     # --kv-eviction-lag
     _c("lag-negative", [*NAMM, "--kv-eviction-lag", "-1"], "--kv-eviction-lag", "range",
        "greater than or equal to 0"),
@@ -181,7 +190,7 @@ VALID_VALUE = {
     "--namm-weights": "{missing}", "--namm-threshold": "0.5", "--kv-eviction-interval": "1024",
     "--kv-eviction-budget": "256", "--kv-eviction-ratio": "0.5", "--kv-eviction-sink-tokens": "4",
     "--kv-eviction-recent-tokens": "8", "--kv-eviction-page-rule": "any", "--namm-kernels": "torch",
-    "--kv-eviction-lag": "0",
+    "--kv-eviction-lag": "0", "--kv-eviction-selection": "token", "--kv-eviction-page-score": "mean",
 }
 FLAG_CASES += [_c(f"{flag.lstrip('-')}-without-policy", [flag, value], flag, "conflict", ONLY_WITH_POLICY)
                for flag, value in VALID_VALUE.items()]
@@ -192,6 +201,7 @@ GOOD_FLAGS: dict[str, list[str]] = {
                        "--kv-eviction-recent-tokens", "8", "--kv-eviction-sink-tokens", "4",
                        "--kv-eviction-page-rule", "any", "--namm-kernels", "torch", "--kv-eviction-lag", "0"],
     "streaming-budget": STREAM_B,
+    "streaming-token-selection": [*STREAM_B, "--kv-eviction-selection", "token", "--kv-eviction-page-score", "vote"],
     "h2o-ratio": ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.5"],
     "one-shot": [*NAMM, "--max-model-len", "4096", "--kv-eviction-interval", "8192"],
     "one-shot-derived-len": [*NAMM, "--kv-eviction-interval", str(1 << 24)],  # length from the model

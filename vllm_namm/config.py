@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 PageRule = Literal["all", "majority", "any"]
+Selection = Literal["page", "token"]
+PageScore = Literal["max", "mean", "vote"]
 BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
 
 
@@ -90,10 +92,12 @@ class ProtectConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    """Cache size per layer and KV head for the fixed-budget baselines.
+    """Cache size of the fixed-budget baselines.
 
     Exactly one of ``tokens`` (absolute) or ``ratio`` (fraction of the request's context so
-    far) must be given.
+    far) must be given. Under page-level selection (the default) the budget is met in whole
+    pages shared by every layer and KV head: ceil(budget / block size) pages, protected pages
+    included; under token-level selection it is a per-(layer, KV head) token count.
     """
 
     tokens: int | None = Field(None, gt=0)
@@ -141,7 +145,19 @@ class EvictionConfig(_Strict):
         description="NAMM keep threshold (keep score >= threshold); None = the weights file's "
         "(NaN would evict every unprotected token: score >= nan is always false)",
     )
-    page_rule: PageRule = "all"
+    page_rule: PageRule = Field(
+        "all", description="token-level selection (and namm): free a page when all / most / any of its "
+        "(layer, head, token) entries are evicted"
+    )
+    selection: Selection = Field(
+        "page", description="budget policies: 'page' keeps the best whole pages within the budget "
+        "(paging.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
+    )
+    page_score: PageScore = Field(
+        "max", description="page-level selection: a page's score from its tokens' per-head normalised "
+        "ranks over every layer and KV head (max, mean, or the share the token-level budget would keep); "
+        "max measured best (README, Measured results)"
+    )
     kernels: Literal["auto", "triton", "torch", "reference"] = Field(
         "auto",
         description="feature/scorer kernels of the eviction step: auto = Triton on GPU, exact fast torch on "

@@ -37,8 +37,9 @@ from torch import Tensor
 from vllm_namm import kernels
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import PagedFeatures, attention_columns
-from vllm_namm.paging import PagePlan, plan_pages
-from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect
+from vllm_namm.paging import PagePlan, plan_pages, select_pages
+from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
+from vllm_namm.policies.budget import BudgetPolicy
 
 
 @dataclass
@@ -298,17 +299,28 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
             views[j, layer] = view
             slots.append((j, layer))
     keep: dict[tuple[int, int], Tensor] = {}
+    scores_of: dict[tuple[int, int], Tensor] = {}
     for policy, prepared, slots in by_policy.values():
         for slot, scores in zip(slots, policy.score_prepared(prepared), strict=True):
             view = views[slot]
+            scores_of[slot] = scores
             keep[slot] = protect(policy.select(scores, view), view, config.protect)
     results = []
     for j, job in enumerate(jobs):
         mem = job.mem
-        plan = plan_pages(
-            [keep[j, layer] for layer in range(mem.num_layers)], job.positions, mem.block_size,
-            rule=config.page_rule, protect_from_position=job.protect_from_position,
-        )
+        layers = range(mem.num_layers)
+        masks = [keep[j, layer] for layer in layers]
+        policy = mem.policy
+        if config.selection == "page" and isinstance(policy, BudgetPolicy):  # whole pages within the budget
+            plan = select_pages(
+                [scores_of[j, layer] for layer in layers], job.positions, mem.block_size,
+                keep_tokens=policy.budget.size(job.positions.numel(), job.num_tokens), aggregate=config.page_score,
+                protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
+                protect_from_position=job.protect_from_position, keep_masks=masks,
+            )
+        else:
+            plan = plan_pages(masks, job.positions, mem.block_size, rule=config.page_rule,
+                              protect_from_position=job.protect_from_position)
         for state in mem.states:
             state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
         results.append(StepResult(job, plan))

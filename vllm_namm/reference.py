@@ -14,6 +14,11 @@ How it follows evo-memory (``memory_llms/llama.py``, ``memory_policy/base.py``):
 * Every KV head keeps its own tokens, but all heads of a layer drop the same count
   (:func:`~vllm_namm.policies.base.equalize_head_drops`, evo ``BinarySelection``); layers
   shrink independently. Evicted keys/values are physically gathered out of the HF cache.
+* Budget policies under ``selection="page"`` (the default, as in the paged engine) keep the
+  same tokens in every layer and head: whole pages of ``page_size`` logical positions, chosen
+  by :func:`vllm_namm.paging.select_pages` exactly as the engine chooses them (16 is the
+  common GPU block size; the CPU build of vLLM uses 32). ``selection="token"`` is the per-head
+  rule above.
 * RoPE positions stay logical: ``position_ids`` are passed explicitly and the causal mask is
   built from each head's cached *positions*, not from cache indices, by a registered
   attention function that reproduces HF's eager attention bit for bit.
@@ -30,7 +35,9 @@ from torch import Tensor
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import gqa_average
-from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect
+from vllm_namm.paging import select_pages
+from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect, protected_mask
+from vllm_namm.policies.budget import BudgetPolicy
 
 ATTN_IMPL = "namm_reference"
 
@@ -53,6 +60,8 @@ class ReferenceOutput:
     prompt_cache_lengths: list[int]
     """Per-layer tokens cached right after the prompt (after its last eviction step)."""
     steps: list[StepStats] = field(default_factory=list)
+    cache_positions: list[Tensor] = field(default_factory=list)
+    """Per layer: logical positions [kv_heads, n] of the tokens cached at the end."""
 
     @property
     def evicted(self) -> int:
@@ -129,12 +138,14 @@ def generate(
     max_new_tokens: int,
     config: EvictionConfig | None = None,
     states: list[Any] | None = None,
+    page_size: int = 16,
 ) -> ReferenceOutput:
     """Greedy generation with ``policy`` evicting every ``config.interval`` tokens.
 
     ``model``: a transformers Llama-style causal LM (any attention implementation; the run
     uses its own eager one). ``states`` optionally supplies per-layer policy states (e.g.
-    NAMM states carrying a candidate parameter vector).
+    NAMM states carrying a candidate parameter vector). ``page_size``: the page of
+    page-level selection (budget policies with ``config.selection == "page"``).
     """
     from transformers import DynamicCache
 
@@ -147,6 +158,8 @@ def generate(
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
     if ids.numel() == 0:
         raise ValueError("empty prompt")
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, got {page_size}")
     eos = _eos_ids(model, tokenizer)
     n_up = config.interval
     n_layers = model.config.num_hidden_layers
@@ -173,7 +186,7 @@ def generate(
             if (start + chunk.numel()) % n_up == 0:
                 qpos = torch.cat(buffered_q)
                 buffered_q.clear()
-                out.steps.append(_evict(cache, run, states, policy, config, qpos))
+                out.steps.append(_evict(cache, run, states, policy, config, qpos, page_size))
             return logits[0, -1]
 
         pos = 0
@@ -194,6 +207,7 @@ def generate(
         _ACTIVE.remove(run)
         model.config._attn_implementation = saved_impl
     out.cache_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    out.cache_positions = [p.clone() for p in run.key_positions if p is not None]
     return out
 
 
@@ -206,24 +220,60 @@ def _eos_ids(model: Any, tokenizer: Any | None) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
+def _view(layer_idx: int, layer: Any, run: _Run, policy: EvictionPolicy, qpos: Tensor) -> LayerView:
+    """What the policy sees of one layer at this step (consumes the buffered attention rows)."""
+    kpos = run.key_positions[layer_idx]
+    assert kpos is not None
+    attn = _pad_rows(run.rows[layer_idx], kpos.shape[1]) if run.capture else None
+    run.rows[layer_idx] = []
+    return LayerView(
+        attn=attn,
+        keys=layer.keys[0] if policy.needs_keys else None,
+        positions=kpos,
+        query_positions=qpos,
+        num_new_tokens=qpos.numel(),
+    )
+
+
+def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
+                 config: EvictionConfig, qpos: Tensor, page_size: int) -> StepStats:
+    """Page-level selection: every layer's scores, one set of whole pages kept by all layers and
+    heads (:func:`~vllm_namm.paging.select_pages`, the paged engine's rule), gathered."""
+    views = [_view(i, layer, run, policy, qpos) for i, layer in enumerate(cache.layers)]
+    scores = [policy.score(view, states[i]) for i, view in enumerate(views)]
+    positions = views[0].positions[0]
+    for view in views:
+        if not bool((view.positions == positions).all()):
+            raise RuntimeError("page-level selection needs one token set for every layer and head")
+    n = positions.numel()
+    plan = select_pages(
+        scores, positions, page_size,
+        keep_tokens=policy.budget.size(n, int(positions.max()) + 1), aggregate=config.page_score,
+        protected_token_mask=protected_mask(views[0], config.protect).any(dim=0),
+    )
+    keep = plan.token_keep.to(positions.device)
+    idx = torch.nonzero(keep)[:, 0]
+    for i, layer in enumerate(cache.layers):
+        states[i].filter(keep)
+        if not bool(keep.all()):
+            heads = idx.view(1, -1).expand(layer.keys.shape[1], -1)
+            layer.keys = _gather_heads(layer.keys, heads)
+            layer.values = _gather_heads(layer.values, heads)
+            run.key_positions[i] = torch.gather(views[i].positions, 1, heads)
+    after = [layer.keys.shape[-2] for layer in cache.layers]
+    return StepStats(seq_len=int(qpos[-1].item()) + 1, before=[n] * len(views), after=after)
+
+
 def _evict(cache: Any, run: _Run, states: list[Any], policy: EvictionPolicy,
-           config: EvictionConfig, qpos: Tensor) -> StepStats:
+           config: EvictionConfig, qpos: Tensor, page_size: int = 16) -> StepStats:
     """One eviction step on every layer: score, select, protect, equalise heads, gather."""
+    if config.selection == "page" and isinstance(policy, BudgetPolicy):
+        return _evict_pages(cache, run, states, policy, config, qpos, page_size)
     before, after = [], []
     for layer_idx, layer in enumerate(cache.layers):
-        kpos = run.key_positions[layer_idx]
-        assert kpos is not None
-        n = kpos.shape[1]
-        before.append(n)
-        attn = _pad_rows(run.rows[layer_idx], n) if run.capture else None
-        run.rows[layer_idx] = []
-        view = LayerView(
-            attn=attn,
-            keys=layer.keys[0] if policy.needs_keys else None,
-            positions=kpos,
-            query_positions=qpos,
-            num_new_tokens=qpos.numel(),
-        )
+        view = _view(layer_idx, layer, run, policy, qpos)
+        kpos = view.positions
+        before.append(kpos.shape[1])
         scores = policy.score(view, states[layer_idx])
         keep = protect(policy.select(scores, view), view, config.protect)
         keep = equalize_head_drops(keep, scores)

@@ -14,6 +14,12 @@ class BudgetPolicy(EvictionPolicy):
     Protected tokens count inside the budget (they are ranked first), so after
     :func:`~vllm_namm.policies.base.protect` the cache still holds exactly the budget
     whenever the budget is at least the number of protected tokens.
+
+    This is token-level selection (``EvictionConfig.selection == "token"``, and the reference
+    runner's per-head rule). Under page-level selection, the default, the paged engine and the
+    reference runner use only ``score()`` and ``budget``: whole pages are ranked and kept by
+    :func:`vllm_namm.paging.select_pages`, and ``select()`` only feeds the page-rounding
+    statistics.
     """
 
     def __init__(self, budget: BudgetConfig, protect: ProtectConfig | None = None) -> None:

@@ -34,6 +34,11 @@ class _Metrics:
         self.retained = Histogram("vllm_namm:retained_fraction",
                                   "Fraction of a request's KV blocks still held when it finished",
                                   buckets=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        self.budget_tokens = Counter("vllm_namm:budget_tokens", "Budgets (tokens) of finished budget-policy "
+                                     "requests, at their final context")
+        self.budget_blocks = Counter("vllm_namm:budget_blocks", "Budgets of finished budget-policy requests, "
+                                     "in KV blocks (ceil(budget / block size))")
+        self.held_blocks = Counter("vllm_namm:held_blocks", "KV blocks finished evicting requests held at the end")
         self.held = Gauge("vllm_namm:blocks_held_by_evicting_requests",
                           "KV blocks held by running requests that evict (sampled at each request finish)")
 
@@ -44,6 +49,9 @@ class _Metrics:
         self.realised.inc(s.get("token_evictions_realised", 0))
         self.retained.observe(float(s.get("retained_fraction", 1.0)))
         self.held.set(s.get("blocks_held_by_evicting_requests", 0))
+        self.held_blocks.inc(s.get("held_blocks", 0))
+        self.budget_tokens.inc(s.get("budget_tokens", 0))
+        self.budget_blocks.inc(s.get("budget_blocks", 0))
 
 
 _metrics: _Metrics | None = None

@@ -49,7 +49,16 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         help="Newest tokens never evicted (default 1).")),
     "--kv-eviction-page-rule": ("page_rule", dict(
         choices=["all", "majority", "any"], default="all",
-        help="Free a page when all / most / any of its (layer, head, token) entries are evicted.")),
+        help="Token-level selection and namm: free a page when all / most / any of its (layer, head, token) "
+             "entries are evicted.")),
+    "--kv-eviction-selection": ("selection", dict(
+        choices=["page", "token"], default=None,
+        help="Budget policies: keep the best whole pages within the budget (page, default), or each head's best "
+             "tokens, then free pages by --kv-eviction-page-rule (token).")),
+    "--kv-eviction-page-score": ("page_score", dict(
+        choices=["max", "mean", "vote"], default=None,
+        help="Page-level selection: a page's score from its tokens' per-head normalised ranks over all layers and "
+             "KV heads (max, default; mean; or the share a per-head token budget keeps).")),
     "--namm-kernels": ("kernels", dict(
         choices=["auto", "triton", "torch", "reference"], default="auto",
         help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
@@ -101,6 +110,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
     if policy != "namm" and namm_flags:
         raise NammConfigError(f"{namm_flags[0]} only applies to --kv-eviction namm, not {policy}")
+    page_flags = [f for f in ("--kv-eviction-selection", "--kv-eviction-page-score") if value[f] is not None]
+    if page_flags and not budget_flags:
+        raise NammConfigError(f"{page_flags[0]} only applies under a budget (--kv-eviction-budget or "
+                              "--kv-eviction-ratio)")
     raw: dict[str, Any] = {}
     for flag, (path, _) in FLAGS.items():
         if value[flag] is not None:

@@ -105,6 +105,23 @@ class NammScheduler(Scheduler):
         blocks = self._namm_manager.req_to_blocks.get(req_id) or []
         return sum(1 for b in blocks if not b.is_null)
 
+    def _namm_budget(self, request: Any) -> dict[str, int]:
+        """``budget_tokens`` / ``budget_blocks`` of a budget policy at the request's final context
+        (the budget its last eviction step met is at most this); {} for other policies."""
+        from vllm_namm.vllm_patch.engine_config import eviction_config_from
+        from vllm_namm.vllm_patch.request_settings import parse_request_settings
+
+        try:
+            server = eviction_config_from(self.vllm_config)
+            params = getattr(request, "sampling_params", None)
+            cfg = parse_request_settings(getattr(params, "extra_args", None)).apply(server) if server else None
+        except ValueError:  # validated at the API server already; a summary must not fail
+            return {}
+        if cfg is None or cfg.budget is None:
+            return {}
+        tokens = cfg.budget.size(request.num_computed_tokens, request.num_computed_tokens)
+        return {"budget_tokens": tokens, "budget_blocks": -(-tokens // self._namm_block_size)}
+
     def _free_request(self, request: Any, *args: Any, **kwargs: Any):
         stats = self.namm_stats.pop(request.request_id, None)
         summary = None
@@ -123,6 +140,7 @@ class NammScheduler(Scheduler):
                 "last_eviction_at": stats.last_step_tokens,
                 "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
             }
+            summary |= self._namm_budget(request)
             logger.info(
                 "vllm-namm: request %s finished holding %d of %d KV blocks (retained %.1f%%, %d evicted)",
                 request.request_id, held, logical, 100 * summary["retained_fraction"], stats.evicted_blocks,
