@@ -17,6 +17,10 @@ PageRule = Literal["all", "majority", "any"]
 Selection = Literal["page", "token"]
 PageScore = Literal["max", "mean", "vote"]
 BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
+"""Policies that need a budget (they rank tokens and keep the best within it)."""
+BUDGET_OPTIONAL: frozenset[str] = frozenset({"namm"})
+"""Policies with a rule of their own that can also rank under a budget (NAMM: threshold, or top-k)."""
+TAKES_BUDGET: frozenset[str] = BUDGET_POLICIES | BUDGET_OPTIONAL
 
 
 class _Strict(BaseModel):
@@ -180,8 +184,10 @@ class EvictionConfig(_Strict):
     def _check(self) -> EvictionConfig:
         if self.policy in BUDGET_POLICIES and self.budget is None:
             raise ValueError(f"policy '{self.policy}' needs a budget (budget.tokens or budget.ratio)")
-        if self.policy not in BUDGET_POLICIES and self.budget is not None:
-            raise ValueError(f"policy '{self.policy}' takes no budget (only {sorted(BUDGET_POLICIES)})")
+        if self.policy not in TAKES_BUDGET and self.budget is not None:
+            raise ValueError(f"policy '{self.policy}' takes no budget (only {sorted(TAKES_BUDGET)})")
         if self.policy != "namm" and (self.weights is not None or self.threshold is not None):
             raise ValueError(f"weights/threshold only apply to policy 'namm', not '{self.policy}'")
+        if self.threshold is not None and self.budget is not None:
+            raise ValueError("namm under a budget keeps its best-scored tokens: a threshold does not apply")
         return self

@@ -39,7 +39,6 @@ from vllm_namm.config import EvictionConfig
 from vllm_namm.features import PagedFeatures, attention_columns
 from vllm_namm.paging import PagePlan, plan_pages, select_pages
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
-from vllm_namm.policies.budget import BudgetPolicy
 
 
 @dataclass
@@ -311,10 +310,11 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
         layers = range(mem.num_layers)
         masks = [keep[j, layer] for layer in layers]
         policy = mem.policy
-        if config.selection == "page" and isinstance(policy, BudgetPolicy):  # whole pages within the budget
+        budget = getattr(policy, "budget", None)  # budget policies, and namm ranked under a budget
+        if config.selection == "page" and budget is not None:  # whole pages within the budget
             plan = select_pages(
                 [scores_of[j, layer] for layer in layers], job.positions, mem.block_size,
-                keep_tokens=policy.budget.size(job.positions.numel(), job.num_tokens), aggregate=config.page_score,
+                keep_tokens=budget.size(job.positions.numel(), job.num_tokens), aggregate=config.page_score,
                 protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
                 protect_from_position=job.protect_from_position, keep_masks=masks,
             )

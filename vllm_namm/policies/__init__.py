@@ -46,7 +46,8 @@ def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> E
             raise ValueError(
                 f"interval {config.interval} is not a multiple of the weights' STFT hop {weights.features.s_w}"
             )
-        return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels)
+        return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels, budget=config.budget,
+                          protect=config.protect)
     if cls is NoEviction:
         return NoEviction()
     assert config.budget is not None

@@ -27,7 +27,12 @@ class BudgetPolicy(EvictionPolicy):
         self.protect_cfg = protect or ProtectConfig()
 
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
-        prot = protected_mask(view, self.protect_cfg)
-        ranked = scores.float().masked_fill(prot, float("inf"))
-        context = int(view.positions.max()) + 1 if view.positions.numel() else 0
-        return topk_keep(ranked, self.budget.size(scores.shape[-1], context))
+        return keep_within_budget(scores, view, self.budget, self.protect_cfg)
+
+
+def keep_within_budget(scores: Tensor, view: LayerView, budget: BudgetConfig, protect: ProtectConfig) -> Tensor:
+    """Each KV head's ``budget.size`` best-scored tokens, protected tokens ranked first (token level)."""
+    prot = protected_mask(view, protect)
+    ranked = scores.float().masked_fill(prot, float("inf"))
+    context = int(view.positions.max()) + 1 if view.positions.numel() else 0
+    return topk_keep(ranked, budget.size(scores.shape[-1], context))

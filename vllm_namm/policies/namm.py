@@ -2,7 +2,10 @@
 
 score: attention spectrogram EMA (state) -> normalise -> + oldness -> BAM/MLP;
 select: keep ``score >= threshold`` (0 by default), i.e. evict exactly the tokens scoring
-below it. NaN/inf attention or scores keep the token.
+below it (the paper's rule). Under a budget (ours) NAMM instead *ranks*: like the budget
+baselines it keeps its best-scored tokens, or whole pages (page-level selection), within the
+budget: an operator gets a memory guarantee, and evolution compares candidates at equal memory
+instead of chasing retention. NaN/inf attention or scores keep the token.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import torch
 from torch import Tensor
 
 import vllm_namm.features as feats  # module import: features imports policies.base (cycle-safe)
+from vllm_namm.config import BudgetConfig, ProtectConfig
 from vllm_namm.kernels import Backend
 from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, sanitize_scores
+from vllm_namm.policies.budget import keep_within_budget
 from vllm_namm.scorers import score_ragged
 from vllm_namm.weights import NammWeights
 
@@ -28,7 +33,8 @@ class NammPolicy(EvictionPolicy):
     name = "namm"
     accepts_paged_features = True
 
-    def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto") -> None:
+    def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto",
+                 budget: BudgetConfig | None = None, protect: ProtectConfig | None = None) -> None:
         self.weights = weights
         self.features = weights.features
         self.scorer = weights.build_scorer()
@@ -36,6 +42,9 @@ class NammPolicy(EvictionPolicy):
         self.norm_mean = weights.norm_mean
         self.norm_std = weights.norm_std
         self.kernels = kernels
+        self.budget = budget
+        """None: the threshold rule; else rank under this budget."""
+        self.protect_cfg = protect or ProtectConfig()
 
     @property
     def num_params(self) -> int:
@@ -91,4 +100,6 @@ class NammPolicy(EvictionPolicy):
         return [s.masked_fill(bad, float("inf")) for s, (_, bad, _) in zip(scores, prepared, strict=True)]
 
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
+        if self.budget is not None:
+            return keep_within_budget(scores, view, self.budget, self.protect_cfg)
         return sanitize_scores(scores) >= self.threshold

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_namm.config import BUDGET_POLICIES, EvictionConfig
+from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, EvictionConfig
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
 
 POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
@@ -101,15 +101,18 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
     if len(budget_flags) == 2:
         raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
-    budget_policies = sorted(BUDGET_POLICIES)
+    budget_policies = sorted(TAKES_BUDGET)
     if policy in BUDGET_POLICIES and not budget_flags:
         raise NammConfigError(f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R")
-    if policy not in BUDGET_POLICIES and budget_flags:
+    if policy not in TAKES_BUDGET and budget_flags:
         raise NammConfigError(f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, "
                               f"not {policy}")
     namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
     if policy != "namm" and namm_flags:
         raise NammConfigError(f"{namm_flags[0]} only applies to --kv-eviction namm, not {policy}")
+    if budget_flags and value["--namm-threshold"] is not None:
+        raise NammConfigError(f"--namm-threshold with {budget_flags[0]}: namm ranked under a budget keeps its "
+                              "best-scored tokens; a threshold does not apply")
     page_flags = [f for f in ("--kv-eviction-selection", "--kv-eviction-page-score") if value[f] is not None]
     if page_flags and not budget_flags:
         raise NammConfigError(f"{page_flags[0]} only applies under a budget (--kv-eviction-budget or "

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vllm_namm.config import BUDGET_POLICIES, BudgetConfig, EvictionConfig, PolicyName
+from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, BudgetConfig, EvictionConfig, PolicyName
 
 OUR_PREFIXES = ("kv_eviction", "namm_")
 
@@ -67,8 +67,9 @@ class RequestSettings(BaseModel):
                 "ratio": self.kv_eviction_ratio,
             }
             data["budget"] = BudgetConfig(**extra).model_dump()
-        if policy not in BUDGET_POLICIES:
-            data["budget"] = None
+        own_budget = self.kv_eviction_budget is not None or self.kv_eviction_ratio is not None
+        if policy not in TAKES_BUDGET or (policy not in BUDGET_POLICIES and policy != server.policy and not own_budget):
+            data["budget"] = None  # namm asked for on a baseline's server keeps its threshold rule
         if policy != "namm":
             data["weights"] = None
             data["threshold"] = None
@@ -115,11 +116,14 @@ def validate_for_server(
     budget_keys = [k for k in ("kv_eviction_budget", "kv_eviction_ratio") if k in given]
     if len(budget_keys) == 2:
         raise RequestSettingsError("vllm_xargs: give exactly one of kv_eviction_budget or kv_eviction_ratio")
-    if budget_keys and policy not in BUDGET_POLICIES:
+    if budget_keys and policy not in TAKES_BUDGET:
         raise RequestSettingsError(
-            f"vllm_xargs.{budget_keys[0]}: only applies to kv_eviction {'/'.join(sorted(BUDGET_POLICIES))}, "
+            f"vllm_xargs.{budget_keys[0]}: only applies to kv_eviction {'/'.join(sorted(TAKES_BUDGET))}, "
             f"this request runs {policy}"
         )
+    if "namm_threshold" in given and (budget_keys or (server.budget is not None and policy == server.policy)):
+        raise RequestSettingsError("vllm_xargs.namm_threshold: namm ranked under a budget keeps its best-scored "
+                                   "tokens; a threshold does not apply")
     for key in ("namm_params", "namm_threshold", "namm_ema_coeff_per_step"):
         if key in given and policy != "namm":
             raise RequestSettingsError(f"vllm_xargs.{key}: only valid with kv_eviction=namm, this request runs {policy}")
