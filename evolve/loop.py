@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ class Evolution:
         self.client = client
         self.resume = resume
         self.progress = progress
+        self.command = " ".join(["python -m evolve", *sys.argv[1:]])
         self.out = Path(cfg.out_dir)
         self.space = ParamSpace.from_file(cfg.start_weights, cfg.extra_params)
         self.model = ""
@@ -196,6 +198,11 @@ class Evolution:
                                score=s.score)
             out.append(s)
         return out
+
+    def _provenance(self) -> dict[str, Any]:
+        ratio = self.cfg.budget_ratio
+        return {"mode": "threshold" if ratio is None else f"budget ratio {ratio:g}",
+                "fitness_kind": self.cfg.fitness, "command": self.command}
 
     def candidate_xargs(self, x: np.ndarray) -> dict[str, Any]:
         """A candidate's per-request settings: its parameters, and the memory budget if ranked under one."""
@@ -330,7 +337,8 @@ class Evolution:
         names = [stage_name(s, i) for i, s in enumerate(self.cfg.stages[: st + 1])]
         path = self.space.export(self.out / f"stage{st + 1}_best.safetensors", np.asarray(bm["x"]),
                                  base_model=self.model, stages=names, generations=len(state.history),
-                                 fitness=bm["fitness"], retained_fraction=bm["retained_fraction"])
+                                 fitness=bm["fitness"], retained_fraction=bm["retained_fraction"],
+                                 **self._provenance())
         res = {"stage": st, "name": names[-1], "weights": str(path), "fitness": bm["fitness"],
                "retained_fraction": bm["retained_fraction"], "generation": bm["generation"], "x": bm["x"]}
         state.stage_results[st] = res
@@ -392,7 +400,7 @@ class Evolution:
         best = self.space.export(self.out / BEST, np.asarray(final["x"]), base_model=self.model,
                                  stages=[stage_name(s, i) for i, s in enumerate(cfg.stages)],
                                  generations=len(state.history), fitness=final["fitness"],
-                                 retained_fraction=final["retained_fraction"])
+                                 retained_fraction=final["retained_fraction"], **self._provenance())
         summary = {
             "weights": str(best), "model": self.model, "generations": len(state.history),
             "fitness": final["fitness"], "retained_fraction": final["retained_fraction"],

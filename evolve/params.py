@@ -9,6 +9,7 @@ only place that knows that layout.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ class ParamSpace:
         return out
 
     def export(self, path: str | Path, x: np.ndarray, *, base_model: str | None, stages: list[str],
-               generations: int, fitness: float | None, retained_fraction: float | None) -> Path:
+               generations: int, fitness: float | None, retained_fraction: float | None,
+               mode: str | None = None, fitness_kind: str | None = None, command: str | None = None) -> Path:
         """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
         import torch
 
@@ -98,6 +100,8 @@ class ParamSpace:
                 base_model=base_model, stages=stages, generations=generations,
                 fitness=None if fitness is None else float(fitness),
                 retained_fraction=None if retained_fraction is None else float(retained_fraction),
+                mode=mode, fitness_kind=fitness_kind, command=command,
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             ),
         )
         path = Path(path)

@@ -47,9 +47,11 @@ def attention_columns(
     """Softmax attention of each query to each key, GQA-averaged: [kv_heads, n_q, n_k] fp32.
 
     ``queries`` [n_q, q_heads, d], ``keys`` [n_k, kv_heads, d] (post-RoPE, as cached),
-    ``key_positions`` [n_k] or [kv_heads, n_k]. Causality is by *logical* position (a query
-    sees keys whose position is <= its own), so it stays right after tokens were evicted.
-    Queries that see no key get an all-zero row instead of NaN.
+    ``key_positions`` [n_k] (one token set for every head: the engine; the exact blocked kernel
+    :func:`vllm_namm.kernels.attention_columns_dense`) or [kv_heads, n_k] (per-head caches: the
+    reference runner). Causality is by *logical* position (a query sees keys whose position is
+    <= its own), so it stays right after tokens were evicted. Queries that see no key get an
+    all-zero row instead of NaN.
     """
     n_q, q_heads, d = queries.shape
     kv_heads = keys.shape[1]
@@ -60,8 +62,7 @@ def attention_columns(
     q = queries.float().reshape(n_q, kv_heads, groups, d).permute(1, 2, 0, 3)  # [kv, g, n_q, d]
     k = keys.float().permute(1, 2, 0)  # [kv, d, n_k]
     logits = torch.matmul(q, k.unsqueeze(1)) * scale  # [kv, g, n_q, n_k]
-    kpos = key_positions if key_positions.dim() == 2 else key_positions.unsqueeze(0).expand(kv_heads, -1)
-    visible = kpos.unsqueeze(1) <= query_positions.view(1, -1, 1)  # [kv, n_q, n_k]
+    visible = key_positions.unsqueeze(1) <= query_positions.view(1, -1, 1)  # [kv, n_q, n_k]
     logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
     return probs.mean(dim=1)

@@ -195,14 +195,16 @@ class RequestMemory:
         return [q[:n_q] for q in per_layer], pos[:n_q]
 
     def due(self, interval: int, prompt_len: int, hop: int = 16) -> bool:
-        """An eviction step is due every ``interval`` queries, and once when the prompt ends
-        if at least one STFT hop is waiting (unlike evo-memory, which never scores the prompt's
-        last, shorter chunk: this bounds the cache a request holds when decoding starts).
-        Never while the previous step is still being computed."""
+        """An eviction step is due every ``interval`` queries, and once when the prompt has ended
+        while at least one STFT hop of it is unscored (unlike evo-memory, which never scores the
+        prompt's last, shorter chunk: this bounds the cache a request holds when decoding starts;
+        if the previous step was still computing at the prompt's end, it runs at the next
+        engine step). Never while the previous step is still being computed."""
         if self.policy.name == "none" or self.pending:
             return False
         n = self.num_unscored
-        return n >= interval or (self.num_tokens == prompt_len and n >= hop)
+        prompt_tail = self.num_tokens >= prompt_len and prompt_len - self.scored_tokens >= hop
+        return n >= interval or (prompt_tail and n >= hop)
 
 
 @dataclass

@@ -44,6 +44,10 @@ class Provenance(BaseModel):
     generations: int | None = None
     fitness: float | None = None
     retained_fraction: float | None = None
+    mode: str | None = Field(None, description="how the scores were used: 'threshold' or 'budget ratio R'")
+    fitness_kind: str | None = Field(None, description="exact_match or loglik")
+    date: str | None = None
+    command: str | None = None
 
 
 class WeightsMeta(BaseModel):
