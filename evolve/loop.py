@@ -202,7 +202,7 @@ class Evolution:
     def _provenance(self) -> dict[str, Any]:
         ratio = self.cfg.budget_ratio
         return {"mode": "threshold" if ratio is None else f"budget ratio {ratio:g}",
-                "fitness_kind": self.cfg.fitness, "command": self.command}
+                "fitness_kind": self.cfg.fitness, "command": self.command, "budget_ratio": ratio}
 
     def candidate_xargs(self, x: np.ndarray) -> dict[str, Any]:
         """A candidate's per-request settings: its parameters, and the memory budget if ranked under one."""

@@ -79,7 +79,8 @@ class ParamSpace:
 
     def export(self, path: str | Path, x: np.ndarray, *, base_model: str | None, stages: list[str],
                generations: int, fitness: float | None, retained_fraction: float | None,
-               mode: str | None = None, fitness_kind: str | None = None, command: str | None = None) -> Path:
+               mode: str | None = None, fitness_kind: str | None = None, command: str | None = None,
+               budget_ratio: float | None = None) -> Path:
         """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
         import torch
 
@@ -95,6 +96,7 @@ class ParamSpace:
             norm_mean=w.norm_mean.clone(),
             norm_std=w.norm_std.clone(),
             threshold=w.threshold if threshold is None else threshold,
+            budget_ratio=budget_ratio,
             provenance=Provenance(
                 description="evolved with python -m evolve (CMA-ES; best mean)",
                 base_model=base_model, stages=stages, generations=generations,

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from vllm_namm.policies import DEFAULT_WEIGHTS
 from vllm_namm.scorers import ScorerConfig
-from vllm_namm.weights import NammWeights, WeightsError, load_weights, save_weights
+from vllm_namm.weights import NammWeights, WeightsError, describe, load_weights, save_weights
 
 
 def _weights():
@@ -101,3 +101,21 @@ def test_inspect_cli_on_shipped_file():
     bad = subprocess.run([sys.executable, "-m", "vllm_namm.weights", "inspect", "/nonexistent"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no such weights file" in bad.stderr
+
+
+def test_weights_evolved_under_a_budget_rank_under_it_by_default(tmp_path):
+    """A file's budget_ratio is namm's default rule; an explicit threshold or budget wins."""
+    from vllm_namm.config import BudgetConfig, EvictionConfig
+    from vllm_namm.policies import make_policy
+
+    w = NammWeights.zeros()
+    w.budget_ratio = 0.3
+    path = tmp_path / "budget.safetensors"
+    save_weights(path, w)
+    assert load_weights(path).budget_ratio == 0.3
+    assert "rank under a budget of 0.3" in describe(load_weights(path))
+    default = make_policy(EvictionConfig(policy="namm", weights=path))
+    assert default.budget == BudgetConfig(ratio=0.3)
+    assert make_policy(EvictionConfig(policy="namm", weights=path, threshold=0.5)).budget is None
+    explicit = make_policy(EvictionConfig(policy="namm", weights=path, budget=BudgetConfig(tokens=512)))
+    assert explicit.budget == BudgetConfig(tokens=512)

@@ -59,6 +59,11 @@ class WeightsMeta(BaseModel):
     features: FeatureConfig
     num_params: int
     threshold: float = Field(0.0, allow_inf_nan=False)
+    budget_ratio: float | None = Field(
+        None, gt=0, le=1,
+        description="weights evolved to rank under a memory budget: the budget (fraction of the context) "
+        "`--kv-eviction namm` uses when no budget or threshold is given; None = the threshold rule",
+    )
     provenance: Provenance | None = None
 
 
@@ -73,6 +78,8 @@ class NammWeights:
     norm_std: Tensor
     threshold: float = 0.0
     provenance: Provenance | None = None
+    budget_ratio: float | None = None
+    """Evolved to rank under this budget (fraction of the context): the default rule; None = threshold."""
 
     def build_scorer(self) -> Scorer:
         scorer = make_scorer(self.scorer)
@@ -117,6 +124,7 @@ def save_weights(path: str | Path, weights: NammWeights) -> None:
         num_params=int(weights.params.numel()),
         threshold=weights.threshold,
         provenance=weights.provenance,
+        budget_ratio=weights.budget_ratio,
     )
     tensors = {
         "params": weights.params.detach().float().contiguous().cpu(),
@@ -173,6 +181,7 @@ def load_weights(path: str | Path) -> NammWeights:
         norm_std=tensors["norm_std"].float(),
         threshold=meta.threshold,
         provenance=meta.provenance,
+        budget_ratio=meta.budget_ratio,
     )
     if meta.num_params != w.params.numel():
         raise WeightsError(
@@ -192,7 +201,9 @@ def describe(w: NammWeights) -> str:
         f"features: n_up {f.n_up}, n_w {f.n_w}, s_w {f.s_w}, bins {f.bins}, "
         f"ema {f.ema_coeff_per_step}/step (gamma {f.gamma:.4f}/frame), oldness {f.pos_dims} dims "
         f"(max freq {f.pos_max_freq:g}, oldness from {f.start_oldness_from})",
-        f"threshold: keep score >= {w.threshold}",
+        f"threshold: keep score >= {w.threshold}" if w.budget_ratio is None else
+        f"rule: rank under a budget of {w.budget_ratio:g} of the context (the default of --kv-eviction namm; "
+        f"--namm-threshold switches to the threshold rule, keep score >= {w.threshold})",
         f"normalisation mean: {[round(x, 5) for x in w.norm_mean.tolist()]}",
         f"normalisation std: {[round(x, 5) for x in w.norm_std.tolist()]}",
     ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_namm.config import EvictionConfig
+from vllm_namm.config import BudgetConfig, EvictionConfig
 from vllm_namm.policies.base import (
     EvictionPolicy,
     LayerView,
@@ -35,6 +35,14 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
+def namm_budget(config: EvictionConfig, weights: NammWeights) -> BudgetConfig | None:
+    """The budget NAMM ranks under: the config's; else, unless a threshold is asked for, the one the
+    weights were evolved at (``budget_ratio`` in the file); None = the threshold rule."""
+    if config.budget is not None or config.threshold is not None or weights.budget_ratio is None:
+        return config.budget
+    return BudgetConfig(ratio=weights.budget_ratio)
+
+
 def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> EvictionPolicy:
     """The policy ``config`` names. For ``namm``: ``weights`` if given, else ``config.weights``,
     else the shipped default; ``config.threshold`` overrides the file's threshold."""
@@ -46,8 +54,8 @@ def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> E
             raise ValueError(
                 f"interval {config.interval} is not a multiple of the weights' STFT hop {weights.features.s_w}"
             )
-        return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels, budget=config.budget,
-                          protect=config.protect)
+        return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels,
+                          budget=namm_budget(config, weights), protect=config.protect)
     if cls is NoEviction:
         return NoEviction()
     assert config.budget is not None
@@ -69,6 +77,7 @@ __all__ = [
     "equalize_head_drops",
     "filter_tokens",
     "make_policy",
+    "namm_budget",
     "protect",
     "protected_mask",
     "sanitize_scores",

@@ -5,6 +5,7 @@ Selected by ``prepare_engine_args`` (``scheduler_cls``) only when eviction is on
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,13 @@ class RequestEvictionStats:
     evicted_pages: list[int] = field(default_factory=list)
     steps: int = 0
     last_step_tokens: int = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(path: str) -> Any:
+    from vllm_namm.weights import load_weights
+
+    return load_weights(path)
 
 
 class NammScheduler(Scheduler):
@@ -117,9 +125,16 @@ class NammScheduler(Scheduler):
             cfg = parse_request_settings(getattr(params, "extra_args", None)).apply(server) if server else None
         except ValueError:  # validated at the API server already; a summary must not fail
             return {}
-        if cfg is None or cfg.budget is None:
+        if cfg is None:
             return {}
-        tokens = cfg.budget.size(request.num_computed_tokens, request.num_computed_tokens)
+        budget = cfg.budget
+        if budget is None and cfg.policy == "namm":  # weights evolved under a budget rank under it
+            from vllm_namm.policies import DEFAULT_WEIGHTS, namm_budget
+
+            budget = namm_budget(cfg, _weights(str(cfg.weights or DEFAULT_WEIGHTS)))
+        if budget is None:
+            return {}
+        tokens = budget.size(request.num_computed_tokens, request.num_computed_tokens)
         return {"budget_tokens": tokens, "budget_blocks": -(-tokens // self._namm_block_size)}
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any):
