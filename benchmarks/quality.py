@@ -48,6 +48,10 @@ class QualityConfig(BaseModel):
     ratios: list[float]
     namm_weights: str | None
     namm_thresholds: list[float | None]
+    namm_files: dict[str, str] = Field(default_factory=dict)
+    """label -> weights file of extra NAMM variants (each on a server of its own)."""
+    namm_ratios: list[float] = Field(default_factory=list)
+    one_shot_ratios: list[float] = Field(default_factory=list)
     kinds: list[str]
     lengths: list[int]
     samples: int
@@ -63,12 +67,14 @@ class QualityConfig(BaseModel):
 
 
 class Setting(BaseModel):
-    """One row of the table: a policy and its per-request ``vllm_xargs``."""
+    """One row of the table: a policy and its per-request ``vllm_xargs``, on the server of ``group``
+    (a weights file and an interval are server settings)."""
 
     label: str
     policy: str
     ratio: float | None = None
     threshold: float | None = None
+    group: str = "main"
 
     def xargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kv_eviction": self.policy}
@@ -113,17 +119,50 @@ class QualityReport(BaseModel):
     config: QualityConfig
     summaries: list[SettingSummary]
     outcomes: list[Outcome] = Field(default_factory=list)
+    paired: list[dict[str, Any]] = Field(default_factory=list)
     table: str = ""
 
 
+ONE_SHOT = "one-shot"
+
+
 def build_settings(cfg: QualityConfig) -> list[Setting]:
+    """Rows: full cache, every baseline at every ratio, NAMM with the main weights (its default rule,
+    extra thresholds, ranked at ``namm_ratios``), each extra weights file likewise (its own server),
+    and kvpress-style one-shot rows (SnapKV and NAMM, one step after the whole prompt)."""
     settings = [Setting(label="full", policy="none")]
     for policy in cfg.policies:
         for r in cfg.ratios:
             settings.append(Setting(label=f"{policy}@{r:g}", policy=policy, ratio=r))
     for t in cfg.namm_thresholds:
         settings.append(Setting(label="namm" if t is None else f"namm(thr={t:g})", policy="namm", threshold=t))
+    if cfg.namm_thresholds:
+        settings += [Setting(label=f"namm@{r:g}", policy="namm", ratio=r) for r in cfg.namm_ratios]
+    for name, _ in cfg.namm_files.items():
+        settings.append(Setting(label=f"namm[{name}]", policy="namm", group=name))
+        settings += [Setting(label=f"namm[{name}]@{r:g}", policy="namm", ratio=r, group=name) for r in cfg.namm_ratios]
+    for r in cfg.one_shot_ratios:
+        settings.append(Setting(label=f"snapkv one-shot@{r:g}", policy="snapkv", ratio=r, group=ONE_SHOT))
+        if cfg.namm_thresholds:
+            settings.append(Setting(label=f"namm one-shot@{r:g}", policy="namm", ratio=r, group=ONE_SHOT))
     return settings
+
+
+def paired_against(outcomes: list[Outcome], settings: list[Setting], reference: str = "streaming"
+                   ) -> list[dict[str, Any]]:
+    """Per setting with a ratio: prompts it answers and ``reference`` at the same ratio misses (wins),
+    and the reverse (losses), on the same prompts."""
+    by = {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
+    rows = []
+    for st in settings:
+        ref = f"{reference}@{st.ratio:g}" if st.ratio is not None else None
+        if ref is None or st.label == ref or not any(s.label == ref for s in settings):
+            continue
+        keys = [k[1:] for k in by if k[0] == st.label and (ref, *k[1:]) in by]
+        wins = sum(by[(st.label, *k)] > by[(ref, *k)] for k in keys)
+        losses = sum(by[(st.label, *k)] < by[(ref, *k)] for k in keys)
+        rows.append({"setting": st.label, "against": ref, "prompts": len(keys), "wins": wins, "losses": losses})
+    return rows
 
 
 async def _ask(client: httpx.AsyncClient, sem: asyncio.Semaphore, model: str, setting: Setting, sample: Any,
@@ -246,8 +285,12 @@ def format_table(report: QualityReport) -> str:
              f"selection {cfg.selection}" + (f" (page score {cfg.page_score})" if cfg.selection == "page" else
                                              f" (page rule {cfg.page_rule})")
              + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
-             fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
-             f"command: {report.command}"]
+             fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
+    if report.paired:
+        lines.append("paired against streaming at the same ratio (same prompts): "
+                     + "; ".join(f"{p['setting']} {p['wins']} wins / {p['losses']} losses of {p['prompts']}"
+                                 for p in report.paired))
+    lines.append(f"command: {report.command}")
     return "\n".join(lines)
 
 
@@ -288,6 +331,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", default=list(BASELINES), choices=BASELINES)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped initial weights")
+    p.add_argument("--namm-extra", nargs="*", default=[], metavar="LABEL=FILE",
+                   help="more NAMM weights files, each compared on a server of its own (rows namm[LABEL])")
+    p.add_argument("--namm-ratios", nargs="*", type=float, default=[],
+                   help="NAMM ranked under these budgets too (rows namm@R, namm[LABEL]@R)")
+    p.add_argument("--one-shot-ratios", nargs="*", type=float, default=[],
+                   help="kvpress-style rows: SnapKV and NAMM with one eviction step after the whole prompt "
+                        "(question included), at these budgets")
     p.add_argument("--namm-thresholds", nargs="*", type=float, default=None,
                    help="extra namm rows at these score thresholds (more points on the curve)")
     p.add_argument("--no-namm", action="store_true")
@@ -336,9 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out or results_dir("quality", stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = args.model.resolve()
+    extra = dict(item.split("=", 1) for item in args.namm_extra)
     cfg = QualityConfig(model=str(model), policies=args.policies, ratios=args.ratios,
                         namm_weights=str(args.namm_weights) if args.namm_weights else None,
-                        namm_thresholds=thresholds, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
+                        namm_thresholds=thresholds, namm_files=extra, namm_ratios=args.namm_ratios,
+                        one_shot_ratios=args.one_shot_ratios, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
                         seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
                         block_size=args.block_size, concurrency=args.concurrency, selection=args.selection,
                         page_score=args.page_score, page_rule=args.page_rule,
@@ -350,26 +402,35 @@ def main(argv: list[str] | None = None) -> int:
     # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
     # chunks its policy must see.
-    flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(args.interval), "--no-enable-prefix-caching",
-             "--kv-eviction-page-rule", args.page_rule, "--kv-eviction-selection", args.selection,
-             "--kv-eviction-page-score", args.page_score]
-    if args.namm_weights:
-        flags += ["--namm-weights", str(args.namm_weights)]
     longest = max(args.lengths) + args.max_tokens + args.block_size
     max_model_len = -(-longest // args.block_size) * args.block_size
+
+    def flags_for(group: str) -> list[str]:
+        interval = 1 << 20 if group == ONE_SHOT else args.interval  # longer than any prompt: one step at its end
+        flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(interval), "--no-enable-prefix-caching",
+                 "--kv-eviction-page-rule", args.page_rule, "--kv-eviction-selection", args.selection,
+                 "--kv-eviction-page-score", args.page_score]
+        weights = extra.get(group, str(args.namm_weights) if args.namm_weights else None)
+        return flags + (["--namm-weights", weights] if weights else [])
+
     print(f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr)
     t0 = time.monotonic()
     if args.reference:
         outcomes, server_command, server_log = _run_reference(settings, samples, cfg), [], ""
     else:
-        with vllm_server(model, flags, log=out_dir / "server.log", kv_space_gib=args.kv_space_gib,
-                         max_model_len=max_model_len, block_size=args.block_size,
-                         timeout_s=args.startup_timeout) as server:
-            outcomes = asyncio.run(_run_all(server.url, settings, samples, cfg))
-        server_command, server_log = server.command, str(server.log)
+        outcomes, server_command, server_log = [], [], ""
+        for group in dict.fromkeys(s.group for s in settings):  # in order: main first
+            rows = [s for s in settings if s.group == group]
+            log = out_dir / ("server.log" if group == "main" else f"server-{group}.log")
+            with vllm_server(model, flags_for(group), log=log, kv_space_gib=args.kv_space_gib,
+                             max_model_len=max_model_len, block_size=args.block_size,
+                             timeout_s=args.startup_timeout) as server:
+                outcomes += asyncio.run(_run_all(server.url, rows, samples, cfg))
+            if group == "main":
+                server_command, server_log = server.command, str(server.log)
     report = QualityReport(command=command, started=stamp, server_command=server_command, server_log=server_log,
                            wall_s=time.monotonic() - t0, config=cfg, summaries=summarise(settings, outcomes),
-                           outcomes=outcomes)
+                           outcomes=outcomes, paired=paired_against(outcomes, settings))
     report.table = format_table(report)
     json_path = out_dir / "quality.json"
     json_path.write_text(report.model_dump_json(indent=1))

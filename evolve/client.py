@@ -116,6 +116,7 @@ class EvalClient:
                                        max_retries=0)
         self._http = httpx.AsyncClient(base_url=server_root(cfg.base_url), timeout=cfg.timeout_s)
         self.failures = 0
+        self._answer_ids: dict[tuple[str, str], asyncio.Future[list[int]]] = {}
 
     async def close(self) -> None:
         await self._oai.close()
@@ -174,11 +175,17 @@ class EvalClient:
         Every eviction step of the prompt's n_up boundaries before the answer runs before the
         answer's tokens are computed, so their probabilities are those of the evicted cache.
         """
+        key = (prompt, answer)
+        if key not in self._answer_ids:  # the same for every candidate of a generation: ask once
+            self._answer_ids[key] = asyncio.ensure_future(self._answer_token_ids(prompt, answer))
+        return await self._request(prompt + answer, 1, xargs, 0.0, answer_ids=await self._answer_ids[key])
+
+    async def _answer_token_ids(self, prompt: str, answer: str) -> list[int]:
         n_prompt = len(await self.tokenize(prompt))
         full = await self.tokenize(prompt + answer)
         if len(full) <= n_prompt:
             raise ValueError(f"answer {answer!r} adds no token to the prompt")
-        return await self._request(prompt + answer, 1, xargs, 0.0, answer_ids=full[n_prompt:])
+        return full[n_prompt:]
 
     async def tokenize(self, text: str) -> list[int]:
         """The server tokenizer's ids of ``text`` (with the special tokens a prompt gets)."""

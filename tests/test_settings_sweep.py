@@ -172,12 +172,8 @@ FLAG_CASES: list[FlagCase] = [
     # --kv-eviction-selection, --kv-eviction-page-score
     _c("selection-bogus", [*STREAM_B, "--kv-eviction-selection", "pages"], "--kv-eviction-selection", "choice",
        "invalid choice", kind="argparse"),
-    _c("selection-without-budget", [*NAMM, "--kv-eviction-selection", "token"], "--kv-eviction-selection",
-       "conflict", "only applies under a budget"),
     _c("page-score-bogus", [*STREAM_B, "--kv-eviction-page-score", "min"], "--kv-eviction-page-score", "choice",
        "invalid choice", kind="argparse"),
-    _c("page-score-without-budget", [*NAMM, "--kv-eviction-page-score", "mean"], "--kv-eviction-page-score",
-       "conflict", "only applies under a budget"),
     # --kv-eviction-lag
     _c("lag-negative", [*NAMM, "--kv-eviction-lag", "-1"], "--kv-eviction-lag", "range",
        "greater than or equal to 0"),

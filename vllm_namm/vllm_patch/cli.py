@@ -113,10 +113,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     if budget_flags and value["--namm-threshold"] is not None:
         raise NammConfigError(f"--namm-threshold with {budget_flags[0]}: namm ranked under a budget keeps its "
                               "best-scored tokens; a threshold does not apply")
-    page_flags = [f for f in ("--kv-eviction-selection", "--kv-eviction-page-score") if value[f] is not None]
-    if page_flags and not budget_flags:
-        raise NammConfigError(f"{page_flags[0]} only applies under a budget (--kv-eviction-budget or "
-                              "--kv-eviction-ratio)")
     raw: dict[str, Any] = {}
     for flag, (path, _) in FLAGS.items():
         if value[flag] is not None:
