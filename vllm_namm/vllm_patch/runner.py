@@ -9,6 +9,13 @@ What it does each step, for requests whose policy is not ``none``:
    (block id 0, vLLM's null block) in this worker's block table;
 3. attaches ``(request, logical page, physical block)`` reports to the step's output
    (:mod:`.channel`); the scheduler returns those blocks to the pool;
+
+Tensor parallel: every rank holds some KV heads of every layer, but all share one block table
+(the scheduler's). Each rank scores its own heads and the ranks agree on every page plan
+through a gloo group of their own (:class:`VoteGroup`; never vLLM's TP group, whose
+collectives the forward pass issues from the engine thread at the same time), so all write
+the same holes; only the rank whose output vLLM returns to the scheduler reports them.
+
 4. before attention metadata is built, compacts the block table rows that have holes and
    shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
    evicted pages. Slot mappings keep using the logical table (new tokens are never written
@@ -95,19 +102,26 @@ class NammRunnerState:
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
         # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
         self.fused_features = side == "triton" and (self.weights.features.n_w, self.hop) == (32, 16)
+        self.votes = VoteGroup.create()
+        self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
-        cpus = eviction_cpus(engine_cpus) if self.device.type == "cpu" else None
+        # every rank's worker cores are taken: the eviction thread goes where none of them runs
+        worker_cpus = self.votes.union_of(engine_cpus) if self.votes is not None else engine_cpus
+        cpus = eviction_cpus(worker_cpus) if self.device.type == "cpu" else None
         self.executor: LaggedExecutor[StepJob, StepResult] = LaggedExecutor(
             self._compute, config.lag, device=self.device, cpus=cpus)
         for idx, mod in enumerate(self.layers):
             _wrap_impl_forward(mod, idx, self)
         logger.info(
             "vllm-namm: %s eviction on %d layers (block %d, interval %d, attention backend %s, feature kernels %s%s; "
-            "decisions applied %d engine steps later%s)",
+            "decisions applied %d engine steps later%s%s)",
             config.policy, len(self.layers), self.block_size, config.interval, self.backend, side,
             ", fused paged STFT" if self.fused_features else "", config.lag,
             f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
             if config.lag and cpus else "",
+            f"; tensor parallel: rank {self.votes.rank} of {self.votes.size} holds {self.num_kv_heads} KV heads "
+            f"per layer, page plans agreed over a gloo group{', reports freed blocks' if self.reporter else ''}"
+            if self.votes is not None else "",
         )
 
     # ---- per-request policies -------------------------------------------------------------
@@ -210,7 +224,8 @@ class NammRunnerState:
                                 backend=self.config.kernels, fused=self.fused_features)
 
     def _compute(self, jobs: list[StepJob]) -> list[StepResult]:
-        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device)
+        reduce = self.votes.reduce if self.votes is not None else None
+        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device, reduce=reduce)
 
     def _apply(self, future: Any) -> None:
         """Turn computed decisions into holes and reports (engine thread)."""
@@ -237,10 +252,69 @@ class NammRunnerState:
                 table[row, page] = NULL_BLOCK_ID
                 req_state.block_ids[0][page] = NULL_BLOCK_ID
                 freed.append((page, block_id))
-            channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions,
-                         result.job.num_tokens)
+            if self.reporter:  # the other ranks' outputs never reach the scheduler
+                channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions,
+                             result.job.num_tokens)
             if freed:
                 logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
+
+
+class VoteGroup:
+    """The tensor-parallel ranks of one engine, as a gloo group of our own for page votes.
+
+    Why not vLLM's TP group: its collectives are issued by the forward pass on the engine
+    thread while ours run on the eviction thread, and two threads interleaving collectives on
+    one communicator deadlock. A separate group only has to see the same collectives in the
+    same order on every rank, which it does: every rank submits the same batches of jobs (the
+    same scheduler outputs) in the same order, and :func:`compute_steps` issues a fixed
+    sequence of collectives per batch.
+    """
+
+    def __init__(self, group: Any, rank: int, size: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.size = size
+
+    @classmethod
+    def create(cls) -> VoteGroup | None:
+        """This rank's group (None without tensor parallelism). Only the TP ranks call it
+        (``use_local_synchronization``), all at KV-cache initialisation, so data-parallel
+        replicas need not take part."""
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+
+        if not model_parallel_is_initialized() or get_tp_group().world_size == 1:
+            return None
+        tp = get_tp_group()
+        group = dist.new_group(list(tp.ranks), backend="gloo", use_local_synchronization=True,
+                               group_desc="vllm_namm_page_votes")
+        return cls(group, tp.rank_in_group, tp.world_size)
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """All-reduce ``t`` over the ranks (``op``: sum or max); gloo works on CPU tensors."""
+        import torch.distributed as dist
+
+        out = t.detach().to("cpu", copy=True).contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        return out.to(t.device)
+
+    def union_of(self, cpus: set[int]) -> set[int]:
+        """The union of every rank's ``cpus``."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, sorted(cpus), group=self.group)
+        return {c for part in gathered for c in part}
+
+
+def is_reporting_rank() -> bool:
+    """Whether vLLM returns this rank's ModelRunnerOutput to the scheduler: the first TP rank of
+    the last pipeline stage (``MultiprocExecutor._get_output_rank`` in vLLM 0.32)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return True
+    return get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
 
 
 def key_layout(layer: Any, backend: str) -> tuple[torch.Tensor, kernels.PagedKeyLayout]:
