@@ -284,7 +284,8 @@ class PeerStepError(RuntimeError):
 
 @torch.no_grad()
 def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
-                  device: torch.device | str = "cpu", reduce: Reduce | None = None) -> list[StepResult]:
+                  device: torch.device | str = "cpu", reduce: Reduce | None = None,
+                  layers: tuple[int, int] | None = None) -> list[StepResult]:
     """Score every scored token of every layer of every job; plan each request's freed pages.
 
     Per layer, the attention columns are computed, handed to the policy's ``prepare`` and
@@ -297,12 +298,17 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
     its part (a worker whose part failed still takes part, so nobody waits forever, and then
     every worker drops the batch), the summed tallies and the maximal ones
     (:func:`~vllm_namm.paging.reduce_votes`). Every worker must call it with the same jobs
-    (requests and positions) in the same order.
+    (requests and positions) in the same order. ``layers`` = (first, total) (pipeline
+    parallel): the jobs' layers are layers ``first, first + 1, ...`` of ``total``; the plans'
+    per-layer statistics then cover all ``total`` layers.
     """
     error: BaseException | None = None
     votes: list[PageVotes] = []
     try:
         votes = _local_votes(jobs, config, scale, kv_heads, device)
+        if layers is not None:
+            for vote in votes:
+                vote.place_layers(*layers)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have heard of it
         if reduce is None:
             raise

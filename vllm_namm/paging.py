@@ -101,8 +101,9 @@ class PageVotes:
     """One request's per-page tallies on one worker, before the workers agree on them.
 
     Everything a page decision depends on is a sum or a max over (layer, KV head, token)
-    entries, so workers that each hold some KV heads (tensor parallel) can combine their
-    tallies with one all-reduce per operation and then decide identically
+    entries, so workers that each hold some KV heads (tensor parallel) or some layers
+    (pipeline parallel, :meth:`place_layers`) can combine their tallies with one all-reduce
+    per operation and then decide identically
     (:func:`reduce_votes`, :meth:`decide`). Counts are float64: sums of integers, exact
     whatever order the workers add them in.
 
@@ -128,6 +129,21 @@ class PageVotes:
     aggregate: PageScore = "max"
     stats_from_masks: bool = True
     """Page selection without keep masks: requested = realised = the entries freed."""
+
+    def place_layers(self, offset: int, total: int) -> None:
+        """Re-index the per-layer rows as layers ``[offset, offset + L)`` of ``total`` (zeros
+        elsewhere), so that pipeline stages holding different layers reduce row for row."""
+        n_layers = self.num_layers
+        if (offset, total) == (0, n_layers):
+            return
+        if offset < 0 or offset + n_layers > total:
+            raise ValueError(f"layers [{offset}, {offset + n_layers}) do not fit in {total}")
+        rows = torch.zeros(2 * total + self.sums.shape[0] - 2 * n_layers, self.sums.shape[1], dtype=self.sums.dtype,
+                           device=self.sums.device)
+        rows[offset : offset + n_layers] = self.sums[:n_layers]
+        rows[total + offset : total + offset + n_layers] = self.sums[n_layers : 2 * n_layers]
+        rows[2 * total :] = self.sums[2 * n_layers :]
+        self.sums, self.num_layers = rows, total
 
     def decide(self) -> PagePlan:
         """The page plan from (reduced) tallies: identical on every worker that holds them."""

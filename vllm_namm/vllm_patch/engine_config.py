@@ -53,8 +53,8 @@ def prepare_engine_args(args: Any) -> None:
 
     Eviction needs: our scheduler (frees the reported blocks, chunks prompts at NAMM
     boundaries), no async scheduling (it would race with freeing), attention outside CUDA
-    graphs on GPU (:func:`piecewise_cuda_graphs`), one pipeline stage and no context
-    parallelism (:func:`check_parallelism`), and no speculative decoding.
+    graphs on GPU (:func:`piecewise_cuda_graphs`), no context parallelism and a lag with
+    pipeline stages (:func:`check_parallelism`), and no speculative decoding.
     """
     raw = (args.additional_config or {}).get(CONFIG_KEY)
     if raw is None:
@@ -69,7 +69,7 @@ def prepare_engine_args(args: Any) -> None:
         make_policy(cfg)  # loads and checks the weights file now, not in the engine process
     except (WeightsError, ValueError, OSError) as e:
         raise NammConfigError(str(e)) from None
-    check_parallelism(args)
+    check_parallelism(args, cfg)
     if args.speculative_config:
         raise NammConfigError("--kv-eviction does not support speculative decoding yet")
     from vllm.config import SchedulerConfig
@@ -90,27 +90,26 @@ def prepare_engine_args(args: Any) -> None:
     if not current_platform.is_cpu():
         piecewise_cuda_graphs(args)
     args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
-    tp = args.tensor_parallel_size or 1
+    tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
     logger.info("vllm-namm: KV eviction %s, interval %d%s", cfg.policy, cfg.interval,
-                f", tensor parallel {tp} (page plans agreed over a gloo group)" if tp > 1 else "")
+                f", {tp * pp} workers (tensor parallel {tp}, pipeline {pp}; page plans agreed over a gloo group)"
+                if tp * pp > 1 else "")
 
 
-def check_parallelism(args: Any) -> None:
-    """Tensor parallelism is supported; pipeline and context parallelism are refused.
+def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
+    """Tensor and pipeline parallelism are supported; context parallelism is refused.
 
-    * Pipeline parallel: each stage holds different layers, so the stages would have to
-      combine their page votes (the tallies of :mod:`vllm_namm.paging` add up over layers as
-      they do over heads). We do not ship that: vLLM 0.32's CPU build cannot run pipeline
-      parallelism at all (its second stage fails in ``sync_and_gather_intermediate_tensors``
-      even without this plugin) and there is no vLLM on our GPU, so it could never be tested.
+    * Pipeline parallel needs ``--kv-eviction-lag`` >= 1: the stages agree on a step's page
+      plan through a collective, and a stage computes synchronously (lag 0) inside its forward
+      call, before it hands its activations to the next stage, which is thus never reached.
     * Decode/prefill context parallel: the ranks split each request's tokens, so no rank can
       read the keys a step scores.
     """
-    if (args.pipeline_parallel_size or 1) > 1:
+    if (args.pipeline_parallel_size or 1) > 1 and cfg.lag == 0:
         raise NammConfigError(
-            "--kv-eviction does not support --pipeline-parallel-size > 1: every pipeline stage would have to "
-            "combine its page votes with the others', and vLLM 0.32's CPU build cannot run pipeline parallelism "
-            "to test that (its second stage fails even without vllm-namm); use --tensor-parallel-size instead"
+            "--kv-eviction-lag 0 cannot work with --pipeline-parallel-size > 1: the stages agree on every page plan, "
+            "and a synchronous step would wait for the next stage before handing it its activations; use a lag "
+            ">= 1 (the default is 2)"
         )
     for flag, attr in (("--decode-context-parallel-size", "decode_context_parallel_size"),
                        ("--prefill-context-parallel-size", "prefill_context_parallel_size")):
