@@ -148,34 +148,36 @@ def random_weights(tmp_path) -> Any:
     return path
 
 
-def run_sharded(cfg: EvictionConfig, workers: int, reduce: Callable | None, rank: int, n_tokens: int = 1300,
+def run_sharded(cfg: EvictionConfig, tp: int, pp: int, reduce: Callable | None, rank: int, n_tokens: int = 1300,
                 n_requests: int = 3) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
-    """Worker ``rank`` of ``workers`` through every step of a toy paged cache: per request its
-    freed pages and the per-step requested/realised statistics."""
+    """Worker ``rank`` of ``tp x pp`` (vLLM's layout: stage-major) through every step of a toy
+    paged cache: per request its freed pages and the per-step requested/realised statistics.
+    A tensor-parallel rank holds ``KV / tp`` KV heads, a pipeline stage ``L / pp`` layers."""
     g = torch.Generator().manual_seed(0)
     policy = make_policy(cfg)
     pool = n_requests * (-(-n_tokens // BS)) + 1
-    cache = torch.randn(pool, KV, BS, 2 * D, generator=g)
+    caches = torch.randn(L, pool, KV, BS, 2 * D, generator=g)
     queries = torch.randn(n_requests, L, n_tokens, H, D, generator=g)
-    kv, hq = KV // workers, H // workers
-    cache = cache[:, rank * kv : (rank + 1) * kv].contiguous()  # this worker's KV heads
-    queries = queries[..., rank * hq : (rank + 1) * hq, :]  # and the query heads that read them
+    stage, t = divmod(rank, tp)
+    kv, hq, n_layers = KV // tp, H // tp, L // pp
+    first = stage * n_layers
+    caches = caches[first : first + n_layers, :, t * kv : (t + 1) * kv].contiguous()  # this worker's layers and heads
+    queries = queries[:, first : first + n_layers, :, t * hq : (t + 1) * hq]  # and the query heads that read them
     import namm_kernels as nk
 
-    layout = nk.PagedKeyLayout.flash(cache)
+    layers = [(c, nk.PagedKeyLayout.flash(c)) for c in caches]
     tables = torch.randperm(pool, generator=g)[: pool - 1].view(n_requests, -1)
-    mems = [RequestMemory(policy, L, BS) for _ in range(n_requests)]
+    mems = [RequestMemory(policy, n_layers, BS) for _ in range(n_requests)]
     stats: list[tuple[list[list[int]], list[list[int]]]] = [([], []) for _ in mems]
     for start in range(0, n_tokens, cfg.interval):
         n = min(cfg.interval, n_tokens - start)
         jobs = []
         for r, mem in enumerate(mems):
-            mem.add_queries([queries[r, layer, start : start + n] for layer in range(L)], start)
+            mem.add_queries([queries[r, layer, start : start + n] for layer in range(n_layers)], start)
             if mem.due(cfg.interval, n_tokens):
-                reader = PagedCacheReader([(cache, layout)] * L, tables[r, mem.live_pages].long(), D**-0.5,
-                                          backend=cfg.kernels)
+                reader = PagedCacheReader(layers, tables[r, mem.live_pages].long(), D**-0.5, backend=cfg.kernels)
                 jobs.append(begin_step(mem, reader, req_id=str(r)))
-        for result in compute_steps(jobs, cfg, D**-0.5, kv, reduce=reduce):
+        for result in compute_steps(jobs, cfg, D**-0.5, kv, reduce=reduce, layers=(first, L) if pp > 1 else None):
             mem = result.job.mem
             mem.evicted_pages.update(result.plan.free_pages)
             mem.pending = False
@@ -184,8 +186,11 @@ def run_sharded(cfg: EvictionConfig, workers: int, reduce: Callable | None, rank
     return [(sorted(m.evicted_pages), *s) for m, s in zip(mems, stats, strict=True)]
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("policy", ["namm", "h2o-page", "snapkv-page", "l2-token", "streaming"])
-def test_compute_steps_sharded_over_kv_heads_equals_one_worker(policy, tmp_path):
+def test_compute_steps_sharded_equals_one_worker(policy, tp, pp, tmp_path):
+    """Workers holding KV-head slices (tensor parallel), layer slices (pipeline parallel) or
+    both free the pages one worker frees, with the same statistics."""
     extra: dict = {"page_rule": "majority"}
     if policy == "namm":
         extra |= {"policy": "namm", "weights": random_weights(tmp_path)}
@@ -193,14 +198,12 @@ def test_compute_steps_sharded_over_kv_heads_equals_one_worker(policy, tmp_path)
         name, _, selection = policy.partition("-")
         extra |= {"policy": name, "budget": {"ratio": 0.3}, "selection": selection or "page"}
     cfg = EvictionConfig(kernels="torch", interval=256, **extra)
-    want = run_sharded(cfg, 1, None, 0)
-    group = FakeGroup(2)
-    got = group.run(lambda r, reduce: run_sharded(cfg, 2, reduce, r))
-    assert got[0] == want and got[1] == want
+    want = run_sharded(cfg, 1, 1, None, 0)
+    got = FakeGroup(tp * pp).run(lambda r, reduce: run_sharded(cfg, tp, pp, reduce, r))
+    assert all(g == want for g in got)
     assert any(pages for pages, _, _ in want), "the check is empty: nothing was freed"
-    if policy not in ("streaming",):  # position-only policies agree even unreduced
-        alone = run_sharded(cfg, 2, None, 0)
-        assert alone != want, "the check is empty: one worker's heads alone give the same plans and statistics"
+    alone = run_sharded(cfg, tp, pp, None, 0)
+    assert alone != want, "the check is empty: one worker's part alone gives the same plans and statistics"
 
 
 def test_a_failure_on_one_worker_drops_the_batch_everywhere(tmp_path):
@@ -233,3 +236,78 @@ def test_a_failure_on_one_worker_drops_the_batch_everywhere(tmp_path):
     errors = FakeGroup(2).run(step)
     assert isinstance(errors[1], MemoryError)
     assert isinstance(errors[0], PeerStepError)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine options and the launcher (no engine started)
+# ---------------------------------------------------------------------------------------------
+def engine_args(**kwargs: Any) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model="x", **kwargs)
+
+
+def test_parallelism_checks():
+    from vllm_namm.vllm_patch.engine_config import NammConfigError, check_parallelism
+
+    cfg = EvictionConfig(policy="streaming", budget={"tokens": 512})
+    check_parallelism(engine_args(tensor_parallel_size=2, pipeline_parallel_size=2), cfg)  # supported
+    with pytest.raises(NammConfigError, match="--kv-eviction-lag 0 cannot work with --pipeline-parallel-size"):
+        check_parallelism(engine_args(pipeline_parallel_size=2), cfg.model_copy(update={"lag": 0}))
+    check_parallelism(engine_args(tensor_parallel_size=2), cfg.model_copy(update={"lag": 0}))
+    for attr, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
+                       ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
+        with pytest.raises(NammConfigError, match=flag):
+            check_parallelism(engine_args(tensor_parallel_size=2, **{attr: 2}), cfg)
+
+
+def test_gpu_cuda_graphs_become_piecewise():
+    """On GPU eviction keeps CUDA graphs around everything but attention (written from vLLM
+    0.32's config code; there is no vLLM GPU build here, so only the settings are checked)."""
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    from vllm_namm.vllm_patch.engine_config import NammConfigError, piecewise_cuda_graphs
+
+    args = engine_args()  # vLLM's default on GPU would be FULL_AND_PIECEWISE
+    piecewise_cuda_graphs(args)
+    assert args.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    for asked in ("FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):
+        args = engine_args(compilation_config={"cudagraph_mode": asked})
+        piecewise_cuda_graphs(args)
+        assert args.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE, asked
+    args = engine_args(compilation_config={"cudagraph_mode": "NONE"})
+    piecewise_cuda_graphs(args)
+    assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    args = engine_args(enforce_eager=True)
+    piecewise_cuda_graphs(args)
+    assert args.compilation_config.cudagraph_mode is None  # eager: vLLM turns graphs off itself
+    args = engine_args(compilation_config={"mode": CompilationMode.STOCK_TORCH_COMPILE,
+                                           "cudagraph_mode": "FULL_AND_PIECEWISE"})
+    piecewise_cuda_graphs(args)  # no piecewise graphs without vLLM's compiler: no graphs at all
+    assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    with pytest.raises(NammConfigError, match="splitting_ops"):
+        piecewise_cuda_graphs(engine_args(compilation_config={"splitting_ops": []}))
+
+
+def test_launcher_sets_cpu_thread_binding_for_several_workers(monkeypatch):
+    from vllm_namm.launch import VllmServer, omp_threads_bind, parallel_world_size
+
+    assert parallel_world_size(["--tensor-parallel-size", "2"]) == 2
+    assert parallel_world_size(["-tp=2", "--pipeline-parallel-size", "2", "--x", "3"]) == 4
+    assert parallel_world_size(["--dtype", "float32"]) == 1
+    assert omp_threads_bind(1) is None
+    assert omp_threads_bind(2, cpus=[0, 1], nodes=1) == "0|1"
+    assert omp_threads_bind(2, cpus=range(7), nodes=1) == "0,1,2|3,4,5"  # the spare CPU stays free
+    assert omp_threads_bind(2, cpus=range(8), nodes=2) is None  # one NUMA node per worker: vLLM's own
+    with pytest.raises(ValueError, match="at least 4 CPUs"):
+        omp_threads_bind(4, cpus=[0, 1], nodes=1)
+    server = VllmServer("m", tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    assert server.command[-2:] == ["--tensor-parallel-size", "2"]
+    assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"  # the caller's choice wins
+    import vllm_namm.launch as launch
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(launch, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert VllmServer("m", ["--tensor-parallel-size", "2"]).env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in VllmServer("m").env
