@@ -1,11 +1,14 @@
 """Eviction on vLLM's own multi-worker executor (issue 13), against real ``vllm serve`` processes.
 
-Three servers of the tiny random Llama (2 layers, 2 KV heads), one live at a time, same flags:
+Servers of the tiny random Llama (2 layers, 2 KV heads), one live at a time, with the same
+eviction flags:
 
 * TP=1, eager: the reference;
 * TP=2, compiled (no ``--enforce-eager``: torch.compile on CPU): each rank holds one KV head;
 * PP=2, compiled (vLLM 0.32's CPU build runs pipeline parallelism only compiled): each stage
-  holds one layer.
+  holds one layer;
+
+and, last, TP=2 with ``--kv-eviction none`` (vLLM's own engine), token-identical to TP=1.
 
 Every server serves the same 3000-token greedy request under several policies, chosen per
 request (``vllm_xargs``) on one server: ``none``, streaming (the server's: budget 512), NAMM
@@ -166,3 +169,18 @@ def test_pp2_kv_usage_shows_the_saving(pp2_server: VllmServer):
 
 def test_pp2_concurrent_requests_with_aborts_return_every_block(pp2_server: VllmServer):
     concurrent_mixed_requests_with_aborts(pp2_server)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallel 2 with --kv-eviction none: vLLM's own engine, the plugin dormant
+# ---------------------------------------------------------------------------------------------
+def test_tp2_with_eviction_off_is_token_identical_to_tp1(server_pool: ServerPool, tiny_model: Path, reference):
+    server = server_pool.get("tp2-none", tiny_model, ["--kv-eviction", "none", "--tensor-parallel-size", "2"])
+    assert "NammScheduler" not in server.log_text()
+    got = {"none": complete(server, PROMPT, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)["choices"][0]}
+    for n in (5, 700):
+        got[f"short-{n}"] = complete(server, text(n, 10 + (n == 700)), max_tokens=32, logprobs=1)["choices"][0]
+    for name, choice in got.items():
+        assert choice["token_ids"] == reference[name]["ids"], name
+        lps = choice["logprobs"]["token_logprobs"]
+        assert max(abs(a - b) for a, b in zip(lps, reference[name]["logprobs"], strict=True)) < 1e-3, name
