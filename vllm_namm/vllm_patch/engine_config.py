@@ -129,8 +129,8 @@ def piecewise_cuda_graphs(args: Any) -> None:
     (``CompilationConfig.splitting_ops``, the attention ops by default), which run eagerly
     between the graph pieces with metadata built each step, so both hooks keep working.
     Full CUDA graphs (FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE, vLLM 0.32's default) replay
-    attention too: the query-capturing wrapper would not run on replayed steps and the
-    attention kernels would read metadata captured at graph-capture time, so they stay off.
+    attention too: the query-capturing wrapper would not run on replayed steps, so the decode
+    steps they cover would never reach the policy; they stay off.
     Written from vLLM 0.32's source (``vllm/config/compilation.py``); untested on a GPU.
     """
     if args.enforce_eager:
