@@ -9,6 +9,10 @@ What it does each step, for requests whose policy is not ``none``:
    (block id 0, vLLM's null block) in this worker's block table;
 3. attaches ``(request, logical page, physical block)`` reports to the step's output
    (:mod:`.channel`); the scheduler returns those blocks to the pool;
+4. before attention metadata is built, compacts the block table rows that have holes and
+   shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
+   evicted pages. Slot mappings keep using the logical table (new tokens are never written
+   into a hole) and RoPE positions stay logical.
 
 Several workers: a tensor-parallel rank holds some KV heads of every layer, a pipeline stage
 some layers, but all share one block table (the scheduler's). Each rank scores what it holds
@@ -17,11 +21,6 @@ never vLLM's groups, whose collectives the forward pass issues from the engine t
 same time), so all write the same holes; only the rank whose output vLLM returns to the
 scheduler reports them. With pipeline stages the holes come ``pp - 1`` steps after the report
 (:meth:`NammRunnerState._make_due_holes`).
-
-4. before attention metadata is built, compacts the block table rows that have holes and
-   shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
-   evicted pages. Slot mappings keep using the logical table (new tokens are never written
-   into a hole) and RoPE positions stay logical.
 """
 
 from __future__ import annotations
