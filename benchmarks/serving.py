@@ -16,6 +16,7 @@ Usage::
     python -m benchmarks serving                                   # defaults: see --help
     python -m benchmarks serving --modes none streaming:ratio=0.25 namm h2o:budget=1024 \\
         --num-requests 16 --prompt-tokens 2048 --max-tokens 32 --kv-capacity-requests 4
+    python -m benchmarks serving --tensor-parallel-size 2 --modes none streaming:budget=512   # 2 workers each
 
 A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
 sink, recent, page_rule, selection, page_score (the matching ``--kv-eviction-*`` / ``--namm-*``
@@ -126,14 +127,17 @@ def vllm_server(
     block_size: int,
     num_blocks: int | None = None,
     timeout_s: float = 600.0,
+    tensor_parallel_size: int = 1,
 ) -> Iterator[ServerHandle]:
-    """Start ``vllm serve`` on a free port, wait for /health, and always stop it (even on Ctrl-C)."""
+    """Start ``vllm serve`` on a free port, wait for /health, and always stop it (even on Ctrl-C).
+
+    ``tensor_parallel_size`` > 1: that many workers (the launcher sets the CPU thread binding)."""
     base = [*CPU_DEFAULTS, "--max-model-len", str(max_model_len), "--block-size", str(block_size), "--seed", "0"]
     if num_blocks is not None:
         base += ["--num-gpu-blocks-override", str(num_blocks)]
     t0 = time.monotonic()
     with VllmServer(model, flags, log_path=log, base_flags=base, timeout_s=timeout_s,
-                    kv_space_gib=kv_space_gib) as server:
+                    kv_space_gib=kv_space_gib, tensor_parallel_size=tensor_parallel_size) as server:
         yield ServerHandle(url=server.url, log=log, command=server.command, startup_s=time.monotonic() - t0)
 
 
@@ -194,6 +198,7 @@ class ServingConfig(BaseModel):
     task_kinds: list[str]
     seed: int
     sample_interval_s: float
+    tensor_parallel_size: int = 1
 
 
 class RequestRecord(BaseModel):
@@ -421,7 +426,7 @@ def run_mode(mode: Mode, model: Path, prompts: list[str], cfg: ServingConfig, ou
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
     with vllm_server(model, mode.server_flags(), log=out_dir / f"server-{safe}.log", kv_space_gib=cfg.kv_space_gib,
                      max_model_len=cfg.max_model_len, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                     timeout_s=startup_timeout_s) as server:
+                     timeout_s=startup_timeout_s, tensor_parallel_size=cfg.tensor_parallel_size) as server:
         total = total_blocks_from(httpx.get(f"{server.url}/metrics", timeout=30).text, server.log, cfg.block_size)
         served = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
         records, samples, delta, wall = asyncio.run(
@@ -534,8 +539,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=10**9)
     p.add_argument("--sample-interval", type=float, default=0.2, help="seconds between /metrics samples")
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="workers per server (vLLM's --tensor-parallel-size; on CPU the thread binding is set here)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/serving-<time>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tensor_parallel_size < 1:
+        p.error("--tensor-parallel-size must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,9 +567,11 @@ def main(argv: list[str] | None = None) -> int:
                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, request_rate=args.request_rate,
                         kv_capacity_requests=usable / blocks_per_request, num_blocks=usable + 1,
                         kv_space_gib=args.kv_space_gib, block_size=args.block_size, max_model_len=max_model_len,
-                        task_kinds=args.task_kinds, seed=args.seed, sample_interval_s=args.sample_interval)
+                        task_kinds=args.task_kinds, seed=args.seed, sample_interval_s=args.sample_interval,
+                        tensor_parallel_size=args.tensor_parallel_size)
     prompts = build_prompts(cfg, token_counter(model))
-    print(f"model {model}\n{len(modes)} servers, {usable} KV blocks each; logs in {out_dir}", file=sys.stderr)
+    tp = f", tensor parallel {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    print(f"model {model}\n{len(modes)} servers{tp}, {usable} KV blocks each; logs in {out_dir}", file=sys.stderr)
     report = ServingReport(command=command, started=stamp, config=cfg, results=[])
     json_path = out_dir / "serving.json"
     for mode in modes:

@@ -103,12 +103,12 @@ class ServerPool:
         self.starts: dict[str, int] = {}
 
     def get(self, key: str, model: str | Path, flags: Sequence[str] = (), *,
-            env: Mapping[str, str] | None = None) -> VllmServer:
+            env: Mapping[str, str] | None = None, base_flags: Sequence[str] = BASE_FLAGS) -> VllmServer:
         if self.server is not None and self.key == key and self.server.alive:
             return self.server
         self.close()
         n = self.starts[key] = self.starts.get(key, 0) + 1
-        server = VllmServer(model, flags, env=env, log_path=self.log_dir / f"{key}-{n}.log")
+        server = VllmServer(model, flags, env=env, log_path=self.log_dir / f"{key}-{n}.log", base_flags=base_flags)
         server.start()
         self.key, self.server = key, server
         return server

@@ -91,8 +91,10 @@ FLAG_CASES: list[FlagCase] = [
     _c("policy-bogus", ["--kv-eviction", "bogus"], "--kv-eviction", "choice", "invalid choice", kind="argparse"),
     _c("policy-case", ["--kv-eviction", "NAMM"], "--kv-eviction", "choice", "invalid choice", kind="argparse"),
     _c("streaming-without-budget", STREAM, "--kv-eviction", "conflict", "needs --kv-eviction-budget"),
-    _c("tensor-parallel", [*NAMM, "--tensor-parallel-size", "2"], "--kv-eviction", "conflict",
-       "tensor/pipeline parallel size 1"),
+    _c("pipeline-lag-0", [*NAMM, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"], "--kv-eviction-lag",
+       "conflict", "cannot work with --pipeline-parallel-size"),
+    _c("context-parallel", [*NAMM, "--decode-context-parallel-size", "2"], "--decode-context-parallel-size",
+       "conflict", "split each request's tokens"),
     _c("scheduler-cls", [*NAMM, "--scheduler-cls", "my.Scheduler"], "--scheduler-cls", "conflict",
        "replaces the scheduler"),
     # --namm-weights
@@ -204,6 +206,8 @@ GOOD_FLAGS: dict[str, list[str]] = {
     "one-shot": [*NAMM, "--max-model-len", "4096", "--kv-eviction-interval", "8192"],
     "one-shot-derived-len": [*NAMM, "--kv-eviction-interval", str(1 << 24)],  # length from the model
     "interval-512": [*NAMM, "--max-model-len", "4096"],
+    "tensor-parallel-2": [*STREAM_B, "--tensor-parallel-size", "2"],
+    "pipeline-parallel-2": [*NAMM, "--pipeline-parallel-size", "2", "--tensor-parallel-size", "2"],
 }
 
 

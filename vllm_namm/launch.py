@@ -1,11 +1,14 @@
 """Start and stop ``vllm serve`` on loopback: one helper for the demo, benchmarks and tests.
 
 It waits for ``/health``, fails fast with the log tail when the server dies during start-up,
-and always stops the whole process group (API server, engine core, workers).
+and always stops the whole process group (API server, engine core, workers). With several
+workers (``tensor_parallel_size``) it sets vLLM's CPU thread binding when vLLM's own would
+refuse to start (:func:`omp_threads_bind`).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -21,6 +24,49 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DEFAULTS: tuple[str, ...] = ("--enforce-eager", "--dtype", "float32")
 """What a tiny float32 model wants on the CPU build (no graph capture, no bf16)."""
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_PARALLEL_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+
+
+def parallel_world_size(flags: Sequence[str]) -> int:
+    """Workers (tensor x pipeline parallel size) that ``vllm serve`` flags ask for."""
+    sizes = {"tp": 1, "pp": 1}
+    args = list(flags)
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in _PARALLEL_FLAGS:
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else "1"
+            try:
+                sizes[_PARALLEL_FLAGS[name]] = int(value)
+            except ValueError:
+                pass  # vllm serve reports the bad value itself
+    return sizes["tp"] * sizes["pp"]
+
+
+def numa_nodes() -> int:
+    """NUMA nodes of this machine (1 when sysfs does not say)."""
+    return max(len(glob.glob("/sys/devices/system/node/node[0-9]*")), 1)
+
+
+def omp_threads_bind(world_size: int, cpus: Sequence[int] | None = None, nodes: int | None = None) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world_size`` CPU workers, or None when vLLM's default works.
+
+    Why: vLLM's CPU build binds each worker's OpenMP threads to its own NUMA node by default
+    and refuses to start ("Not enough allowed NUMA nodes") with more workers than nodes, e.g.
+    ``--tensor-parallel-size 2`` on a one-node machine. Then the CPUs this process may use are
+    split into ``world_size`` contiguous, equal sets ("0|1" for two workers on two CPUs);
+    the remainder stays free for the API server and the eviction threads. The variable is
+    read by the CPU build only, so setting it is harmless on GPU.
+    """
+    if world_size <= 1 or (numa_nodes() if nodes is None else nodes) >= world_size:
+        return None
+    allowed = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(allowed) < world_size:
+        raise ValueError(f"{world_size} CPU workers need at least {world_size} CPUs; this process may use "
+                         f"{len(allowed)} ({allowed})")
+    per = len(allowed) // world_size
+    return "|".join(",".join(str(c) for c in allowed[r * per : (r + 1) * per]) for r in range(world_size))
 
 
 def free_port() -> int:
@@ -68,13 +114,20 @@ def metric_label(metrics: Mapping[str, float], name: str, label: str) -> str | N
 
 
 class VllmServer:
-    """``vllm serve MODEL *base_flags *flags`` as a context manager (``url``: root, ``base_url``: /v1)."""
+    """``vllm serve MODEL *base_flags *flags`` as a context manager (``url``: root, ``base_url``: /v1).
+
+    ``tensor_parallel_size`` > 1 adds ``--tensor-parallel-size``; with several workers (that
+    flag, or ``--tensor-parallel-size``/``--pipeline-parallel-size`` among ``flags``) the CPU
+    thread binding is set unless ``env`` or the environment already sets it.
+    """
 
     def __init__(self, model: str | Path, flags: Sequence[str] = (), *, log_path: str | Path | None = None,
                  env: Mapping[str, str] | None = None, base_flags: Sequence[str] = CPU_DEFAULTS,
-                 timeout_s: float = 300.0, kv_space_gib: int = 1) -> None:
+                 timeout_s: float = 300.0, kv_space_gib: int = 1, tensor_parallel_size: int = 1) -> None:
         self.model = str(model)
         self.flags = list(flags)
+        if tensor_parallel_size > 1:
+            self.flags += ["--tensor-parallel-size", str(tensor_parallel_size)]
         if log_path is None:
             import tempfile
 
@@ -82,6 +135,10 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)} | dict(env or {})
         self.base_flags = list(base_flags)
+        if THREADS_BIND_ENV not in self.env:
+            bind = omp_threads_bind(parallel_world_size([*self.base_flags, *self.flags]))
+            if bind is not None:
+                self.env[THREADS_BIND_ENV] = bind
         self.timeout_s = timeout_s
         self.host = "127.0.0.1"
         self.port = free_port()

@@ -37,7 +37,7 @@ from torch import Tensor
 from vllm_namm import kernels
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import PagedFeatures, attention_columns
-from vllm_namm.paging import PagePlan, plan_pages, select_pages
+from vllm_namm.paging import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
 
 
@@ -279,15 +279,60 @@ def _layer_view(job: StepJob, layer: int, policy: EvictionPolicy, scale: float, 
     )
 
 
+class PeerStepError(RuntimeError):
+    """Another worker of the tensor-parallel group failed this batch: nobody applies it."""
+
+
 @torch.no_grad()
 def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
-                  device: torch.device | str = "cpu") -> list[StepResult]:
+                  device: torch.device | str = "cpu", reduce: Reduce | None = None,
+                  layers: tuple[int, int] | None = None) -> list[StepResult]:
     """Score every scored token of every layer of every job; plan each request's freed pages.
 
     Per layer, the attention columns are computed, handed to the policy's ``prepare`` and
     dropped; then each policy scores all its (request, layer) entries in one
     ``score_prepared`` call. Updates (filters) the jobs' policy states; touches nothing else.
+
+    ``reduce`` (tensor parallel, see :data:`vllm_namm.paging.Reduce`): this worker holds
+    ``kv_heads`` of every layer's KV heads; the workers agree on every page plan through
+    at most three collectives per batch, whatever the number of jobs: whether every worker computed
+    its part (a worker whose part failed still takes part, so nobody waits forever, and then
+    every worker drops the batch), the summed tallies and the maximal ones
+    (:func:`~vllm_namm.paging.reduce_votes`). Every worker must call it with the same jobs
+    (requests and positions) in the same order. ``layers`` = (first, total) (pipeline
+    parallel): the jobs' layers are layers ``first, first + 1, ...`` of ``total``; the plans'
+    per-layer statistics then cover all ``total`` layers.
     """
+    error: BaseException | None = None
+    votes: list[PageVotes] = []
+    try:
+        votes = _local_votes(jobs, config, scale, kv_heads, device)
+        if layers is not None:
+            for vote in votes:
+                vote.place_layers(*layers)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have heard of it
+        if reduce is None:
+            raise
+        error = e
+    if reduce is not None:
+        failed = reduce(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64), "max")
+        if error is not None:
+            raise error
+        if float(failed[0]) > 0:
+            raise PeerStepError("an eviction step failed on another tensor-parallel worker")
+        reduce_votes(votes, reduce)
+    results = []
+    for job, vote in zip(jobs, votes, strict=True):
+        plan = vote.decide()
+        for state in job.mem.states:
+            state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
+        results.append(StepResult(job, plan))
+    return results
+
+
+def _local_votes(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
+                 device: torch.device | str) -> list[PageVotes]:
+    """This worker's per-page tallies of every job (its own KV heads only)."""
     by_policy: dict[int, tuple[EvictionPolicy, list[Any], list[tuple[int, int]]]] = {}
     views: dict[tuple[int, int], LayerView] = {}
     for j, job in enumerate(jobs):
@@ -306,7 +351,7 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
             view = views[slot]
             scores_of[slot] = scores
             keep[slot] = protect(policy.select(scores, view), view, config.protect)
-    results = []
+    votes = []
     for j, job in enumerate(jobs):
         mem = job.mem
         layers = range(mem.num_layers)
@@ -314,19 +359,16 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
         policy = mem.policy
         budget = getattr(policy, "budget", None)  # budget policies, and namm ranked under a budget
         if config.selection == "page" and budget is not None:  # whole pages within the budget
-            plan = select_pages(
+            votes.append(budget_votes(
                 [scores_of[j, layer] for layer in layers], job.positions, mem.block_size,
                 keep_tokens=budget.size(job.positions.numel(), job.num_tokens), aggregate=config.page_score,
                 protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
                 protect_from_position=job.protect_from_position, keep_masks=masks,
-            )
+            ))
         else:
-            plan = plan_pages(masks, job.positions, mem.block_size, rule=config.page_rule,
-                              protect_from_position=job.protect_from_position)
-        for state in mem.states:
-            state.filter(plan.token_keep.to(state_device(state, plan.token_keep)))
-        results.append(StepResult(job, plan))
-    return results
+            votes.append(rule_votes(masks, job.positions, mem.block_size, rule=config.page_rule,
+                                    protect_from_position=job.protect_from_position))
+    return votes
 
 
 def finish_step(result: StepResult) -> StepStats:

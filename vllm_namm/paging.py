@@ -9,12 +9,18 @@ block can only be freed when the policy is done with it everywhere. Two pure fun
 * :func:`select_pages` (page-level selection, budget policies): token scores are aggregated
   to one score per page over tokens, KV heads and layers, and the best whole pages are kept
   within the budget, so a budget is met where memory is counted.
+
+Under tensor parallelism each worker holds some KV heads of every layer but all share one
+block table: both functions first reduce every worker's tallies to per-page sums and maxima
+(:class:`PageVotes`), which one all-reduce per operation combines (``reduce``), and then
+decide from the combined tallies, identically on every worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -49,6 +55,11 @@ class PagePlan:
         return sum(self.realised) / q if q else 1.0
 
 
+Reduce = Callable[[Tensor, str], Tensor]
+"""``reduce(t, op)``: ``t`` combined element-wise over the workers that share a block table
+(``op`` "sum" or "max"), identical on every worker. None = one worker."""
+
+
 def plan_pages(
     keep_masks: Sequence[Tensor],
     positions: Tensor,
@@ -57,6 +68,7 @@ def plan_pages(
     protected_pages: Iterable[int] = (),
     protect_first_page: bool = True,
     protect_from_position: int | None = None,
+    reduce: Reduce | None = None,
 ) -> PagePlan:
     """Which logical pages to free, given token keep masks of the layers sharing the pages.
 
@@ -72,65 +84,208 @@ def plan_pages(
     off, and every page holding a position >= ``protect_from_position`` (default: the newest
     token's page, the one being written; pass the first unscored position to keep unscored
     tokens too).
+
+    ``reduce`` (tensor parallel): each worker passes the masks of its own KV heads, and
+    ``reduce(t, "sum")`` must return the sum of ``t`` over the workers (the same on every
+    worker), so that all of them free the same pages; see :func:`reduce_votes`.
     """
+    votes = rule_votes(keep_masks, positions, block_size, rule, protected_pages, protect_first_page,
+                       protect_from_position)
+    if reduce is not None:
+        reduce_votes([votes], reduce)
+    return votes.decide()
+
+
+@dataclass
+class PageVotes:
+    """One request's per-page tallies on one worker, before the workers agree on them.
+
+    Everything a page decision depends on is a sum or a max over (layer, KV head, token)
+    entries, so workers that each hold some KV heads (tensor parallel) or some layers
+    (pipeline parallel, :meth:`place_layers`) can combine their tallies with one all-reduce
+    per operation and then decide identically
+    (:func:`reduce_votes`, :meth:`decide`). Counts are float64: sums of integers, exact
+    whatever order the workers add them in.
+
+    ``sums`` rows: ``[0, L)`` evicted (layer, head, token) entries per layer and page,
+    ``[L, 2L)`` all entries per layer and page; for page selection also ``2L`` the scored
+    entries per page, ``2L + 1`` their summed integer token ranks and ``2L + 2`` the per-head
+    budget votes. ``maxes`` (page selection): row 0 the best normalised rank, row 1 protected
+    tokens (0/1).
+    """
+
+    kind: Literal["rule", "budget"]
+    pages: Tensor
+    inverse: Tensor
+    num_layers: int
+    fixed_protected: Tensor
+    """bool [n_pages]: protected whatever the scores (sink, newest, explicitly protected)."""
+    sums: Tensor
+    maxes: Tensor | None = None
+    rule: PageRule = "all"
+    n_tokens: int = 0
+    keep_pages: int = 0
+    """Page selection: pages the budget buys."""
+    aggregate: PageScore = "max"
+    stats_from_masks: bool = True
+    """Page selection without keep masks: requested = realised = the entries freed."""
+
+    def place_layers(self, offset: int, total: int) -> None:
+        """Re-index the per-layer rows as layers ``[offset, offset + L)`` of ``total`` (zeros
+        elsewhere), so that pipeline stages holding different layers reduce row for row."""
+        n_layers = self.num_layers
+        if (offset, total) == (0, n_layers):
+            return
+        if offset < 0 or offset + n_layers > total:
+            raise ValueError(f"layers [{offset}, {offset + n_layers}) do not fit in {total}")
+        rows = torch.zeros(2 * total + self.sums.shape[0] - 2 * n_layers, self.sums.shape[1], dtype=self.sums.dtype,
+                           device=self.sums.device)
+        rows[offset : offset + n_layers] = self.sums[:n_layers]
+        rows[total + offset : total + offset + n_layers] = self.sums[n_layers : 2 * n_layers]
+        rows[2 * total :] = self.sums[2 * n_layers :]
+        self.sums, self.num_layers = rows, total
+
+    def decide(self) -> PagePlan:
+        """The page plan from (reduced) tallies: identical on every worker that holds them."""
+        n_layers = self.num_layers
+        evicted, entries = self.sums[:n_layers], self.sums[n_layers : 2 * n_layers]
+        if self.kind == "rule":
+            frac = evicted.sum(0) / entries.sum(0)
+            if self.rule == "all":
+                free = frac >= 1.0
+            elif self.rule == "majority":
+                free = frac > 0.5
+            else:
+                free = frac > 0.0
+            free &= ~self.fixed_protected
+        else:
+            free = self._select()
+        return self._plan(free, evicted, entries)
+
+    def _select(self) -> Tensor:
+        n_layers = self.num_layers
+        assert self.maxes is not None
+        total = self.sums[2 * n_layers]
+        mean = self.sums[2 * n_layers + 1] / max(self.n_tokens - 1, 1) / total
+        if self.aggregate == "mean":
+            primary, secondary = mean, torch.zeros_like(mean)
+        elif self.aggregate == "max":
+            primary, secondary = self.maxes[0], mean
+        else:
+            primary, secondary = self.sums[2 * n_layers + 2] / total, mean
+        # ascending by (primary, secondary, page): the best page last
+        order = torch.argsort(secondary, stable=True)
+        order = order[torch.argsort(primary[order], stable=True)]
+        protected = self.fixed_protected | (self.maxes[1] > 0)
+        slots = max(self.keep_pages - int(protected.sum().item()), 0)
+        best_first = order.flip(0)
+        candidates = best_first[~protected[best_first]]
+        keep = protected.clone()
+        keep[candidates[:slots]] = True
+        return ~keep
+
+    def _plan(self, free: Tensor, evicted: Tensor, entries: Tensor) -> PagePlan:
+        token_freed = free[self.inverse]
+        freed = free.to(evicted.dtype)
+        requested = [int(v) for v in evicted.sum(1).tolist()]
+        realised = [int(v) for v in (evicted * freed).sum(1).tolist()]
+        forced = [int(v) for v in ((entries - evicted) * freed).sum(1).tolist()]
+        if not self.stats_from_masks:
+            requested = list(realised)
+        return PagePlan(free_pages=self.pages[free].tolist(), token_keep=~token_freed, requested=requested,
+                        realised=realised, forced=forced)
+
+
+def reduce_votes(votes: Sequence[PageVotes], reduce: Reduce) -> None:
+    """Combine the tallies of many requests over the workers: one ``reduce`` call per operation
+    for the whole batch (every worker must pass the same requests in the same order)."""
+    for attr, op in (("sums", "sum"), ("maxes", "max")):
+        parts = [getattr(v, attr) for v in votes if getattr(v, attr) is not None]
+        if not parts:
+            continue
+        flat = reduce(torch.cat([p.reshape(-1) for p in parts]), op).to(parts[0].device)
+        offset = 0
+        for v in votes:
+            part = getattr(v, attr)
+            if part is not None:
+                setattr(v, attr, flat[offset : offset + part.numel()].view_as(part))
+                offset += part.numel()
+
+
+def _page_index(positions: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return torch.unique(positions.long() // block_size, return_inverse=True)
+
+
+def _fixed_protection(pages: Tensor, positions: Tensor, block_size: int, protected_pages: Iterable[int],
+                      protect_first_page: bool, protect_from_position: int | None) -> Tensor:
+    newest = int(positions.max().item()) if protect_from_position is None else protect_from_position
+    protected = pages >= newest // block_size
+    if protect_first_page:
+        protected |= pages == 0
+    prot = torch.as_tensor(list(protected_pages), dtype=pages.dtype, device=pages.device)
+    if prot.numel():
+        protected |= torch.isin(pages, prot)
+    return protected
+
+
+def _mask_tallies(masks: Sequence[Tensor], inverse: Tensor, n_pages: int) -> tuple[Tensor, Tensor]:
+    """float64 [L, n_pages] evicted entries and all entries per layer and page."""
+    device = inverse.device
+    evicted = torch.zeros(len(masks), n_pages, dtype=torch.float64, device=device)
+    entries = torch.zeros_like(evicted)
+    for layer, m in enumerate(masks):
+        evicted[layer].index_add_(0, inverse, (~m).sum(dim=0).double())
+        entries[layer].index_add_(0, inverse, torch.full((m.shape[-1],), float(m.shape[0]), dtype=torch.float64,
+                                                         device=device))
+    return evicted, entries
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def rule_votes(
+    keep_masks: Sequence[Tensor],
+    positions: Tensor,
+    block_size: int,
+    rule: PageRule = "all",
+    protected_pages: Iterable[int] = (),
+    protect_first_page: bool = True,
+    protect_from_position: int | None = None,
+) -> PageVotes:
+    """This worker's tallies for :func:`plan_pages` (same arguments)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if not keep_masks:
         raise ValueError("keep_masks is empty: need at least one layer")
+    if rule not in ("all", "majority", "any"):
+        raise ValueError(f"unknown page rule {rule!r} (all, majority, any)")
     n = positions.shape[-1]
     device = positions.device
-    if n == 0:
-        return PagePlan([], torch.ones(0, dtype=torch.bool, device=device), [0] * len(keep_masks),
-                        [0] * len(keep_masks), [0] * len(keep_masks))
-    pages, inverse = torch.unique(positions.long() // block_size, return_inverse=True)
-    n_pages = pages.numel()
-    evicted = torch.zeros(n_pages, dtype=torch.float64, device=device)
-    entries = torch.zeros(n_pages, dtype=torch.float64, device=device)
     masks = []
     for m in keep_masks:
-        m = m.to(device=device, dtype=torch.bool)
-        m = m.unsqueeze(0) if m.dim() == 1 else m
+        m = _as_rows(m.to(device=device, dtype=torch.bool))
         if m.shape[-1] != n:
             raise ValueError(f"a keep mask covers {m.shape[-1]} tokens, positions has {n}")
         masks.append(m)
-        per_token_evicted = (~m).sum(dim=0).double()  # [n]
-        evicted.index_add_(0, inverse, per_token_evicted)
-        entries.index_add_(0, inverse, torch.full((n,), float(m.shape[0]), dtype=torch.float64, device=device))
-    frac = evicted / entries
-    if rule == "all":
-        free = frac >= 1.0
-    elif rule == "majority":
-        free = frac > 0.5
-    elif rule == "any":
-        free = frac > 0.0
-    else:
-        raise ValueError(f"unknown page rule {rule!r} (all, majority, any)")
-    newest = int(positions.max().item()) if protect_from_position is None else protect_from_position
-    free &= pages < newest // block_size
-    if protect_first_page:
-        free &= pages != 0
-    prot = torch.as_tensor(list(protected_pages), dtype=pages.dtype, device=device)
-    if prot.numel():
-        free &= ~torch.isin(pages, prot)
-    return _plan(pages, free, inverse, masks)
+    if n == 0:
+        return _empty_votes("rule", len(masks), device)
+    pages, inverse = _page_index(positions, block_size)
+    evicted, entries = _mask_tallies(masks, inverse, pages.numel())
+    fixed = _fixed_protection(pages, positions, block_size, protected_pages, protect_first_page,
+                              protect_from_position)
+    return PageVotes("rule", pages, inverse, len(masks), fixed, torch.cat([evicted, entries]), rule=rule, n_tokens=n)
 
 
-def _plan(pages: Tensor, free: Tensor, inverse: Tensor, masks: Sequence[Tensor]) -> PagePlan:
-    """The :class:`PagePlan` freeing ``pages[free]``, with the rounding statistics of ``masks``."""
-    token_freed = free[inverse]  # [n]
-    requested, realised, forced = [], [], []
-    for m in masks:
-        ev = ~m
-        requested.append(int(ev.sum().item()))
-        realised.append(int((ev & token_freed).sum().item()))
-        forced.append(int((m & token_freed).sum().item()))
-    return PagePlan(
-        free_pages=pages[free].tolist(),
-        token_keep=~token_freed,
-        requested=requested,
-        realised=realised,
-        forced=forced,
-    )
+def _empty_votes(kind: Literal["rule", "budget"], n_layers: int, device: torch.device | str) -> PageVotes:
+    """No token: nothing to free (still takes part in a reduce, with zero-size tallies)."""
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    rows = 2 * n_layers + (3 if kind == "budget" else 0)
+    return PageVotes(kind, empty, empty, n_layers, torch.zeros(0, dtype=torch.bool, device=device),
+                     torch.zeros(rows, 0, dtype=torch.float64, device=device),
+                     torch.zeros(2, 0, dtype=torch.float64, device=device) if kind == "budget" else None)
 
 
 def token_ranks(scores: Tensor) -> Tensor:
@@ -162,6 +317,7 @@ def select_pages(
     protect_from_position: int | None = None,
     protected_pages: Iterable[int] = (),
     keep_masks: Sequence[Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> PagePlan:
     """Keep the best whole pages within a budget of ``keep_tokens`` tokens; free the others.
 
@@ -191,7 +347,31 @@ def select_pages(
     ``keep_masks`` (the policy's token-level decisions, as for :func:`plan_pages`) only feed
     the statistics: how many of the token evictions it asked for the freed pages realise.
     Without them, ``requested`` = ``realised`` = the (head, token) entries freed per layer.
+
+    ``reduce`` (tensor parallel): each worker passes the scores of its own KV heads, and
+    ``reduce(t, op)`` combines ``t`` over the workers (:data:`Reduce`), so that every worker
+    keeps the same pages: what :func:`select_pages` of all heads on one worker keeps.
     """
+    votes = budget_votes(scores_per_layer, positions, block_size, keep_tokens, aggregate, protected_token_mask,
+                         protect_first_page, protect_from_position, protected_pages, keep_masks)
+    if reduce is not None:
+        reduce_votes([votes], reduce)
+    return votes.decide()
+
+
+def budget_votes(
+    scores_per_layer: Sequence[Tensor],
+    positions: Tensor,
+    block_size: int,
+    keep_tokens: int,
+    aggregate: PageScore = "max",
+    protected_token_mask: Tensor | None = None,
+    protect_first_page: bool = True,
+    protect_from_position: int | None = None,
+    protected_pages: Iterable[int] = (),
+    keep_masks: Sequence[Tensor] | None = None,
+) -> PageVotes:
+    """This worker's tallies for :func:`select_pages` (same arguments)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if not scores_per_layer:
@@ -204,57 +384,40 @@ def select_pages(
     n = positions.shape[-1]
     rows = []
     for s in scores_per_layer:
-        s = s.unsqueeze(0) if s.dim() == 1 else s
+        s = _as_rows(s)
         if s.shape[-1] != n:
             raise ValueError(f"a layer's scores cover {s.shape[-1]} tokens, positions has {n}")
         rows.append(s.to(device))
-    masks = []
-    for m in keep_masks if keep_masks is not None else ():
-        m = m.to(device=device, dtype=torch.bool)
-        masks.append(m.unsqueeze(0) if m.dim() == 1 else m)
+    if keep_masks is not None:
+        masks = [_as_rows(m.to(device=device, dtype=torch.bool)) for m in keep_masks]
+    else:  # every entry counts as requested (see the docstring)
+        masks = [torch.zeros(r.shape[0], n, dtype=torch.bool, device=device) for r in rows]
     if n == 0:
-        zeros = [0] * len(rows)
-        return PagePlan([], torch.ones(0, dtype=torch.bool, device=device), zeros, zeros, zeros)
+        votes = _empty_votes("budget", len(masks), device)
+        votes.stats_from_masks = keep_masks is not None
+        return votes
     pos = positions.to(device).long()
-    pages, inverse = torch.unique(pos // block_size, return_inverse=True)
+    pages, inverse = _page_index(pos, block_size)
     n_pages = pages.numel()
+    evicted, entries = _mask_tallies(masks, inverse, n_pages)
     rank = token_ranks(torch.cat(rows))  # [layers * heads, n]
-    n_rows = rank.shape[0]
-    entries = torch.zeros(n_pages, device=device).index_add_(0, inverse, torch.ones(n, device=device)) * n_rows
-    norm = rank.float() / max(n - 1, 1)
-    mean = torch.zeros(n_pages, device=device).index_add_(0, inverse, norm.sum(0)) / entries
-    if aggregate == "mean":
-        primary, secondary = mean, torch.zeros_like(mean)
-    elif aggregate == "max":
-        primary = torch.zeros(n_pages, device=device).scatter_reduce_(0, inverse, norm.amax(0), "amax")
-        secondary = mean
-    else:
-        kept = (rank >= n - min(keep_tokens, n)).float().sum(0)
-        primary = torch.zeros(n_pages, device=device).index_add_(0, inverse, kept) / entries
-        secondary = mean
-    # ascending by (primary, secondary, page): the best page last
-    order = torch.argsort(secondary, stable=True)
-    order = order[torch.argsort(primary[order], stable=True)]
-    newest = int(pos.max().item()) if protect_from_position is None else protect_from_position
-    protected = pages >= newest // block_size
-    if protect_first_page:
-        protected |= pages == 0
-    prot = torch.as_tensor(list(protected_pages), dtype=pages.dtype, device=device)
-    if prot.numel():
-        protected |= torch.isin(pages, prot)
+    scored = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(
+        0, inverse, torch.full((n,), float(rank.shape[0]), dtype=torch.float64, device=device))
+    rank_sum = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(0, inverse, rank.sum(0).double())
+    best = torch.zeros(n_pages, dtype=torch.float64, device=device).scatter_reduce_(
+        0, inverse, rank.amax(0).double() / max(n - 1, 1), "amax")
+    kept = (rank >= n - min(keep_tokens, n)).double().sum(0)
+    votes_kept = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(0, inverse, kept)
+    protected = torch.zeros(n_pages, dtype=torch.float64, device=device)
     if protected_token_mask is not None:
         ptm = protected_token_mask.to(device=device, dtype=torch.bool).reshape(-1)
         if ptm.numel() != n:
             raise ValueError(f"protected_token_mask covers {ptm.numel()} tokens, positions has {n}")
-        protected |= torch.zeros(n_pages, device=device).index_add_(0, inverse, ptm.float()) > 0
-    slots = max(budget_pages(keep_tokens, block_size) - int(protected.sum().item()), 0)
-    best_first = order.flip(0)
-    candidates = best_first[~protected[best_first]]
-    keep = protected.clone()
-    keep[candidates[:slots]] = True
-    free = ~keep
-    if masks:
-        return _plan(pages, free, inverse, masks)
-    plan = _plan(pages, free, inverse, [torch.zeros(r.shape[0], n, dtype=torch.bool, device=device) for r in rows])
-    plan.requested = list(plan.realised)
-    return plan
+        protected.index_add_(0, inverse, ptm.double()).clamp_(max=1.0)
+    fixed = _fixed_protection(pages, pos, block_size, protected_pages, protect_first_page, protect_from_position)
+    return PageVotes(
+        "budget", pages, inverse, len(masks), fixed,
+        torch.cat([evicted, entries, torch.stack([scored, rank_sum, votes_kept])]),
+        torch.stack([best, protected]), n_tokens=n, keep_pages=budget_pages(keep_tokens, block_size),
+        aggregate=aggregate, stats_from_masks=keep_masks is not None,
+    )

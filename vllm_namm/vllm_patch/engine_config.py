@@ -21,6 +21,8 @@ logger = logging.getLogger("vllm.namm")
 
 CONFIG_KEY = "namm"
 SCHEDULER_CLS = "vllm_namm.vllm_patch.scheduler.NammScheduler"
+ATTENTION_OP = "vllm::unified_attention_with_output"
+"""The op the piecewise graphs must split at, so that attention (and our hooks) runs eagerly."""
 
 
 class NammConfigError(ValueError):
@@ -50,9 +52,9 @@ def prepare_engine_args(args: Any) -> None:
     """Validate the eviction settings and set the engine options eviction needs.
 
     Eviction needs: our scheduler (frees the reported blocks, chunks prompts at NAMM
-    boundaries), no async scheduling (it would race with freeing), eager mode on GPU (CUDA
-    graphs skip Python hooks), a single worker (tensor/pipeline parallel 1) and no
-    speculative decoding.
+    boundaries), no async scheduling (it would race with freeing), attention outside CUDA
+    graphs on GPU (:func:`piecewise_cuda_graphs`), no context parallelism and a lag with
+    pipeline stages (:func:`check_parallelism`), and no speculative decoding.
     """
     raw = (args.additional_config or {}).get(CONFIG_KEY)
     if raw is None:
@@ -67,8 +69,7 @@ def prepare_engine_args(args: Any) -> None:
         make_policy(cfg)  # loads and checks the weights file now, not in the engine process
     except (WeightsError, ValueError, OSError) as e:
         raise NammConfigError(str(e)) from None
-    if (args.tensor_parallel_size or 1) > 1 or (args.pipeline_parallel_size or 1) > 1:
-        raise NammConfigError("--kv-eviction needs tensor/pipeline parallel size 1 in this version")
+    check_parallelism(args, cfg)
     if args.speculative_config:
         raise NammConfigError("--kv-eviction does not support speculative decoding yet")
     from vllm.config import SchedulerConfig
@@ -86,11 +87,85 @@ def prepare_engine_args(args: Any) -> None:
     args.async_scheduling = False
     args.long_prefill_token_threshold = cfg.interval  # capped at the model length: cap_prefill_chunk
     args.enable_chunked_prefill = True
-    if not current_platform.is_cpu() and not args.enforce_eager:
-        logger.warning("vllm-namm: --kv-eviction forces eager mode on GPU (CUDA graphs skip the eviction hooks)")
-        args.enforce_eager = True
+    if not current_platform.is_cpu():
+        piecewise_cuda_graphs(args)
     args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
-    logger.info("vllm-namm: KV eviction %s, interval %d", cfg.policy, cfg.interval)
+    tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
+    logger.info("vllm-namm: KV eviction %s, interval %d%s", cfg.policy, cfg.interval,
+                f", {tp * pp} workers (tensor parallel {tp}, pipeline {pp}; page plans agreed over a gloo group)"
+                if tp * pp > 1 else "")
+
+
+def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
+    """Tensor and pipeline parallelism are supported; context parallelism is refused.
+
+    * Pipeline parallel needs ``--kv-eviction-lag`` >= 1: the stages agree on a step's page
+      plan through a collective, and a stage computes synchronously (lag 0) inside its forward
+      call, before it hands its activations to the next stage, which is thus never reached.
+    * Decode/prefill context parallel: the ranks split each request's tokens, so no rank can
+      read the keys a step scores.
+    """
+    if (args.pipeline_parallel_size or 1) > 1 and cfg.lag == 0:
+        raise NammConfigError(
+            "--kv-eviction-lag 0 cannot work with --pipeline-parallel-size > 1: the stages agree on every page plan, "
+            "and a synchronous step would wait for the next stage before handing it its activations; use a lag "
+            ">= 1 (the default is 2)"
+        )
+    for flag, attr in (("--decode-context-parallel-size", "decode_context_parallel_size"),
+                       ("--prefill-context-parallel-size", "prefill_context_parallel_size")):
+        if (getattr(args, attr, 1) or 1) > 1:
+            raise NammConfigError(
+                f"--kv-eviction does not support {flag} > 1: the ranks would split each request's tokens, "
+                "so none could read the keys an eviction step scores"
+            )
+
+
+def piecewise_cuda_graphs(args: Any) -> None:
+    """GPU: CUDA graphs around everything but attention (``cudagraph_mode`` PIECEWISE).
+
+    Why: eviction captures queries in a wrapper around the attention implementation's
+    ``forward`` and compacts the block table and ``seq_lens`` every step in Python. vLLM's
+    piecewise graphs split the compiled model at its attention ops
+    (``CompilationConfig.splitting_ops``, the attention ops by default), which run eagerly
+    between the graph pieces with metadata built each step, so both hooks keep working.
+    Full CUDA graphs (FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE, vLLM 0.32's default) replay
+    attention too: the query-capturing wrapper would not run on replayed steps, so the decode
+    steps they cover would never reach the policy; they stay off.
+    Written from vLLM 0.32's source (``vllm/config/compilation.py``); untested on a GPU.
+    """
+    if args.enforce_eager:
+        return
+    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    cc = args.compilation_config
+    if cc is None:
+        cc = args.compilation_config = CompilationConfig()
+    elif isinstance(cc, dict):
+        cc = args.compilation_config = CompilationConfig(**cc)
+    asked = cc.cudagraph_mode
+    if asked == CUDAGraphMode.NONE:
+        return
+    if cc.mode not in (None, CompilationMode.VLLM_COMPILE):  # no piecewise graphs: only full ones are possible
+        cc.cudagraph_mode = CUDAGraphMode.NONE
+        logger.warning("vllm-namm: --kv-eviction turns CUDA graphs off under compilation mode %s (it has no "
+                       "piecewise graphs, and full ones would skip the eviction hooks)", cc.mode.name)
+        return
+    if cc.pass_config.fuse_attn_quant and not cc.use_inductor_graph_partition:
+        raise NammConfigError(
+            "--kv-eviction needs attention outside CUDA graphs; attention+quant fusion (fuse_attn_quant) puts it "
+            "inside full graphs: drop it or add --enforce-eager"
+        )
+    if cc.splitting_ops is not None and ATTENTION_OP not in cc.splitting_ops:
+        raise NammConfigError(
+            "--kv-eviction needs attention outside CUDA graphs: keep the attention ops in "
+            "compilation_config.splitting_ops (the default) or add --enforce-eager"
+        )
+    cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    if asked is not None and asked != CUDAGraphMode.PIECEWISE:
+        logger.warning("vllm-namm: --kv-eviction replaces cudagraph_mode %s by PIECEWISE (full CUDA graphs would "
+                       "replay attention without the eviction hooks)", asked.name)
+    logger.info("vllm-namm: --kv-eviction on GPU: piecewise CUDA graphs, attention outside them (full CUDA graphs "
+                "off: they would skip the eviction hooks); untested on a GPU")
 
 
 def cap_prefill_chunk(args: Any, max_model_len: int | None) -> None:

@@ -13,6 +13,14 @@ What it does each step, for requests whose policy is not ``none``:
    shortens ``seq_lens`` accordingly, so that stock attention backends simply never see the
    evicted pages. Slot mappings keep using the logical table (new tokens are never written
    into a hole) and RoPE positions stay logical.
+
+Several workers: a tensor-parallel rank holds some KV heads of every layer, a pipeline stage
+some layers, but all share one block table (the scheduler's). Each rank scores what it holds
+and the ranks agree on every page plan through a gloo group of their own (:class:`VoteGroup`;
+never vLLM's groups, whose collectives the forward pass issues from the engine thread at the
+same time), so all write the same holes; only the rank whose output vLLM returns to the
+scheduler reports them. With pipeline stages the holes come ``pp - 1`` steps after the report
+(:meth:`NammRunnerState._make_due_holes`).
 """
 
 from __future__ import annotations
@@ -70,6 +78,9 @@ class NammRunnerState:
             raise RuntimeError("vllm-namm: no attention layers found to evict from")
         self.layer_names = [name for name, _ in layers]
         self.layers = [mod for _, mod in layers]
+        self.layer_ids = [extract_layer_index(name) for name in self.layer_names]
+        if self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[0] + len(self.layer_ids))):
+            raise RuntimeError(f"vllm-namm: this worker's attention layers are not consecutive: {self.layer_ids}")
         first = self.layers[0]
         for mod in self.layers:
             if getattr(mod.impl, "sliding_window", None) not in (None, -1) or getattr(
@@ -95,19 +106,34 @@ class NammRunnerState:
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
         # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
         self.fused_features = side == "triton" and (self.weights.features.n_w, self.hop) == (32, 16)
+        self.votes = VoteGroup.create()
+        self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
-        cpus = eviction_cpus(engine_cpus) if self.device.type == "cpu" else None
+        worker_cpus, self.total_layers = engine_cpus, len(self.layers)
+        self.hole_delay = 0
+        self._deferred: list[tuple[int, StepResult, list[tuple[int, int]]]] = []
+        if self.votes is not None:
+            # every rank's worker cores are taken: the eviction thread goes where none of them runs
+            peers = self.votes.gather((sorted(engine_cpus), self.layer_ids[-1] + 1))
+            worker_cpus = {c for cpus_of_peer, _ in peers for c in cpus_of_peer}
+            self.total_layers = max(end for _, end in peers)
+            self.hole_delay = self.votes.stages - 1
+        cpus = eviction_cpus(worker_cpus) if self.device.type == "cpu" else None
         self.executor: LaggedExecutor[StepJob, StepResult] = LaggedExecutor(
             self._compute, config.lag, device=self.device, cpus=cpus)
         for idx, mod in enumerate(self.layers):
             _wrap_impl_forward(mod, idx, self)
         logger.info(
             "vllm-namm: %s eviction on %d layers (block %d, interval %d, attention backend %s, feature kernels %s%s; "
-            "decisions applied %d engine steps later%s)",
+            "decisions applied %d engine steps later%s%s)",
             config.policy, len(self.layers), self.block_size, config.interval, self.backend, side,
             ", fused paged STFT" if self.fused_features else "", config.lag,
             f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
             if config.lag and cpus else "",
+            f"; {self.votes.size} workers (tensor parallel {self.votes.size // self.votes.stages}, pipeline "
+            f"{self.votes.stages}): rank {self.votes.rank} holds {self.num_kv_heads} KV heads of layers "
+            f"{self.layer_ids[0]}-{self.layer_ids[-1]} of {self.total_layers}, page plans agreed over a gloo group"
+            f"{', reports freed blocks' if self.reporter else ''}" if self.votes is not None else "",
         )
 
     # ---- per-request policies -------------------------------------------------------------
@@ -198,6 +224,7 @@ class NammRunnerState:
             self.captured = [None] * len(self.layers)
             self.executor.submit(jobs)
         self.executor.step()
+        self._make_due_holes()
         for future in self.executor.due():
             self._apply(future)
 
@@ -210,37 +237,139 @@ class NammRunnerState:
                                 backend=self.config.kernels, fused=self.fused_features)
 
     def _compute(self, jobs: list[StepJob]) -> list[StepResult]:
-        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device)
+        reduce = self.votes.reduce if self.votes is not None else None
+        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device, reduce=reduce,
+                             layers=(self.layer_ids[0], self.total_layers))
 
     def _apply(self, future: Any) -> None:
-        """Turn computed decisions into holes and reports (engine thread)."""
+        """Report computed decisions and turn them into holes (engine thread).
+
+        With pipeline parallelism the holes come ``pp - 1`` steps after the report
+        (:attr:`hole_delay`): see :meth:`_make_due_holes`.
+        """
         error = future.exception()
         if error is not None:  # never take the engine down: those requests stop evicting
             logger.error("vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error)
             return
-        batch = self.runner.input_batch
-        table = batch.block_table[0].block_table.np
         for result in future.result():
             req_id = result.job.req_id
             if self.requests.get(req_id) is not result.job.mem:
                 continue  # finished, aborted or preempted (state reset) since the step began
-            row = batch.req_id_to_index.get(req_id)
-            if row is None:
-                continue
-            stats = finish_step(result)
-            req_state = self.runner.requests[req_id]
+            # The runner's own copy of the block ids: the request may be out of this step's batch
+            # (not scheduled, e.g. every other step under pipeline parallelism); its table row is
+            # rebuilt from these ids when it comes back.
+            block_ids = self.runner.requests[req_id].block_ids[0]
+            plan = result.plan
             freed = []
-            for page in stats.freed_pages:
-                block_id = int(table[row, page])
+            for page in plan.free_pages:
+                block_id = int(block_ids[page])
                 if block_id == NULL_BLOCK_ID:
                     raise RuntimeError(f"vllm-namm: page {page} of {req_id} evicted twice")
-                table[row, page] = NULL_BLOCK_ID
-                req_state.block_ids[0][page] = NULL_BLOCK_ID
                 freed.append((page, block_id))
-            channel.post(req_id, freed, stats.requested_token_evictions, stats.realised_token_evictions,
-                         result.job.num_tokens)
-            if freed:
-                logger.debug("vllm-namm: %s freed pages %s", req_id, stats.freed_pages)
+            if self.reporter:  # the other ranks' outputs never reach the scheduler
+                channel.post(req_id, freed, sum(plan.requested), sum(plan.realised), result.job.num_tokens)
+            if self.hole_delay:
+                self._deferred.append((self.executor.now + self.hole_delay, result, freed))
+            else:
+                self._make_holes(result, freed)
+
+    def _make_due_holes(self) -> None:
+        """Holes whose delay has passed (pipeline parallel only).
+
+        Why a delay: with ``pp`` stages vLLM keeps ``pp`` batches in flight, so the scheduler
+        has already scheduled the next ``pp - 1`` steps when it reads a report. A forward pass
+        of those steps must not see the holes yet: the blocks it completes were registered in
+        the prefix cache when they were scheduled, before the scheduler learnt that this
+        request evicts (after which it registers none), so they must hold the unpruned
+        context's KV. The freed blocks themselves cannot be reused before step ``s + pp``
+        either (they return to the pool with the report), and until then they still hold
+        this request's keys.
+        """
+        while self._deferred and self._deferred[0][0] <= self.executor.now:
+            _, result, freed = self._deferred.pop(0)
+            if self.requests.get(result.job.req_id) is result.job.mem:
+                self._make_holes(result, freed)
+
+    def _make_holes(self, result: StepResult, freed: list[tuple[int, int]]) -> None:
+        """Null the freed pages in this worker's block table and record the step."""
+        req_id = result.job.req_id
+        batch = self.runner.input_batch
+        table = batch.block_table[0].block_table.np
+        row = batch.req_id_to_index.get(req_id)  # None: not scheduled this step (rebuilt from block_ids)
+        block_ids = self.runner.requests[req_id].block_ids[0]
+        for page, block_id in freed:
+            if block_ids[page] != block_id or (row is not None and int(table[row, page]) != block_id):
+                raise RuntimeError(f"vllm-namm: page {page} of {req_id} changed blocks before its hole was made")
+            block_ids[page] = NULL_BLOCK_ID
+            if row is not None:
+                table[row, page] = NULL_BLOCK_ID
+        finish_step(result)
+        if freed:
+            logger.debug("vllm-namm: %s freed pages %s", req_id, [page for page, _ in freed])
+
+
+class VoteGroup:
+    """The workers of one engine (tensor x pipeline parallel ranks) as a gloo group of our own,
+    for page votes.
+
+    Why not vLLM's groups: their collectives are issued by the forward pass on the engine
+    thread while ours run on the eviction thread, and two threads interleaving collectives on
+    one communicator deadlock. A separate group only has to see the same collectives in the
+    same order on every rank, which it does: every rank submits the same batches of jobs (the
+    same scheduler outputs) in the same order, and :func:`compute_steps` issues a fixed
+    sequence of collectives per batch.
+    """
+
+    def __init__(self, group: Any, rank: int, size: int, stages: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.size = size
+        self.stages = stages
+
+    @classmethod
+    def create(cls) -> VoteGroup | None:
+        """This rank's group (None for a single worker). Only its members call it
+        (``use_local_synchronization``), all at KV-cache initialisation, so data-parallel
+        replicas need not take part."""
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+        if not model_parallel_is_initialized():
+            return None
+        tp, pp = get_tp_group(), get_pp_group()
+        if tp.world_size * pp.world_size == 1:
+            return None
+        # vLLM lays ranks out as [..., PP, TP]: stage s's TP ranks are s's PP-group rank's TP neighbours
+        ranks = sorted(p - tp.rank_in_group + j for p in pp.ranks for j in range(tp.world_size))
+        group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True,
+                               group_desc="vllm_namm_page_votes")
+        return cls(group, ranks.index(dist.get_rank()), len(ranks), pp.world_size)
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """All-reduce ``t`` over the ranks (``op``: sum or max); gloo works on CPU tensors."""
+        import torch.distributed as dist
+
+        out = t.detach().to("cpu", copy=True).contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        return out.to(t.device)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
+
+def is_reporting_rank() -> bool:
+    """Whether vLLM returns this rank's ModelRunnerOutput to the scheduler: the first TP rank of
+    the last pipeline stage (``MultiprocExecutor._get_output_rank`` in vLLM 0.32)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return True
+    return get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
 
 
 def key_layout(layer: Any, backend: str) -> tuple[torch.Tensor, kernels.PagedKeyLayout]:
