@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
+from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 EvictionName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 
