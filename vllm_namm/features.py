@@ -21,8 +21,9 @@ from vllm_namm import kernels
 from vllm_namm.config import FeatureConfig
 from vllm_namm.policies.base import PolicyState, filter_tokens
 
-PagedFeatures = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
-"""(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad), computed from the paged cache."""
+PagedFeatures = Callable[[Tensor, Tensor, Tensor, FeatureConfig], tuple[Tensor, Tensor]]
+"""(prev_pad, prev_ema, first_frame, features) -> (ema, pad), computed from the paged cache with the
+window, hop and EMA discount of ``features``."""
 
 
 def gqa_average(attn: Tensor, num_kv_heads: int) -> Tensor:
@@ -158,7 +159,7 @@ def spectral_features(
     if attn is not None:
         ema, new_pad = kernels.spectrogram_ema(attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w)
     elif paged is not None:
-        ema, new_pad = paged(prev_pad, prev_ema, first, cfg.gamma)
+        ema, new_pad = paged(prev_pad, prev_ema, first, cfg)
     else:
         raise ValueError("spectral features need the attention columns or a paged feature source")
     n_frames = query_positions.numel() // cfg.s_w

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vllm_namm import kernels
-from vllm_namm.config import EvictionConfig
+from vllm_namm.config import EvictionConfig, FeatureConfig
 from vllm_namm.features import PagedFeatures, attention_columns
 from vllm_namm.paging import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
@@ -122,9 +122,10 @@ class PagedCacheReader:
         dev = cache.device
         q, qpos, pos, blocks = queries.to(dev), query_positions.to(dev), positions.to(dev), self._blocks(cache)
 
-        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, cfg: FeatureConfig) -> tuple[Tensor, Tensor]:
             return kernels.paged_spectrogram_ema(q, cache, layout, blocks, pos, qpos, self.scale, prev_pad, prev_ema,
-                                                 first.to(dev), gamma, backend=self.backend)
+                                                 first.to(dev), cfg.gamma, backend=self.backend, n_fft=cfg.n_w,
+                                                 hop=cfg.s_w)
 
         return features
 

@@ -41,7 +41,7 @@ class LayerView:
     num_new_tokens: int
     """How many trailing tokens entered the cache since this state's previous step."""
     paged_features: Any = None
-    """Engine on GPU: ``(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad)`` computed by the
+    """Engine on GPU: ``(prev_pad, prev_ema, first_frame, features) -> (ema, pad)`` computed by the
     fused paged STFT+EMA kernel, given *instead of* ``attn`` to policies that only need NAMM's
     spectral features (:attr:`EvictionPolicy.accepts_paged_features`)."""
 

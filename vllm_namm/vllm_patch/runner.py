@@ -105,7 +105,7 @@ class NammRunnerState:
         self.hop = self.weights.features.s_w
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
         # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
-        self.fused_features = side == "triton" and (self.weights.features.n_w, self.hop) == (32, 16)
+        self.fused_features = side == "triton" and kernels.triton_stft_supported(self.weights.features.n_w, self.hop)
         self.votes = VoteGroup.create()
         self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
