@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vllm_namm.config import FeatureConfig
-from vllm_namm.features import NammFeatureState, spectral_features
+from vllm_namm.policies.namm import NammFeatureState, spectral_features
 from vllm_namm.scorers import ScorerConfig, make_scorer
 from vllm_namm.weights import NammWeights, Provenance, save_weights
 

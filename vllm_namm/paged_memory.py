@@ -36,9 +36,10 @@ from torch import Tensor
 
 from vllm_namm import kernels
 from vllm_namm.config import EvictionConfig, FeatureConfig
-from vllm_namm.features import PagedFeatures, attention_columns
+from vllm_namm.features import attention_columns
 from vllm_namm.paging import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
+from vllm_namm.policies.namm import PagedFeatures
 
 
 @dataclass
