@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.results import command_line
-from vllm_namm.config import BUDGET_POLICIES, EvictionConfig
+from vllm_namm.config import EvictionConfig
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+from vllm_namm.policy_registry import needs_budget
 from vllm_namm.synthetic import make_sample
 
 POLICIES = ("streaming", "h2o", "snapkv", "l2", "namm")
@@ -66,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["--block-size", str(a.block_size), "--max-model-len", str(a.tokens + 64), "--kv-eviction",
                  "streaming", "--kv-eviction-budget", str(a.budget), "--kv-eviction-page-rule", rule,
                  "--kv-eviction-selection", selection, "--kv-eviction-page-score", score]
-        policies = [q for q in POLICIES if selection == "token" or q in BUDGET_POLICIES]
+        policies = [q for q in POLICIES if selection == "token" or needs_budget(q)]
         with VllmServer(model, flags, base_flags=CPU_DEFAULTS) as server:
             for policy in policies:
                 xargs: dict = {"kv_eviction": policy}
-                if policy in BUDGET_POLICIES:
+                if needs_budget(policy):
                     xargs["kv_eviction_budget"] = a.budget
                 r = server.client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
                                                      extra_body={"vllm_xargs": xargs})

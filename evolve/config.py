@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
-EvictionName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
-
 # Paper (Table 9) and seed code disagree on the initial step size; both are named here
 # so a config can say which one it means. The seed's stage-1/2/3 run configs inherit
 # ``init_sigma: 0.065`` from its base config (cfgs/run/base_memory_policy/deep/bam/base_bam.yaml),

@@ -12,15 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
+
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]  # the registry's names
 PageRule = Literal["all", "majority", "any"]
 Selection = Literal["page", "token"]
 PageScore = Literal["max", "mean", "vote"]
-BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
-"""Policies that need a budget (they rank tokens and keep the best within it)."""
-BUDGET_OPTIONAL: frozenset[str] = frozenset({"namm"})
-"""Policies with a rule of their own that can also rank under a budget (NAMM: threshold, or top-k)."""
-TAKES_BUDGET: frozenset[str] = BUDGET_POLICIES | BUDGET_OPTIONAL
 
 
 class _Strict(BaseModel):
@@ -182,10 +179,10 @@ class EvictionConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvictionConfig:
-        if self.policy in BUDGET_POLICIES and self.budget is None:
+        if needs_budget(self.policy) and self.budget is None:
             raise ValueError(f"policy '{self.policy}' needs a budget (budget.tokens or budget.ratio)")
-        if self.policy not in TAKES_BUDGET and self.budget is not None:
-            raise ValueError(f"policy '{self.policy}' takes no budget (only {sorted(TAKES_BUDGET)})")
+        if not takes_budget(self.policy) and self.budget is not None:
+            raise ValueError(f"policy '{self.policy}' takes no budget (only {budget_takers()})")
         if self.policy != "namm" and (self.weights is not None or self.threshold is not None):
             raise ValueError(f"weights/threshold only apply to policy 'namm', not '{self.policy}'")
         if self.threshold is not None and self.budget is not None:

@@ -22,6 +22,8 @@ class BudgetPolicy(EvictionPolicy):
     statistics.
     """
 
+    budget_rule = "required"
+
     def __init__(self, budget: BudgetConfig, protect: ProtectConfig | None = None) -> None:
         self.budget = budget
         self.protect_cfg = protect or ProtectConfig()

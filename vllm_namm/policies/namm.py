@@ -126,6 +126,7 @@ class NammPolicy(EvictionPolicy):
 
     name = "namm"
     accepts_paged_features = True
+    budget_rule = "optional"
 
     def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto",
                  budget: BudgetConfig | None = None, protect: ProtectConfig | None = None) -> None:

@@ -14,16 +14,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, EvictionConfig
+from vllm_namm.config import EvictionConfig
+from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
-
-POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
 
 # flag -> (EvictionConfig field path, argparse options). One table drives the parser, the
 # config mapping and the error messages, so every message names the flag the user typed.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-eviction": ("policy", dict(
-        choices=POLICY_CHOICES, default="none",
+        choices=list(POLICY_NAMES), default="none",
         help="Eviction policy. 'none' leaves vLLM unchanged.")),
     "--namm-weights": ("weights", dict(
         default=None, metavar="PATH",
@@ -101,10 +100,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
     if len(budget_flags) == 2:
         raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
-    budget_policies = sorted(TAKES_BUDGET)
-    if policy in BUDGET_POLICIES and not budget_flags:
+    budget_policies = budget_takers()
+    if needs_budget(policy) and not budget_flags:
         raise NammConfigError(f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R")
-    if policy not in TAKES_BUDGET and budget_flags:
+    if not takes_budget(policy) and budget_flags:
         raise NammConfigError(f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, "
                               f"not {policy}")
     namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
