@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import KeysReader, PagedCacheReader, RequestMemory, begin_step, compute_steps
 from vllm_namm.policies import DEFAULT_WEIGHTS, make_policy
+from vllm_namm.request_memory import KeysReader, PagedCacheReader, RequestMemory, begin_step, compute_steps
 from vllm_namm.scorers import BAMScorer, MLPScorer, ScorerConfig, score_ragged
 from vllm_namm.weights import NammWeights, load_weights, save_weights
 

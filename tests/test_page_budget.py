@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from vllm_namm.config import BudgetConfig, EvictionConfig
-from vllm_namm.paged_memory import RequestMemory, eviction_step
-from vllm_namm.paging import budget_pages
+from vllm_namm.page_plan import budget_pages
 from vllm_namm.policies import POLICIES, make_policy
 from vllm_namm.policies.budget import BudgetPolicy
 from vllm_namm.policy_registry import budget_policies, budget_takers
+from vllm_namm.request_memory import RequestMemory, eviction_step
 
 BS = 32
 KV, H, D, LAYERS = 2, 4, 32, 2

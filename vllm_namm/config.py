@@ -81,7 +81,7 @@ class ProtectConfig(_Strict):
 
     Defaults are the paper's rule (evo-memory ``BinarySelection``: only the newest token is
     forced in). Attention-sink protection is off by default at token level because the paged
-    engine always keeps the first page anyway (see :mod:`vllm_namm.paging`); set
+    engine always keeps the first page anyway (see :mod:`vllm_namm.page_plan`); set
     ``sink_tokens`` (e.g. 4, StreamingLLM) to get it in the reference runner too.
     """
 
@@ -152,7 +152,7 @@ class EvictionConfig(_Strict):
     )
     selection: Selection = Field(
         "page", description="budget policies: 'page' keeps the best whole pages within the budget "
-        "(paging.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
+        "(page_plan.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
     )
     page_score: PageScore = Field(
         "max", description="page-level selection: a page's score from its tokens' per-head normalised "

@@ -31,6 +31,8 @@ from vllm_namm.policy_registry import POLICY_NAMES, policy_class
 from vllm_namm.weights import NammWeights, load_weights
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "initial_weights.safetensors"
+"""The shipped weights: what ``--kv-eviction namm`` loads without ``--namm-weights``, what evolution
+starts from by default, and what ``python -m vllm_namm.initial_weights`` writes."""
 
 POLICIES: dict[str, type[EvictionPolicy]] = {name: policy_class(name) for name in POLICY_NAMES}
 """Every registered policy (:mod:`vllm_namm.policy_registry`), by name."""

@@ -5,7 +5,7 @@ What it does each step, for requests whose policy is not ``none``:
 1. captures every attention layer's queries (a wrapper around ``impl.forward``);
 2. after the forward pass, files them per request; when a request has ``interval``
    unscored queries, reads its keys straight from the paged cache, runs
-   :func:`vllm_namm.paged_memory.eviction_step`, and turns the chosen pages into holes
+   :func:`vllm_namm.request_memory.eviction_step`, and turns the chosen pages into holes
    (block id 0, vLLM's null block) in this worker's block table;
 3. attaches ``(request, logical page, physical block)`` reports to the step's output
    (:mod:`.channel`); the scheduler returns those blocks to the pool;
@@ -36,7 +36,8 @@ import torch
 from vllm_namm import kernels
 from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import (
+from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
+from vllm_namm.request_memory import (
     PagedCacheReader,
     RequestMemory,
     StepJob,
@@ -45,7 +46,6 @@ from vllm_namm.paged_memory import (
     compute_steps,
     finish_step,
 )
-from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 from vllm_namm.weights import load_weights
