@@ -1,5 +1,5 @@
 """What page granularity costs: token-level evictions each policy asks for vs what freeing
-whole pages realises (DESIGN.md §2, "Page rounding"), under each selection.
+whole pages realises (``docs/design.md`` §2, "Paged eviction"), under each selection.
 
 One server per selection configuration (``--configs``, default: page-level selection, and
 token-level selection with the page rules ``all`` and ``majority``); each policy is selected

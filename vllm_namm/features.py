@@ -4,7 +4,7 @@ The spectral part (STFT magnitudes + EMA, carried per request in ``NammFeatureSt
 with the NAMM policy (:mod:`vllm_namm.policies.namm`); its one torch reference is
 ``spectrogram_ema_ref`` in ``kernels/`` (:mod:`vllm_namm.kernels`).
 
-Pipeline per layer and eviction step (DESIGN.md §1, evo-memory
+Pipeline per layer and eviction step (``docs/design.md`` §1, evo-memory
 ``memory_policy/deep_embedding_spectogram.py`` and ``base_deep_components.py``):
 
 attention columns -> left pad with the previous chunk's last ``n_w - s_w`` values -> Hann

@@ -1,4 +1,4 @@
-"""``namm``: the evolved Neural Attention Memory Model (paper §3, DESIGN.md §1).
+"""``namm``: the evolved Neural Attention Memory Model (paper §3, ``docs/design.md`` §1).
 
 score: attention spectrogram EMA (state) -> normalise -> + oldness -> BAM/MLP;
 select: keep ``score >= threshold`` (0 by default), i.e. evict exactly the tokens scoring
