@@ -1,4 +1,4 @@
-"""Eviction policies and their registry.
+"""Eviction policies, by name (the list itself: :mod:`vllm_namm.policy_registry`).
 
 ``make_policy(config)`` is what the engine and the reference runner call; the NAMM weights
 default to the shipped ``vllm_namm/data/initial_weights.safetensors``.
