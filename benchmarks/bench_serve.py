@@ -36,7 +36,7 @@ FIELDS = [("output tok/s", "output_throughput", "{:.1f}"), ("mean TTFT (ms)", "m
 
 
 def build_default_model(path: Path) -> Path:
-    from benchmarks.tiny_model import build_random_llama
+    from vllm_namm.tiny_model import build_random_llama
 
     if not (path / "config.json").exists():
         build_random_llama(path, layers=4, hidden=128, heads=4, kv_heads=2, seed=0)

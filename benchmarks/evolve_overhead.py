@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = a.model
     if model is None:
-        from benchmarks.tiny_model import build_random_llama
+        from vllm_namm.tiny_model import build_random_llama
 
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
     args = [*CPU_DEFAULTS, "--block-size", "32", "--max-model-len", str(a.tokens + 256), "--kv-eviction", "namm"]

@@ -8,7 +8,7 @@ side in one process with the same threads:
 
 * the model's forward over one 512-token chunk on top of that cache (HF Llama, SDPA attention);
 * one eviction step over the same cache for each policy and scorer variant, through the
-  engine's own code (:func:`vllm_namm.paged_memory.compute_steps` over a paged cache).
+  engine's own code (:func:`vllm_namm.request_memory.compute_steps` over a paged cache).
 
 It prints each step's time, its ratio to the forward, and the FLOP / byte model of both (per
 layer, and for a whole 32-layer 8B model). On a machine with CUDA the same command measures the
@@ -137,8 +137,8 @@ def time_step(variant: str, n: int, layers: int, device: torch.device, dtype: to
               tmp: Path) -> float:
     """One eviction step of one request over ``n`` cached tokens (all layers), as the engine runs it."""
     from vllm_namm import kernels
-    from vllm_namm.paged_memory import PagedCacheReader, RequestMemory, begin_step, compute_steps
     from vllm_namm.policies import make_policy
+    from vllm_namm.request_memory import PagedCacheReader, RequestMemory, begin_step, compute_steps
 
     cfg = variant_config(variant, tmp)
     policy = make_policy(cfg)

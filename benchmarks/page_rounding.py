@@ -1,5 +1,5 @@
 """What page granularity costs: token-level evictions each policy asks for vs what freeing
-whole pages realises (DESIGN.md §2, "Page rounding"), under each selection.
+whole pages realises (``docs/design.md`` §2, "Paged eviction"), under each selection.
 
 One server per selection configuration (``--configs``, default: page-level selection, and
 token-level selection with the page rules ``all`` and ``majority``); each policy is selected
@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.results import command_line
-from evolve.tasks.synthetic import make_sample
-from vllm_namm.config import BUDGET_POLICIES, EvictionConfig
+from vllm_namm.config import EvictionConfig
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+from vllm_namm.policy_registry import needs_budget
+from vllm_namm.synthetic import make_sample
 
 POLICIES = ("streaming", "h2o", "snapkv", "l2", "namm")
 DEFAULT_CONFIGS = ["page", "token:all", "token:majority"]
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     model = a.model
     if model is None:
-        from benchmarks.tiny_model import build_random_llama
+        from vllm_namm.tiny_model import build_random_llama
 
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
     prompt = make_sample("passkey", 10**9, a.tokens).prompt
@@ -66,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["--block-size", str(a.block_size), "--max-model-len", str(a.tokens + 64), "--kv-eviction",
                  "streaming", "--kv-eviction-budget", str(a.budget), "--kv-eviction-page-rule", rule,
                  "--kv-eviction-selection", selection, "--kv-eviction-page-score", score]
-        policies = [q for q in POLICIES if selection == "token" or q in BUDGET_POLICIES]
+        policies = [q for q in POLICIES if selection == "token" or needs_budget(q)]
         with VllmServer(model, flags, base_flags=CPU_DEFAULTS) as server:
             for policy in policies:
                 xargs: dict = {"kv_eviction": policy}
-                if policy in BUDGET_POLICIES:
+                if needs_budget(policy):
                     xargs["kv_eviction_budget"] = a.budget
                 r = server.client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
                                                      extra_body={"vllm_xargs": xargs})

@@ -8,7 +8,7 @@ each request picks its policy with ``vllm_xargs`` (``kv_eviction``, ``kv_evictio
 requests with ``kv_eviction=none`` on that server (same chunked prefill as the others).
 
 Tasks are held-out synthetic samples (seeds >= 10**9; training used seeds < 10**7) of
-``evolve.tasks.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
+``vllm_namm.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
 chose, measured per request (``kv_transfer_params["namm"]["retained_fraction"]`` = KV
 blocks still held / blocks the request's tokens span, at the end of the request); the
 baselines' measured fraction is shown too (under token-level selection page rounding keeps
@@ -167,7 +167,7 @@ def paired_against(outcomes: list[Outcome], settings: list[Setting], reference: 
 
 async def _ask(client: httpx.AsyncClient, sem: asyncio.Semaphore, model: str, setting: Setting, sample: Any,
                max_tokens: int, bar: Any) -> Outcome:
-    from evolve.tasks.synthetic import score_answer
+    from vllm_namm.synthetic import score_answer
 
     body = {"model": model, "prompt": sample.prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "vllm_xargs": setting.xargs()}
@@ -214,10 +214,10 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from evolve.tasks.synthetic import score_answer
     from vllm_namm.config import BudgetConfig
     from vllm_namm.policies import make_policy
     from vllm_namm.reference import generate
+    from vllm_namm.synthetic import score_answer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
     model = LlamaForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seed_base < 10**9:
         print("quality: warning: seeds below 10**9 may overlap the training seeds", file=sys.stderr)
-    from evolve.tasks.synthetic import make_sample
+    from vllm_namm.synthetic import make_sample
 
     thresholds: list[float | None] = [] if args.no_namm else [None, *(args.namm_thresholds or [])]
     stamp = time_stamp()

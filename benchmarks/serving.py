@@ -165,7 +165,7 @@ def default_model(out_dir: Path) -> Path:
     """The trained model when present, else a tiny random Llama built into the output dir."""
     if (TRAINED_MODEL / "config.json").exists():
         return TRAINED_MODEL
-    from benchmarks.tiny_model import build_random_llama
+    from vllm_namm.tiny_model import build_random_llama
 
     path = out_dir / "tiny-random-llama"
     if not (path / "config.json").exists():
@@ -269,7 +269,7 @@ def build_prompts(cfg: ServingConfig, count_tokens: Callable[[str], int]) -> lis
     those first blocks between requests, and the block counts would measure prefix caching
     as well as eviction.
     """
-    from evolve.tasks.synthetic import make_sample
+    from vllm_namm.synthetic import make_sample
 
     prompts = []
     for i in range(cfg.num_requests):

@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
-
-EvictionName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 # Paper (Table 9) and seed code disagree on the initial step size; both are named here
 # so a config can say which one it means. The seed's stage-1/2/3 run configs inherit

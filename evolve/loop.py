@@ -123,7 +123,7 @@ class Evolution:
 
     def __init__(self, cfg: EvolveConfig, client: Client, *, resume: bool = False, progress: bool = True) -> None:
         if cfg.start_weights is None:
-            from vllm_namm.initial_weights import OUTPUT as shipped
+            from vllm_namm.policies import DEFAULT_WEIGHTS as shipped
 
             log.info("start_weights not set: using the shipped default %s (what `vllm serve` loads without "
                      "--namm-weights)", shipped)

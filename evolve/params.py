@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from evolve.config import EvictionName, ExtraParamsConfig
+from evolve.config import ExtraParamsConfig
+from vllm_namm.config import PolicyName
 
 
 def _logit(p: float) -> float:
@@ -67,7 +68,7 @@ class ParamSpace:
             threshold = float(x[i])
         return x[: self.num_scorer], gamma, threshold
 
-    def xargs(self, x: np.ndarray, eviction: EvictionName = "namm") -> dict[str, Any]:
+    def xargs(self, x: np.ndarray, eviction: PolicyName = "namm") -> dict[str, Any]:
         """``vllm_xargs`` for one candidate: the full flat vector travels with every request."""
         params, gamma, threshold = self.split(x)
         out: dict[str, Any] = {"kv_eviction": eviction, "namm_params": params.tolist()}

@@ -59,7 +59,7 @@ class TaskPool:
                               max_tokens=cfg.max_tokens or row.max_tokens,
                               score=lambda text, row=row: score_sample(row, text),
                               truncate_to=cfg.max_prompt_tokens, answer=row.answers[0])
-        from evolve.tasks.synthetic import score_answer
+        from vllm_namm.synthetic import score_answer
 
         length = cfg.target_tokens[index % len(cfg.target_tokens)]
         s = _synthetic(cfg.kind, index, length, self._count)
@@ -75,6 +75,6 @@ class TaskPool:
 
 @lru_cache(maxsize=4096)
 def _synthetic(kind: str, seed: int, length: int, count: Callable[[str], int]):
-    from evolve.tasks.synthetic import make_sample
+    from vllm_namm.synthetic import make_sample
 
     return make_sample(kind, seed, length, count_tokens=count)

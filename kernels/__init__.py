@@ -72,6 +72,7 @@ __all__ = [
     "spectrogram_ema_triton",
     "stft_basis",
     "stft_magnitudes",
+    "triton_stft_supported",
 ]
 
 
@@ -105,9 +106,14 @@ def attention_columns_paged(
     return fn(q, key_cache, layout, block_table, positions, query_positions, scale)
 
 
+def triton_stft_supported(n_fft: int, hop: int) -> bool:
+    """Whether the Triton STFT kernels can run this window/hop (their tiles are NAMM's 32/16)."""
+    return (n_fft, hop) == (N_FFT, HOP)
+
+
 def check_triton_stft(n_fft: int, hop: int) -> None:
     """The Triton STFT kernels hard-code NAMM's window 32 / hop 16 (tile shapes): say so."""
-    if (n_fft, hop) != (N_FFT, HOP):
+    if not triton_stft_supported(n_fft, hop):
         raise ValueError(
             f"the Triton STFT kernels support n_w={N_FFT}, s_w={HOP} only, not n_w={n_fft}, s_w={hop}; "
             "use the torch backend (--namm-kernels torch)"
@@ -133,7 +139,7 @@ def spectrogram_ema(
     side = resolve_backend(backend, columns)
     if side == "reference":
         return spectrogram_ema_ref(columns, prev_pad, prev_state, first_frame, gamma, n_fft, hop)
-    triton_ok = (n_fft, hop) == (N_FFT, HOP) and (first_frame is None or first_frame.dim() == 1)
+    triton_ok = triton_stft_supported(n_fft, hop) and (first_frame is None or first_frame.dim() == 1)
     if side == "triton" and (triton_ok or backend == "triton"):
         check_triton_stft(n_fft, hop)
         return spectrogram_ema_triton(columns, prev_pad, prev_state, first_frame, gamma)
@@ -153,14 +159,21 @@ def paged_spectrogram_ema(
     first_frame: torch.Tensor | None = None,
     gamma: float = DEFAULT_GAMMA,
     backend: Backend = "auto",
+    n_fft: int = N_FFT,
+    hop: int = HOP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole feature pipeline from paged q/k to (EMA state, carried pad); fused on GPU (window 32, hop 16)."""
+    """Whole feature pipeline from paged q/k to (EMA state, carried pad); fused on GPU.
+
+    The fused Triton kernel supports window 32 / hop 16 only and raises for anything else
+    (:func:`check_triton_stft`); the torch and reference sides take any window/hop.
+    """
     side = resolve_backend(backend, q)
     if side == "reference":
         cols = attention_columns_paged_ref(q, key_cache, layout, block_table, positions, query_positions, scale)
-        return spectrogram_ema_ref(cols, prev_pad, prev_state, first_frame, gamma)
+        return spectrogram_ema_ref(cols, prev_pad, prev_state, first_frame, gamma, n_fft, hop)
     if side == "triton":
+        check_triton_stft(n_fft, hop)
         return paged_spectrogram_ema_triton(q, key_cache, layout, block_table, positions, query_positions, scale,
                                             prev_pad, prev_state, first_frame, gamma)
     cols = attention_columns_paged_torch(q, key_cache, layout, block_table, positions, query_positions, scale)
-    return spectrogram_ema_torch(cols, prev_pad, prev_state, first_frame, gamma)
+    return spectrogram_ema_torch(cols, prev_pad, prev_state, first_frame, gamma, n_fft, hop)

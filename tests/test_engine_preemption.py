@@ -13,9 +13,9 @@ import concurrent.futures as cf
 import openai
 import pytest
 
-from benchmarks.tiny_model import build_random_llama
 from vllm_namm.config import EvictionConfig
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+from vllm_namm.tiny_model import build_random_llama
 
 pytestmark = pytest.mark.server
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vllm_namm.config import BudgetConfig, EvictionConfig
-from vllm_namm.paged_memory import RequestMemory, eviction_step
 from vllm_namm.policies import make_policy
+from vllm_namm.request_memory import RequestMemory, eviction_step
 from vllm_namm.vllm_patch.request_settings import (
     RequestSettings,
     RequestSettingsError,

@@ -40,8 +40,8 @@ def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
-    from benchmarks.tiny_model import build_random_llama
     from evolve.loop import CHECKPOINT, RunState
+    from vllm_namm.tiny_model import build_random_llama
     from vllm_namm.weights import NammWeights, load_weights, save_weights
 
     model = build_random_llama(tmp_path / "tiny")

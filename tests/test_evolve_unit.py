@@ -26,8 +26,8 @@ from evolve.fitness import SampleOutcome, compute_fitness
 from evolve.strategy import Strategy, cma_options, elite_count
 from evolve.tasks import metrics as m
 from evolve.tasks.longbench import DATASETS, load_longbench, score_sample
-from evolve.tasks.synthetic import TASK_KINDS, make_sample
 from vllm_namm.launch import free_port
+from vllm_namm.synthetic import TASK_KINDS, make_sample
 
 # --------------------------------------------------------------------------------------------------
 # LongBench metrics, hand-computed

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import KeysReader, PagedCacheReader, RequestMemory, begin_step, compute_steps
 from vllm_namm.policies import DEFAULT_WEIGHTS, make_policy
+from vllm_namm.request_memory import KeysReader, PagedCacheReader, RequestMemory, begin_step, compute_steps
 from vllm_namm.scorers import BAMScorer, MLPScorer, ScorerConfig, score_ragged
 from vllm_namm.weights import NammWeights, load_weights, save_weights
 
@@ -103,6 +103,23 @@ def test_spectrogram_backends_equal_reference(backend):
 def test_triton_stft_refuses_other_windows():
     with pytest.raises(ValueError, match="n_w=32, s_w=16 only"):
         nk.spectrogram_ema(torch.rand(1, 64, 5), gamma=GAMMA, backend="triton", n_fft=64, hop=16)
+
+
+def test_fused_triton_stft_refuses_other_windows():
+    req = request(hq=8, hkv=2, d=128, bs=32, n_q=32, n_live=75, seed=4)
+    with pytest.raises(ValueError, match="n_w=32, s_w=16 only"):
+        nk.paged_spectrogram_ema(**req, gamma=GAMMA, backend="triton", n_fft=64, hop=32)
+
+
+def test_paged_pipeline_takes_the_window_and_hop():
+    """The torch side of the paged pipeline follows ``n_fft``/``hop`` (FeatureConfig's n_w/s_w)."""
+    req = request(hq=8, hkv=2, d=128, bs=32, n_q=64, n_live=75, seed=4)
+    n = req["positions"].numel()
+    args = dict(prev_pad=torch.zeros(2, n, 32, device=DEVICE), gamma=GAMMA, n_fft=64, hop=32)
+    got = nk.paged_spectrogram_ema(**req, **args, backend="torch")
+    want = nk.paged_spectrogram_ema(**req, **args, backend="reference")
+    assert got[0].shape == (2, n, 33) and got[1].shape == (2, n, 32)
+    torch.testing.assert_close(got[0], want[0], **TOL)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

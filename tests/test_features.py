@@ -8,14 +8,9 @@ import scipy.signal
 import torch
 
 from vllm_namm.config import FeatureConfig
-from vllm_namm.features import (
-    NammFeatureState,
-    attention_columns,
-    gqa_average,
-    oldness_embedding,
-    spectral_features,
-)
+from vllm_namm.features import attention_columns, gqa_average, oldness_embedding
 from vllm_namm.kernels import ema_reduce, hann_window, stft_magnitudes
+from vllm_namm.policies.namm import NammFeatureState, spectral_features
 
 torch.manual_seed(0)
 

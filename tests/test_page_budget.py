@@ -11,23 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, BudgetConfig, EvictionConfig
-from vllm_namm.paged_memory import RequestMemory, eviction_step
-from vllm_namm.paging import budget_pages
+from vllm_namm.config import BudgetConfig, EvictionConfig
+from vllm_namm.page_plan import budget_pages
 from vllm_namm.policies import POLICIES, make_policy
 from vllm_namm.policies.budget import BudgetPolicy
+from vllm_namm.policy_registry import budget_policies, budget_takers
+from vllm_namm.request_memory import RequestMemory, eviction_step
 
 BS = 32
 KV, H, D, LAYERS = 2, 4, 32, 2
 BUDGET_POLICY_NAMES = sorted(name for name, cls in POLICIES.items() if issubclass(cls, BudgetPolicy))
 
 
-RANKED_UNDER_BUDGET = sorted(TAKES_BUDGET)  # the budget policies, and namm ranked under a budget
+RANKED_UNDER_BUDGET = budget_takers()  # the budget policies, and namm ranked under a budget
 
 
 def test_budget_policy_list_matches_the_config():
-    assert set(BUDGET_POLICY_NAMES) == set(BUDGET_POLICIES) and len(BUDGET_POLICY_NAMES) >= 4
-    assert set(BUDGET_POLICIES) < set(TAKES_BUDGET)
+    assert set(BUDGET_POLICY_NAMES) == set(budget_policies()) and len(BUDGET_POLICY_NAMES) >= 4
+    assert set(budget_policies()) < set(budget_takers())
 
 
 def _keys_reader(keys: torch.Tensor):

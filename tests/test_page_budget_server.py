@@ -17,9 +17,9 @@ import pytest
 from conftest import BLOCK_SIZE, ServerPool, VllmServer, metric_sum
 from test_engine_server import complete, engine_errors, namm_summary, settled_usage, text
 
-from vllm_namm.config import TAKES_BUDGET
 from vllm_namm.policies import POLICIES
 from vllm_namm.policies.budget import BudgetPolicy
+from vllm_namm.policy_registry import budget_takers
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
@@ -40,7 +40,7 @@ def _bound(prompt_len: int, summary: dict) -> int:
     return summary["budget_blocks"] + protected
 
 
-CASES = [(p, b, hit) for p in sorted(TAKES_BUDGET) for b in ("budget", "ratio") for hit in (False, True)]
+CASES = [(p, b, hit) for p in budget_takers() for b in ("budget", "ratio") for hit in (False, True)]
 
 
 def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):

@@ -14,6 +14,7 @@ from vllm_namm.policies import (
     protect,
     protected_mask,
 )
+from vllm_namm.policy_registry import POLICY_NAMES, REGISTRY, budget_policies, policy_class
 from vllm_namm.weights import NammWeights
 
 KV, N, NQ = 2, 96, 32
@@ -41,11 +42,33 @@ def _namm(seed=0, threshold=None):
 
 
 def test_registry_and_factory():
-    assert set(POLICIES) == {"none", "namm", "h2o", "l2", "streaming", "snapkv"}
+    assert list(POLICIES) == list(POLICY_NAMES) == list(REGISTRY) and {"none", "namm"} < set(POLICIES)
+    assert all(POLICIES[n].name == n for n in POLICY_NAMES)
     assert make_policy(EvictionConfig()).name == "none"
     assert make_policy(EvictionConfig(policy="namm")).num_params == 4172  # shipped weights
-    for name in ("h2o", "l2", "streaming", "snapkv"):
+    assert len(budget_policies()) >= 4
+    for name in budget_policies():
         assert make_policy(EvictionConfig(policy=name, budget=BudgetConfig(tokens=10))).name == name
+    with pytest.raises(ValueError, match="unknown eviction policy 'bogus'"):
+        policy_class("bogus")
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_registered_policy_is_one_config_away(name):
+    """The config, the flags and the factory all accept each registered policy by its name alone."""
+    from vllm_namm.vllm_patch.cli import FLAGS
+
+    assert name in FLAGS["--kv-eviction"][1]["choices"]
+    rule = policy_class(name).budget_rule
+    budget = BudgetConfig(ratio=0.5) if rule == "required" else None
+    pol = make_policy(EvictionConfig(policy=name, budget=budget))
+    assert type(pol) is POLICIES[name]
+    view = _view()
+    keep = pol.select(pol.score(view, pol.new_state()), view)
+    assert keep.shape == (KV, N) and keep.dtype == torch.bool
+    if rule == "none":
+        with pytest.raises(ValidationError, match="takes no budget"):
+            EvictionConfig(policy=name, budget=BudgetConfig(ratio=0.5))
 
 
 def test_config_validation_messages():
@@ -87,7 +110,7 @@ def test_namm_zero_params_keep_everything_and_per_request_override():
         pol.new_state(params=torch.zeros(5))
 
 
-@pytest.mark.parametrize("name", ["h2o", "l2", "streaming", "snapkv"])
+@pytest.mark.parametrize("name", budget_policies())
 @pytest.mark.parametrize("budget", [BudgetConfig(tokens=40), BudgetConfig(ratio=0.25)])
 def test_budget_policies_keep_exactly_their_budget(name, budget):
     cfg = EvictionConfig(policy=name, budget=budget, protect=ProtectConfig(sink_tokens=1, recent_tokens=4))

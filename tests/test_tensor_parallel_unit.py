@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import PagedCacheReader, PeerStepError, RequestMemory, begin_step, compute_steps
-from vllm_namm.paging import PagePlan, plan_pages, select_pages
+from vllm_namm.page_plan import PagePlan, plan_pages, select_pages
 from vllm_namm.policies import make_policy
+from vllm_namm.request_memory import PagedCacheReader, PeerStepError, RequestMemory, begin_step, compute_steps
 
 
 class FakeGroup:

@@ -12,15 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PolicyName = Literal["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
+
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]  # the registry's names
 PageRule = Literal["all", "majority", "any"]
 Selection = Literal["page", "token"]
 PageScore = Literal["max", "mean", "vote"]
-BUDGET_POLICIES: frozenset[str] = frozenset({"h2o", "l2", "streaming", "snapkv"})
-"""Policies that need a budget (they rank tokens and keep the best within it)."""
-BUDGET_OPTIONAL: frozenset[str] = frozenset({"namm"})
-"""Policies with a rule of their own that can also rank under a budget (NAMM: threshold, or top-k)."""
-TAKES_BUDGET: frozenset[str] = BUDGET_POLICIES | BUDGET_OPTIONAL
 
 
 class _Strict(BaseModel):
@@ -84,7 +81,7 @@ class ProtectConfig(_Strict):
 
     Defaults are the paper's rule (evo-memory ``BinarySelection``: only the newest token is
     forced in). Attention-sink protection is off by default at token level because the paged
-    engine always keeps the first page anyway (see :mod:`vllm_namm.paging`); set
+    engine always keeps the first page anyway (see :mod:`vllm_namm.page_plan`); set
     ``sink_tokens`` (e.g. 4, StreamingLLM) to get it in the reference runner too.
     """
 
@@ -155,7 +152,7 @@ class EvictionConfig(_Strict):
     )
     selection: Selection = Field(
         "page", description="budget policies: 'page' keeps the best whole pages within the budget "
-        "(paging.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
+        "(page_plan.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
     )
     page_score: PageScore = Field(
         "max", description="page-level selection: a page's score from its tokens' per-head normalised "
@@ -182,10 +179,10 @@ class EvictionConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvictionConfig:
-        if self.policy in BUDGET_POLICIES and self.budget is None:
+        if needs_budget(self.policy) and self.budget is None:
             raise ValueError(f"policy '{self.policy}' needs a budget (budget.tokens or budget.ratio)")
-        if self.policy not in TAKES_BUDGET and self.budget is not None:
-            raise ValueError(f"policy '{self.policy}' takes no budget (only {sorted(TAKES_BUDGET)})")
+        if not takes_budget(self.policy) and self.budget is not None:
+            raise ValueError(f"policy '{self.policy}' takes no budget (only {budget_takers()})")
         if self.policy != "namm" and (self.weights is not None or self.threshold is not None):
             raise ValueError(f"weights/threshold only apply to policy 'namm', not '{self.policy}'")
         if self.threshold is not None and self.budget is not None:

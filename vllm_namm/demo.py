@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from evolve.tasks.synthetic import make_sample, score_answer
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
+from vllm_namm.synthetic import make_sample, score_answer
 
 TRAINED = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "namm-tiny-llama"
 
@@ -37,7 +37,7 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
         if (TRAINED / "config.json").exists():
             model = str(TRAINED)
         else:
-            from benchmarks.tiny_model import build_random_llama
+            from vllm_namm.tiny_model import build_random_llama
 
             model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
             print(f"(no trained model at {TRAINED}; using a random tiny Llama: answers are noise)")

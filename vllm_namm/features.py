@@ -1,6 +1,10 @@
-"""NAMM token features in plain torch: the reference every kernel is tested against.
+"""NAMM token features: attention columns, the oldness embedding and the scorer input.
 
-Pipeline per layer and eviction step (DESIGN.md §1, evo-memory
+The spectral part (STFT magnitudes + EMA, carried per request in ``NammFeatureState``) lives
+with the NAMM policy (:mod:`vllm_namm.policies.namm`); its one torch reference is
+``spectrogram_ema_ref`` in ``kernels/`` (:mod:`vllm_namm.kernels`).
+
+Pipeline per layer and eviction step (``docs/design.md`` §1, evo-memory
 ``memory_policy/deep_embedding_spectogram.py`` and ``base_deep_components.py``):
 
 attention columns -> left pad with the previous chunk's last ``n_w - s_w`` values -> Hann
@@ -12,17 +16,11 @@ Layout: every per-token tensor is ``[kv_heads, n_tokens, ...]``, tokens oldest f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from vllm_namm import kernels
 from vllm_namm.config import FeatureConfig
-from vllm_namm.policies.base import PolicyState, filter_tokens
-
-PagedFeatures = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
-"""(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad), computed from the paged cache."""
 
 
 def gqa_average(attn: Tensor, num_kv_heads: int) -> Tensor:
@@ -85,92 +83,6 @@ def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.to(x)) / std.to(x).clamp_min(1e-7)
 
 
-class NammFeatureState(PolicyState):
-    """Per-request, per-layer memory of the feature pipeline.
-
-    ``ema`` [kv_heads, n_tokens, bins]: the EMA'd (unnormalised) spectrogram of every cached
-    token; ``pad`` [kv_heads, n_tokens, n_w - s_w]: the token's last attention values, the
-    left padding of its next STFT. ``params`` optionally overrides the scorer's flat parameter
-    vector for this request (evolution sends one candidate per request).
-    """
-
-    def __init__(self, cfg: FeatureConfig, params: Tensor | None = None) -> None:
-        self.cfg = cfg
-        self.ema: Tensor | None = None
-        self.pad: Tensor | None = None
-        self.params = params
-
-    @property
-    def num_tokens(self) -> int:
-        return 0 if self.ema is None else self.ema.shape[1]
-
-    def extend(self, kv_heads: int, num_new: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """State for the tokens of this step: carried values, zeros for the ``num_new`` newcomers."""
-        cfg = self.cfg
-        if self.ema is None:
-            self.ema = torch.zeros(kv_heads, 0, cfg.bins, device=device)
-            self.pad = torch.zeros(kv_heads, 0, cfg.pad, device=device)
-        assert self.pad is not None
-        if self.ema.shape[0] != kv_heads:
-            raise ValueError(f"state has {self.ema.shape[0]} KV heads, view has {kv_heads}")
-        ema = torch.cat([self.ema, self.ema.new_zeros(kv_heads, num_new, cfg.bins)], dim=1)
-        pad = torch.cat([self.pad, self.pad.new_zeros(kv_heads, num_new, cfg.pad)], dim=1)
-        return ema, pad
-
-    def filter(self, keep: Tensor) -> None:
-        if self.ema is None:
-            return
-        assert self.pad is not None
-        self.ema = filter_tokens(self.ema, keep)
-        self.pad = filter_tokens(self.pad, keep)
-
-
-def spectral_features(
-    attn: Tensor | None,
-    positions: Tensor,
-    query_positions: Tensor,
-    num_new_tokens: int,
-    state: NammFeatureState,
-    paged: PagedFeatures | None = None,
-    backend: kernels.Backend = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Update ``state`` with this step's attention; return (ema [kv, n, bins], bad [kv, n]).
-
-    The STFT + EMA runs in :mod:`vllm_namm.kernels` (an exact matmul form on CPU, Triton on
-    GPU); with ``attn`` None, ``paged`` computes it straight from the paged cache (the fused
-    GPU kernel, which never materialises the attention columns).
-
-    ``bad`` flags tokens whose new frames are not finite (NaN/inf attention): their EMA state
-    keeps the decayed previous value and their returned features are NaN, so the policy can
-    keep them instead of letting one broken step poison or evict them.
-    """
-    cfg = state.cfg
-    kv_heads, n_tokens = positions.shape
-    device = positions.device
-    prev_ema, prev_pad = state.extend(kv_heads, num_new_tokens, device)
-    if prev_ema.shape[1] != n_tokens:
-        raise ValueError(
-            f"state tracks {state.num_tokens} tokens + {num_new_tokens} new, but attention covers "
-            f"{n_tokens}: the state was not filtered with the cache"
-        )
-    shared = positions.stride(0) == 0 or kv_heads == 1  # one token set for every head (the engine)
-    first = kernels.first_valid_frame(positions[0] if shared else positions, query_positions, cfg.s_w)
-    if attn is not None:
-        ema, new_pad = kernels.spectrogram_ema(attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w)
-    elif paged is not None:
-        ema, new_pad = paged(prev_pad, prev_ema, first, cfg.gamma)
-    else:
-        raise ValueError("spectral features need the attention columns or a paged feature source")
-    n_frames = query_positions.numel() // cfg.s_w
-    bad = ~torch.isfinite(ema).all(dim=-1)
-    if bool(bad.any()):
-        state.ema = torch.where(bad.unsqueeze(-1), prev_ema * cfg.gamma**n_frames, ema)
-        state.pad = torch.where(bad.unsqueeze(-1), torch.zeros_like(new_pad), new_pad)
-        return ema.masked_fill(bad.unsqueeze(-1), float("nan")), bad
-    state.ema, state.pad = ema, new_pad
-    return ema, bad
-
-
 def token_features(
     ema: Tensor,
     positions: Tensor,
@@ -192,11 +104,9 @@ def token_features(
 
 
 __all__ = [
-    "NammFeatureState",
     "attention_columns",
     "gqa_average",
     "normalise",
     "oldness_embedding",
-    "spectral_features",
     "token_features",
 ]

@@ -24,18 +24,17 @@ Regenerate with ``python -m vllm_namm.initial_weights`` (writes ``data/initial_w
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from vllm_namm.config import FeatureConfig
-from vllm_namm.features import NammFeatureState, spectral_features
+from vllm_namm.policies import DEFAULT_WEIGHTS
+from vllm_namm.policies.namm import NammFeatureState, spectral_features
 from vllm_namm.scorers import ScorerConfig, make_scorer
 from vllm_namm.weights import NammWeights, Provenance, save_weights
 
 MIN_MEAN_ATTENTION = 2.0**-15
-OUTPUT = Path(__file__).resolve().parent / "data" / "initial_weights.safetensors"
 
 
 def calibration_stats(features: FeatureConfig, seq_len: int = 2048, heads: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -86,9 +85,9 @@ def build_initial_weights(features: FeatureConfig | None = None) -> NammWeights:
 
 def main() -> int:
     w = build_initial_weights()
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(OUTPUT, w)
-    print(f"wrote {OUTPUT} ({w.params.numel()} parameters)")
+    DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(DEFAULT_WEIGHTS, w)
+    print(f"wrote {DEFAULT_WEIGHTS} ({w.params.numel()} parameters)")
     return 0
 
 

@@ -25,6 +25,7 @@ from namm_kernels import (
     spectrogram_ema,
     spectrogram_ema_ref,
     stft_magnitudes,
+    triton_stft_supported,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "spectrogram_ema",
     "spectrogram_ema_ref",
     "stft_magnitudes",
+    "triton_stft_supported",
 ]

@@ -16,7 +16,7 @@ How it follows evo-memory (``memory_llms/llama.py``, ``memory_policy/base.py``):
   shrink independently. Evicted keys/values are physically gathered out of the HF cache.
 * Budget policies under ``selection="page"`` (the default, as in the paged engine) keep the
   same tokens in every layer and head: whole pages of ``page_size`` logical positions, chosen
-  by :func:`vllm_namm.paging.select_pages` exactly as the engine chooses them (16 is the
+  by :func:`vllm_namm.page_plan.select_pages` exactly as the engine chooses them (16 is the
   common GPU block size; the CPU build of vLLM uses 32). ``selection="token"`` is the per-head
   rule above.
 * RoPE positions stay logical: ``position_ids`` are passed explicitly and the causal mask is
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import gqa_average
-from vllm_namm.paging import select_pages
+from vllm_namm.page_plan import select_pages
 from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect, protected_mask
 from vllm_namm.policies.budget import BudgetPolicy
 
@@ -43,7 +43,7 @@ ATTN_IMPL = "namm_reference"
 
 
 @dataclass
-class StepStats:
+class ReferenceStep:
     """One eviction step: sequence length at the step and per-layer cache sizes."""
 
     seq_len: int
@@ -59,7 +59,7 @@ class ReferenceOutput:
     """Per-layer tokens cached per KV head at the end."""
     prompt_cache_lengths: list[int]
     """Per-layer tokens cached right after the prompt (after its last eviction step)."""
-    steps: list[StepStats] = field(default_factory=list)
+    steps: list[ReferenceStep] = field(default_factory=list)
     cache_positions: list[Tensor] = field(default_factory=list)
     """Per layer: logical positions [kv_heads, n] of the tokens cached at the end."""
 
@@ -236,9 +236,9 @@ def _view(layer_idx: int, layer: Any, run: _Run, policy: EvictionPolicy, qpos: T
 
 
 def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
-                 config: EvictionConfig, qpos: Tensor, page_size: int) -> StepStats:
+                 config: EvictionConfig, qpos: Tensor, page_size: int) -> ReferenceStep:
     """Page-level selection: every layer's scores, one set of whole pages kept by all layers and
-    heads (:func:`~vllm_namm.paging.select_pages`, the paged engine's rule), gathered."""
+    heads (:func:`~vllm_namm.page_plan.select_pages`, the paged engine's rule), gathered."""
     views = [_view(i, layer, run, policy, qpos) for i, layer in enumerate(cache.layers)]
     scores = [policy.score(view, states[i]) for i, view in enumerate(views)]
     positions = views[0].positions[0]
@@ -261,11 +261,11 @@ def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
             layer.values = _gather_heads(layer.values, heads)
             run.key_positions[i] = torch.gather(views[i].positions, 1, heads)
     after = [layer.keys.shape[-2] for layer in cache.layers]
-    return StepStats(seq_len=int(qpos[-1].item()) + 1, before=[n] * len(views), after=after)
+    return ReferenceStep(seq_len=int(qpos[-1].item()) + 1, before=[n] * len(views), after=after)
 
 
 def _evict(cache: Any, run: _Run, states: list[Any], policy: EvictionPolicy,
-           config: EvictionConfig, qpos: Tensor, page_size: int = 16) -> StepStats:
+           config: EvictionConfig, qpos: Tensor, page_size: int = 16) -> ReferenceStep:
     """One eviction step on every layer: score, select, protect, equalise heads, gather."""
     if config.selection == "page" and isinstance(policy, BudgetPolicy):
         return _evict_pages(cache, run, states, policy, config, qpos, page_size)
@@ -284,4 +284,4 @@ def _evict(cache: Any, run: _Run, states: list[Any], policy: EvictionPolicy,
             layer.values = _gather_heads(layer.values, idx)
             run.key_positions[layer_idx] = torch.gather(kpos, 1, idx)
         after.append(layer.keys.shape[-2])
-    return StepStats(seq_len=int(qpos[-1].item()) + 1, before=before, after=after)
+    return ReferenceStep(seq_len=int(qpos[-1].item()) + 1, before=before, after=after)

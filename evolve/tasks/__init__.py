@@ -1,1 +1,1 @@
-"""Evaluation tasks: synthetic long-context retrieval (no downloads) and LongBench JSONL files."""
+"""Evaluation tasks: LongBench JSONL files (the synthetic retrieval tasks live in :mod:`vllm_namm.synthetic`)."""

@@ -1,4 +1,4 @@
-"""Eviction policies and their registry.
+"""Eviction policies, by name (the list itself: :mod:`vllm_namm.policy_registry`).
 
 ``make_policy(config)`` is what the engine and the reference runner call; the NAMM weights
 default to the shipped ``vllm_namm/data/initial_weights.safetensors``.
@@ -20,19 +20,22 @@ from vllm_namm.policies.base import (
     sanitize_scores,
     topk_keep,
 )
+from vllm_namm.policies.budget import BudgetPolicy
 from vllm_namm.policies.h2o import H2OPolicy
 from vllm_namm.policies.l2 import L2Policy
 from vllm_namm.policies.namm import NammPolicy
 from vllm_namm.policies.none import NoEviction
 from vllm_namm.policies.snapkv import SnapKVPolicy
 from vllm_namm.policies.streaming import StreamingPolicy
+from vllm_namm.policy_registry import POLICY_NAMES, policy_class
 from vllm_namm.weights import NammWeights, load_weights
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "initial_weights.safetensors"
+"""The shipped weights: what ``--kv-eviction namm`` loads without ``--namm-weights``, what evolution
+starts from by default, and what ``python -m vllm_namm.initial_weights`` writes."""
 
-POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (NoEviction, NammPolicy, H2OPolicy, L2Policy, StreamingPolicy, SnapKVPolicy)
-}
+POLICIES: dict[str, type[EvictionPolicy]] = {name: policy_class(name) for name in POLICY_NAMES}
+"""Every registered policy (:mod:`vllm_namm.policy_registry`), by name."""
 
 
 def namm_budget(config: EvictionConfig, weights: NammWeights) -> BudgetConfig | None:
@@ -56,15 +59,16 @@ def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> E
             )
         return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels,
                           budget=namm_budget(config, weights), protect=config.protect)
-    if cls is NoEviction:
-        return NoEviction()
-    assert config.budget is not None
-    return cls(config.budget, config.protect)  # type: ignore[call-arg]
+    if issubclass(cls, BudgetPolicy):
+        assert config.budget is not None
+        return cls(config.budget, config.protect)
+    return cls()
 
 
 __all__ = [
     "DEFAULT_WEIGHTS",
     "POLICIES",
+    "BudgetPolicy",
     "EvictionPolicy",
     "H2OPolicy",
     "L2Policy",

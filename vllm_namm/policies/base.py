@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from vllm_namm.config import ProtectConfig
+
+BudgetRule = Literal["none", "required", "optional"]
 
 
 @dataclass
@@ -41,7 +43,7 @@ class LayerView:
     num_new_tokens: int
     """How many trailing tokens entered the cache since this state's previous step."""
     paged_features: Any = None
-    """Engine on GPU: ``(prev_pad, prev_ema, first_frame, gamma) -> (ema, pad)`` computed by the
+    """Engine on GPU: ``(prev_pad, prev_ema, first_frame, features) -> (ema, pad)`` computed by the
     fused paged STFT+EMA kernel, given *instead of* ``attn`` to policies that only need NAMM's
     spectral features (:attr:`EvictionPolicy.accepts_paged_features`)."""
 
@@ -56,7 +58,7 @@ class PolicyState:
 class EvictionPolicy(ABC):
     """One eviction method: a ``score()`` and a selection rule.
 
-    Subclasses set ``name`` and register themselves in :mod:`vllm_namm.policies`.
+    Subclasses set ``name`` and are registered by one line in :mod:`vllm_namm.policy_registry`.
     """
 
     name: ClassVar[str]
@@ -64,6 +66,9 @@ class EvictionPolicy(ABC):
     needs_keys: ClassVar[bool] = False
     accepts_paged_features: ClassVar[bool] = False
     """True when the policy can use ``LayerView.paged_features`` instead of ``attn``."""
+    budget_rule: ClassVar[BudgetRule] = "none"
+    """Whether a budget is ``required`` (the policy only ranks), ``optional`` (it has a rule of its
+    own and can also rank under one) or refused (``none``); read via :mod:`vllm_namm.policy_registry`."""
 
     def new_state(self, params: Tensor | None = None) -> PolicyState:
         """Fresh state for a new request/layer (before any token is cached).

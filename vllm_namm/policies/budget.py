@@ -18,9 +18,11 @@ class BudgetPolicy(EvictionPolicy):
     This is token-level selection (``EvictionConfig.selection == "token"``, and the reference
     runner's per-head rule). Under page-level selection, the default, the paged engine and the
     reference runner use only ``score()`` and ``budget``: whole pages are ranked and kept by
-    :func:`vllm_namm.paging.select_pages`, and ``select()`` only feeds the page-rounding
+    :func:`vllm_namm.page_plan.select_pages`, and ``select()`` only feeds the page-rounding
     statistics.
     """
+
+    budget_rule = "required"
 
     def __init__(self, budget: BudgetConfig, protect: ProtectConfig | None = None) -> None:
         self.budget = budget

@@ -1,4 +1,4 @@
-"""``namm``: the evolved Neural Attention Memory Model (paper §3, DESIGN.md §1).
+"""``namm``: the evolved Neural Attention Memory Model (paper §3, ``docs/design.md`` §1).
 
 score: attention spectrogram EMA (state) -> normalise -> + oldness -> BAM/MLP;
 select: keep ``score >= threshold`` (0 by default), i.e. evict exactly the tokens scoring
@@ -10,16 +10,110 @@ instead of chasing retention. NaN/inf attention or scores keep the token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-import vllm_namm.features as feats  # module import: features imports policies.base (cycle-safe)
-from vllm_namm.config import BudgetConfig, ProtectConfig
+from vllm_namm import kernels
+from vllm_namm.config import BudgetConfig, FeatureConfig, ProtectConfig
+from vllm_namm.features import token_features
 from vllm_namm.kernels import Backend
-from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, sanitize_scores
+from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, filter_tokens, sanitize_scores
 from vllm_namm.policies.budget import keep_within_budget
 from vllm_namm.scorers import score_ragged
 from vllm_namm.weights import NammWeights
+
+PagedFeatures = Callable[[Tensor, Tensor, Tensor, FeatureConfig], tuple[Tensor, Tensor]]
+"""(prev_pad, prev_ema, first_frame, features) -> (ema, pad), computed from the paged cache with the
+window, hop and EMA discount of ``features``."""
+
+
+class NammFeatureState(PolicyState):
+    """Per-request, per-layer memory of the feature pipeline.
+
+    ``ema`` [kv_heads, n_tokens, bins]: the EMA'd (unnormalised) spectrogram of every cached
+    token; ``pad`` [kv_heads, n_tokens, n_w - s_w]: the token's last attention values, the
+    left padding of its next STFT. ``params`` optionally overrides the scorer's flat parameter
+    vector for this request (evolution sends one candidate per request).
+    """
+
+    def __init__(self, cfg: FeatureConfig, params: Tensor | None = None) -> None:
+        self.cfg = cfg
+        self.ema: Tensor | None = None
+        self.pad: Tensor | None = None
+        self.params = params
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.ema is None else self.ema.shape[1]
+
+    def extend(self, kv_heads: int, num_new: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """State for the tokens of this step: carried values, zeros for the ``num_new`` newcomers."""
+        cfg = self.cfg
+        if self.ema is None:
+            self.ema = torch.zeros(kv_heads, 0, cfg.bins, device=device)
+            self.pad = torch.zeros(kv_heads, 0, cfg.pad, device=device)
+        assert self.pad is not None
+        if self.ema.shape[0] != kv_heads:
+            raise ValueError(f"state has {self.ema.shape[0]} KV heads, view has {kv_heads}")
+        ema = torch.cat([self.ema, self.ema.new_zeros(kv_heads, num_new, cfg.bins)], dim=1)
+        pad = torch.cat([self.pad, self.pad.new_zeros(kv_heads, num_new, cfg.pad)], dim=1)
+        return ema, pad
+
+    def filter(self, keep: Tensor) -> None:
+        if self.ema is None:
+            return
+        assert self.pad is not None
+        self.ema = filter_tokens(self.ema, keep)
+        self.pad = filter_tokens(self.pad, keep)
+
+
+def spectral_features(
+    attn: Tensor | None,
+    positions: Tensor,
+    query_positions: Tensor,
+    num_new_tokens: int,
+    state: NammFeatureState,
+    paged: PagedFeatures | None = None,
+    backend: kernels.Backend = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Update ``state`` with this step's attention; return (ema [kv, n, bins], bad [kv, n]).
+
+    The STFT + EMA runs in :mod:`vllm_namm.kernels` (an exact matmul form on CPU, Triton on
+    GPU); with ``attn`` None, ``paged`` computes it straight from the paged cache (the fused
+    GPU kernel, which never materialises the attention columns).
+
+    ``bad`` flags tokens whose new frames are not finite (NaN/inf attention): their EMA state
+    keeps the decayed previous value and their returned features are NaN, so the policy can
+    keep them instead of letting one broken step poison or evict them.
+    """
+    cfg = state.cfg
+    kv_heads, n_tokens = positions.shape
+    device = positions.device
+    prev_ema, prev_pad = state.extend(kv_heads, num_new_tokens, device)
+    if prev_ema.shape[1] != n_tokens:
+        raise ValueError(
+            f"state tracks {state.num_tokens} tokens + {num_new_tokens} new, but attention covers "
+            f"{n_tokens}: the state was not filtered with the cache"
+        )
+    shared = positions.stride(0) == 0 or kv_heads == 1  # one token set for every head (the engine)
+    first = kernels.first_valid_frame(positions[0] if shared else positions, query_positions, cfg.s_w)
+    if attn is not None:
+        ema, new_pad = kernels.spectrogram_ema(attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w)
+    elif paged is not None:
+        ema, new_pad = paged(prev_pad, prev_ema, first, cfg)
+    else:
+        raise ValueError("spectral features need the attention columns or a paged feature source")
+    n_frames = query_positions.numel() // cfg.s_w
+    bad = ~torch.isfinite(ema).all(dim=-1)
+    if bool(bad.any()):
+        state.ema = torch.where(bad.unsqueeze(-1), prev_ema * cfg.gamma**n_frames, ema)
+        state.pad = torch.where(bad.unsqueeze(-1), torch.zeros_like(new_pad), new_pad)
+        return ema.masked_fill(bad.unsqueeze(-1), float("nan")), bad
+    state.ema, state.pad = ema, new_pad
+    return ema, bad
+
 
 
 class NammPolicy(EvictionPolicy):
@@ -32,6 +126,7 @@ class NammPolicy(EvictionPolicy):
 
     name = "namm"
     accepts_paged_features = True
+    budget_rule = "optional"
 
     def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto",
                  budget: BudgetConfig | None = None, protect: ProtectConfig | None = None) -> None:
@@ -50,7 +145,7 @@ class NammPolicy(EvictionPolicy):
     def num_params(self) -> int:
         return self.scorer.num_params
 
-    def new_state(self, params: Tensor | None = None) -> feats.NammFeatureState:
+    def new_state(self, params: Tensor | None = None) -> NammFeatureState:
         if params is not None:
             params = torch.as_tensor(params, dtype=torch.float32).flatten()
             if params.numel() != self.num_params:
@@ -58,18 +153,18 @@ class NammPolicy(EvictionPolicy):
                     f"candidate parameter vector has {params.numel()} values, the "
                     f"{self.weights.scorer.kind} scorer needs {self.num_params}"
                 )
-        return feats.NammFeatureState(self.features, params)
+        return NammFeatureState(self.features, params)
 
-    def features_for(self, view: LayerView, state: feats.NammFeatureState) -> tuple[Tensor, Tensor]:
+    def features_for(self, view: LayerView, state: NammFeatureState) -> tuple[Tensor, Tensor]:
         """Scorer input [kv, n, 25] and the bad-token mask [kv, n]; updates ``state``."""
         if view.attn is None and view.paged_features is None:
             raise ValueError("namm needs the attention of the latest queries (view.attn is None)")
-        ema, bad = feats.spectral_features(
+        ema, bad = spectral_features(
             view.attn, view.positions, view.query_positions, view.num_new_tokens, state,
             paged=view.paged_features, backend=self.kernels,
         )
         newest = view.query_positions.max() if view.query_positions.numel() else view.positions.max()
-        x = feats.token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)
+        x = token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)
         return x.masked_fill(bad.unsqueeze(-1), 0.0), bad
 
     @torch.no_grad()
@@ -79,7 +174,7 @@ class NammPolicy(EvictionPolicy):
     @torch.no_grad()
     def prepare(self, view: LayerView, state: PolicyState) -> tuple[Tensor, Tensor, Tensor | None]:
         """This layer's scorer input, bad-token mask and candidate vector (updates the EMA state)."""
-        assert isinstance(state, feats.NammFeatureState)
+        assert isinstance(state, NammFeatureState)
         x, bad = self.features_for(view, state)
         return x, bad, state.params
 

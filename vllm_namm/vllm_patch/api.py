@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, parse_eviction_config
+from vllm_namm.vllm_patch.patching import patch
 from vllm_namm.vllm_patch.request_settings import (
     RequestSettingsError,
     parse_request_settings,
@@ -78,15 +79,9 @@ def install() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    if getattr(InputProcessor, "_namm_installed", False):
-        return
-    InputProcessor._namm_installed = True
-    orig_validate = InputProcessor._validate_params
-    orig_process = OutputProcessor.process_outputs
-
-    @functools.wraps(orig_validate)
-    def _validate_params(self, params, *args, **kwargs):
-        result = orig_validate(self, params, *args, **kwargs)
+    @patch(InputProcessor, "_validate_params")
+    def _validate_params(original, self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
         extra = getattr(params, "extra_args", None)
         if extra:
             try:
@@ -100,8 +95,8 @@ def install() -> None:
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         return result
 
-    @functools.wraps(orig_process)
-    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+    @patch(OutputProcessor, "process_outputs")
+    def process_outputs(original, self, engine_core_outputs, *args, **kwargs):
         global _metrics
         for out in engine_core_outputs:
             params = getattr(out, "kv_transfer_params", None)
@@ -109,7 +104,4 @@ def install() -> None:
                 if _metrics is None:
                     _metrics = _Metrics()
                 _metrics.observe(params["namm"])
-        return orig_process(self, engine_core_outputs, *args, **kwargs)
-
-    InputProcessor._validate_params = _validate_params
-    OutputProcessor.process_outputs = process_outputs
+        return original(self, engine_core_outputs, *args, **kwargs)

@@ -8,22 +8,21 @@ flags into ``additional_config["namm"]`` in the second.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, EvictionConfig
+from vllm_namm.config import EvictionConfig
+from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
-
-POLICY_CHOICES = ["none", "namm", "h2o", "l2", "streaming", "snapkv"]
+from vllm_namm.vllm_patch.patching import patch
 
 # flag -> (EvictionConfig field path, argparse options). One table drives the parser, the
 # config mapping and the error messages, so every message names the flag the user typed.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-eviction": ("policy", dict(
-        choices=POLICY_CHOICES, default="none",
+        choices=list(POLICY_NAMES), default="none",
         help="Eviction policy. 'none' leaves vLLM unchanged.")),
     "--namm-weights": ("weights", dict(
         default=None, metavar="PATH",
@@ -101,10 +100,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
     if len(budget_flags) == 2:
         raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
-    budget_policies = sorted(TAKES_BUDGET)
-    if policy in BUDGET_POLICIES and not budget_flags:
+    budget_policies = budget_takers()
+    if needs_budget(policy) and not budget_flags:
         raise NammConfigError(f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R")
-    if policy not in TAKES_BUDGET and budget_flags:
+    if not takes_budget(policy) and budget_flags:
         raise NammConfigError(f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, "
                               f"not {policy}")
     namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
@@ -149,21 +148,15 @@ def fail(message: str) -> None:
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    if getattr(EngineArgs, "_namm_cli_installed", False):
-        return
-    EngineArgs._namm_cli_installed = True
-    orig_add = EngineArgs.add_cli_args
-    orig_from = EngineArgs.from_cli_args.__func__
-    orig_create = EngineArgs.create_engine_config
-
-    @functools.wraps(orig_add)
-    def add_cli_args(parser, *a, **kw):
-        parser = orig_add(parser, *a, **kw)
+    @patch(EngineArgs, "add_cli_args")  # a staticmethod
+    def add_cli_args(original, parser, *a, **kw):
+        parser = original(parser, *a, **kw)
         add_flags(parser)
         return parser
 
-    def from_cli_args(cls, args: argparse.Namespace):
-        engine_args = orig_from(cls, args)
+    @patch(EngineArgs, "from_cli_args")  # a classmethod
+    def from_cli_args(original, cls, args: argparse.Namespace):
+        engine_args = original(cls, args)
         try:
             cfg = config_from_args(args)
         except NammConfigError as e:
@@ -172,8 +165,8 @@ def install() -> None:
             engine_args.additional_config = dict(engine_args.additional_config or {}) | {CONFIG_KEY: cfg}
         return engine_args
 
-    @functools.wraps(orig_create)
-    def create_engine_config(self, *a, **kw):
+    @patch(EngineArgs, "create_engine_config")
+    def create_engine_config(original, self, *a, **kw):
         from vllm_namm.vllm_patch.engine_config import prepare_engine_args
 
         try:
@@ -182,11 +175,7 @@ def install() -> None:
             if _is_cli():
                 fail(str(e))
             raise
-        return orig_create(self, *a, **kw)
-
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
-    EngineArgs.create_engine_config = create_engine_config
+        return original(self, *a, **kw)
 
 
 def _is_cli() -> bool:

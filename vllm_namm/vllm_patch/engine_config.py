@@ -8,7 +8,6 @@ engine starts), so a bad setting stops the server with one clear message.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
+from vllm_namm.vllm_patch.patching import patch
 
 logger = logging.getLogger("vllm.namm")
 
@@ -199,31 +199,21 @@ def _keep_v1_model_runner() -> None:
     GPU, whose block tables and metadata code our runner hooks do not cover yet."""
     from vllm.config import VllmConfig
 
-    prop = VllmConfig.__dict__.get("use_v2_model_runner")
-    if not isinstance(prop, property) or getattr(prop.fget, "_namm", False):
+    if not isinstance(VllmConfig.__dict__.get("use_v2_model_runner"), property):
         return
 
-    def use_v2_model_runner(self: Any) -> bool:
+    @patch(VllmConfig, "use_v2_model_runner")  # a property: its getter is wrapped
+    def use_v2_model_runner(original: Any, self: Any) -> bool:
         if eviction_config_from(self) is not None:
             return False
-        return prop.fget(self)
-
-    use_v2_model_runner._namm = True  # type: ignore[attr-defined]
-    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+        return original(self)
 
 
 def _cap_prefill_chunk_after_model_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    orig = EngineArgs.create_model_config
-    if getattr(orig, "_namm", False):
-        return
-
-    @functools.wraps(orig)
-    def create_model_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        model_config = orig(self, *args, **kwargs)
+    @patch(EngineArgs, "create_model_config")
+    def create_model_config(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+        model_config = original(self, *args, **kwargs)
         cap_prefill_chunk(self, getattr(model_config, "max_model_len", None))
         return model_config
-
-    create_model_config._namm = True  # type: ignore[attr-defined]
-    EngineArgs.create_model_config = create_model_config

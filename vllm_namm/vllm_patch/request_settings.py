@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vllm_namm.config import BUDGET_POLICIES, TAKES_BUDGET, BudgetConfig, EvictionConfig, PolicyName
+from vllm_namm.config import BudgetConfig, EvictionConfig, PolicyName
+from vllm_namm.policy_registry import budget_takers, needs_budget, takes_budget
 
 OUR_PREFIXES = ("kv_eviction", "namm_")
 
@@ -68,7 +69,7 @@ class RequestSettings(BaseModel):
             }
             data["budget"] = BudgetConfig(**extra).model_dump()
         own_budget = self.kv_eviction_budget is not None or self.kv_eviction_ratio is not None
-        if policy not in TAKES_BUDGET or (policy not in BUDGET_POLICIES and policy != server.policy and not own_budget):
+        if not takes_budget(policy) or (not needs_budget(policy) and policy != server.policy and not own_budget):
             data["budget"] = None  # namm asked for on a baseline's server keeps its threshold rule
         if policy != "namm":
             data["weights"] = None
@@ -116,9 +117,9 @@ def validate_for_server(
     budget_keys = [k for k in ("kv_eviction_budget", "kv_eviction_ratio") if k in given]
     if len(budget_keys) == 2:
         raise RequestSettingsError("vllm_xargs: give exactly one of kv_eviction_budget or kv_eviction_ratio")
-    if budget_keys and policy not in TAKES_BUDGET:
+    if budget_keys and not takes_budget(policy):
         raise RequestSettingsError(
-            f"vllm_xargs.{budget_keys[0]}: only applies to kv_eviction {'/'.join(sorted(TAKES_BUDGET))}, "
+            f"vllm_xargs.{budget_keys[0]}: only applies to kv_eviction {'/'.join(budget_takers())}, "
             f"this request runs {policy}"
         )
     if "namm_threshold" in given and (budget_keys or (server.budget is not None and policy == server.policy)):
@@ -127,7 +128,7 @@ def validate_for_server(
     for key in ("namm_params", "namm_threshold", "namm_ema_coeff_per_step"):
         if key in given and policy != "namm":
             raise RequestSettingsError(f"vllm_xargs.{key}: only valid with kv_eviction=namm, this request runs {policy}")
-    if policy in BUDGET_POLICIES and not budget_keys and server.budget is None:
+    if needs_budget(policy) and not budget_keys and server.budget is None:
         raise RequestSettingsError(
             f"vllm_xargs.kv_eviction: {policy} needs kv_eviction_budget or kv_eviction_ratio "
             "(this server has no budget)"

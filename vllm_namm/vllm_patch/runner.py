@@ -5,7 +5,7 @@ What it does each step, for requests whose policy is not ``none``:
 1. captures every attention layer's queries (a wrapper around ``impl.forward``);
 2. after the forward pass, files them per request; when a request has ``interval``
    unscored queries, reads its keys straight from the paged cache, runs
-   :func:`vllm_namm.paged_memory.eviction_step`, and turns the chosen pages into holes
+   :func:`vllm_namm.request_memory.eviction_step`, and turns the chosen pages into holes
    (block id 0, vLLM's null block) in this worker's block table;
 3. attaches ``(request, logical page, physical block)`` reports to the step's output
    (:mod:`.channel`); the scheduler returns those blocks to the pool;
@@ -26,7 +26,6 @@ scheduler reports them. With pipeline stages the holes come ``pp - 1`` steps aft
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any
@@ -36,7 +35,8 @@ import torch
 from vllm_namm import kernels
 from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
-from vllm_namm.paged_memory import (
+from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
+from vllm_namm.request_memory import (
     PagedCacheReader,
     RequestMemory,
     StepJob,
@@ -45,8 +45,8 @@ from vllm_namm.paged_memory import (
     compute_steps,
     finish_step,
 )
-from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.vllm_patch import channel
+from vllm_namm.vllm_patch.patching import patch
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 from vllm_namm.weights import load_weights
 
@@ -105,7 +105,7 @@ class NammRunnerState:
         self.hop = self.weights.features.s_w
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
         # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
-        self.fused_features = side == "triton" and (self.weights.features.n_w, self.hop) == (32, 16)
+        self.fused_features = side == "triton" and kernels.triton_stft_supported(self.weights.features.n_w, self.hop)
         self.votes = VoteGroup.create()
         self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
@@ -385,21 +385,13 @@ def key_layout(layer: Any, backend: str) -> tuple[torch.Tensor, kernels.PagedKey
 
 
 def _wrap_impl_forward(layer: Any, idx: int, state: NammRunnerState) -> None:
-    impl = layer.impl
-    if getattr(impl, "_namm_wrapped", False):
-        return
-    original = impl.forward
-
-    @functools.wraps(original)
-    def forward(attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+    @patch(layer.impl, "forward")  # this layer's impl only (an instance: original is bound)
+    def forward(original, attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = original(attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if state.capturing and attn_metadata is not None:
             n = attn_metadata.num_actual_tokens
             state.captured[idx] = query[:n].detach().reshape(n, -1, state.head_size).clone()
         return result
-
-    impl.forward = forward
-    impl._namm_wrapped = True
 
 
 # ---- compaction of attention metadata --------------------------------------------------------
@@ -446,19 +438,9 @@ def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.utils import AttentionGroup
 
-    if getattr(GPUModelRunner, "_namm_installed", False):
-        return
-    GPUModelRunner._namm_installed = True
-
-    orig_init_kv = GPUModelRunner.initialize_kv_cache
-    orig_execute = GPUModelRunner.execute_model
-    orig_sample = GPUModelRunner.sample_tokens
-    orig_build = GPUModelRunner._build_attention_metadata
-    orig_group_build = AttentionGroup.build_metadata
-
-    @functools.wraps(orig_init_kv)
-    def initialize_kv_cache(self, *args, **kwargs):
-        result = orig_init_kv(self, *args, **kwargs)
+    @patch(GPUModelRunner, "initialize_kv_cache")
+    def initialize_kv_cache(original, self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
         from vllm_namm.vllm_patch.engine_config import eviction_config_from
 
         cfg = eviction_config_from(self.vllm_config)
@@ -466,43 +448,37 @@ def install() -> None:
             self._namm = NammRunnerState(self, cfg)
         return result
 
-    @functools.wraps(orig_execute)
-    def execute_model(self, scheduler_output, *args, **kwargs):
+    @patch(GPUModelRunner, "execute_model")
+    def execute_model(original, self, scheduler_output, *args, **kwargs):
         namm: NammRunnerState | None = getattr(self, "_namm", None)
         if namm is None:
-            return orig_execute(self, scheduler_output, *args, **kwargs)
+            return original(self, scheduler_output, *args, **kwargs)
         namm.before_step(scheduler_output)
-        result = orig_execute(self, scheduler_output, *args, **kwargs)
+        result = original(self, scheduler_output, *args, **kwargs)
         namm.after_forward(scheduler_output)
         namm.capturing = False
         return channel.attach(result)
 
-    @functools.wraps(orig_sample)
-    def sample_tokens(self, *args, **kwargs):
-        return channel.attach(orig_sample(self, *args, **kwargs))
+    @patch(GPUModelRunner, "sample_tokens")
+    def sample_tokens(original, self, *args, **kwargs):
+        return channel.attach(original(self, *args, **kwargs))
 
-    @functools.wraps(orig_build)
-    def _build_attention_metadata(self, *args, **kwargs):
+    @patch(GPUModelRunner, "_build_attention_metadata")
+    def _build_attention_metadata(original, self, *args, **kwargs):
         namm: NammRunnerState | None = getattr(self, "_namm", None)
         if namm is None or kwargs.get("for_cudagraph_capture"):
-            return orig_build(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         global _active_compaction
         rows = namm.compaction_rows()
         _active_compaction = (rows, namm.block_size) if rows else None
         try:
-            return orig_build(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             _active_compaction = None
 
-    @functools.wraps(orig_group_build)
-    def build_metadata(self, common_attn_metadata, *args, **kwargs):
+    @patch(AttentionGroup, "build_metadata")
+    def build_metadata(original, self, common_attn_metadata, *args, **kwargs):
         if _active_compaction is not None:
             common_attn_metadata = compact_metadata(common_attn_metadata, *_active_compaction)
-        return orig_group_build(self, common_attn_metadata, *args, **kwargs)
-
-    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
-    GPUModelRunner.execute_model = execute_model
-    GPUModelRunner.sample_tokens = sample_tokens
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata
-    AttentionGroup.build_metadata = build_metadata
+        return original(self, common_attn_metadata, *args, **kwargs)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_namm.paging import plan_pages
+from vllm_namm.page_plan import plan_pages
 
 BS = 4
 
@@ -62,7 +62,7 @@ def test_errors():
 
 # ---- page-level selection (budget policies) ---------------------------------------------------
 
-from vllm_namm.paging import budget_pages, select_pages, token_ranks  # noqa: E402
+from vllm_namm.page_plan import budget_pages, select_pages, token_ranks  # noqa: E402
 
 AGGREGATES = ("mean", "max", "vote")
 

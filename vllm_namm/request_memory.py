@@ -35,14 +35,15 @@ import torch
 from torch import Tensor
 
 from vllm_namm import kernels
-from vllm_namm.config import EvictionConfig
-from vllm_namm.features import PagedFeatures, attention_columns
-from vllm_namm.paging import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
+from vllm_namm.config import EvictionConfig, FeatureConfig
+from vllm_namm.features import attention_columns
+from vllm_namm.page_plan import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
 from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
+from vllm_namm.policies.namm import PagedFeatures
 
 
 @dataclass
-class StepStats:
+class StepOutcome:
     """What one eviction step of one request did (for logs and /metrics)."""
 
     freed_pages: list[int]
@@ -122,9 +123,10 @@ class PagedCacheReader:
         dev = cache.device
         q, qpos, pos, blocks = queries.to(dev), query_positions.to(dev), positions.to(dev), self._blocks(cache)
 
-        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, cfg: FeatureConfig) -> tuple[Tensor, Tensor]:
             return kernels.paged_spectrogram_ema(q, cache, layout, blocks, pos, qpos, self.scale, prev_pad, prev_ema,
-                                                 first.to(dev), gamma, backend=self.backend)
+                                                 first.to(dev), cfg.gamma, backend=self.backend, n_fft=cfg.n_w,
+                                                 hop=cfg.s_w)
 
         return features
 
@@ -293,12 +295,12 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
     dropped; then each policy scores all its (request, layer) entries in one
     ``score_prepared`` call. Updates (filters) the jobs' policy states; touches nothing else.
 
-    ``reduce`` (tensor parallel, see :data:`vllm_namm.paging.Reduce`): this worker holds
+    ``reduce`` (tensor parallel, see :data:`vllm_namm.page_plan.Reduce`): this worker holds
     ``kv_heads`` of every layer's KV heads; the workers agree on every page plan through
     at most three collectives per batch, whatever the number of jobs: whether every worker computed
     its part (a worker whose part failed still takes part, so nobody waits forever, and then
     every worker drops the batch), the summed tallies and the maximal ones
-    (:func:`~vllm_namm.paging.reduce_votes`). Every worker must call it with the same jobs
+    (:func:`~vllm_namm.page_plan.reduce_votes`). Every worker must call it with the same jobs
     (requests and positions) in the same order. ``layers`` = (first, total) (pipeline
     parallel): the jobs' layers are layers ``first, first + 1, ...`` of ``total``; the plans'
     per-layer statistics then cover all ``total`` layers.
@@ -371,13 +373,13 @@ def _local_votes(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_h
     return votes
 
 
-def finish_step(result: StepResult) -> StepStats:
+def finish_step(result: StepResult) -> StepOutcome:
     """Record a computed step in its request's memory (engine thread)."""
     mem, plan = result.job.mem, result.plan
     mem.evicted_pages.update(plan.free_pages)
     mem.steps += 1
     mem.pending = False
-    return StepStats(plan.free_pages, sum(plan.requested), sum(plan.realised))
+    return StepOutcome(plan.free_pages, sum(plan.requested), sum(plan.realised))
 
 
 def eviction_step(
@@ -388,7 +390,7 @@ def eviction_step(
     hop: int = 16,
     kv_heads: int = 1,
     device: torch.device | str = "cpu",
-) -> StepStats:
+) -> StepOutcome:
     """One synchronous step of one request: :func:`begin_step`, :func:`compute_steps`,
     :func:`finish_step`. ``read_keys(layer, live_pages)`` (or a :class:`CacheReader`) gives
     that layer's cached keys of the live pages, [n_live(+ padding), kv_heads, d], in page order."""
