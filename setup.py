@@ -15,7 +15,10 @@ setup(
     python_requires=">=3.10",
     # The kernels/ folder is installed as `namm_kernels`: a top-level `kernels`
     # module would shadow the published `kernels` package that transformers probes.
-    packages=[*find_packages(include=["vllm_namm", "vllm_namm.*", "evolve", "evolve.*", "benchmarks"]), "namm_kernels"],
+    packages=[
+        *find_packages(include=["vllm_namm", "vllm_namm.*", "evolve", "evolve.*", "benchmarks"]),
+        "namm_kernels",
+    ],
     package_dir={"namm_kernels": "kernels"},
     package_data={
         "vllm_namm": ["data/*.safetensors"],

@@ -10,14 +10,32 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench-serve": ("benchmarks.bench_serve", "vLLM's own `vllm bench serve` per eviction mode, side by side with none"),
-    "serving": ("benchmarks.serving", "throughput, KV blocks in use, concurrency, TTFT/TPOT per eviction mode vs none"),
+    "bench-serve": (
+        "benchmarks.bench_serve",
+        "vLLM's own `vllm bench serve` per eviction mode, side by side with none",
+    ),
+    "serving": (
+        "benchmarks.serving",
+        "throughput, KV blocks in use, concurrency, TTFT/TPOT per eviction mode vs none",
+    ),
     "quality": ("benchmarks.quality", "accuracy of full cache vs eviction policies at 25 % / 50 % cache"),
     "kernels": ("benchmarks.kernels_bench", "Triton kernels vs their torch references (GPU)"),
-    "train-model": ("benchmarks.train_model", "train the small long-context Llama used by the quality benchmark"),
-    "page-rounding": ("benchmarks.page_rounding", "token evictions each policy asks for vs what freed pages realise"),
-    "evolve-overhead": ("benchmarks.evolve_overhead", "one evolution generation vs the same requests without eviction"),
-    "overhead": ("benchmarks.overhead", "one eviction step vs the model's forward over the same chunk, 8B layer shapes"),
+    "train-model": (
+        "benchmarks.train_model",
+        "train the small long-context Llama used by the quality benchmark",
+    ),
+    "page-rounding": (
+        "benchmarks.page_rounding",
+        "token evictions each policy asks for vs what freed pages realise",
+    ),
+    "evolve-overhead": (
+        "benchmarks.evolve_overhead",
+        "one evolution generation vs the same requests without eviction",
+    ),
+    "overhead": (
+        "benchmarks.overhead",
+        "one eviction step vs the model's forward over the same chunk, 8B layer shapes",
+    ),
 }
 
 
@@ -39,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "main", None)
     if entry is None:
-        print(f"{COMMANDS[name][0]} has no main(); run `python -m {COMMANDS[name][0]}` instead", file=sys.stderr)
+        print(
+            f"{COMMANDS[name][0]} has no main(); run `python -m {COMMANDS[name][0]}` instead", file=sys.stderr
+        )
         return 2
     sys.argv = [f"python -m benchmarks {name}", *rest]
     return int(entry(rest) or 0)

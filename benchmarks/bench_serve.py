@@ -28,11 +28,21 @@ from benchmarks.serving import Mode
 from benchmarks.weights_files import resolve
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer, vllm_bin
 
-DEFAULT_MODES = ["none", "namm", "namm:weights=random:mlp", "h2o:ratio=0.25", "snapkv:ratio=0.25",
-                 "streaming:ratio=0.25"]
-FIELDS = [("output tok/s", "output_throughput", "{:.1f}"), ("mean TTFT (ms)", "mean_ttft_ms", "{:.0f}"),
-          ("mean TPOT (ms)", "mean_tpot_ms", "{:.1f}"), ("duration (s)", "duration", "{:.1f}"),
-          ("completed", "completed", "{:d}")]
+DEFAULT_MODES = [
+    "none",
+    "namm",
+    "namm:weights=random:mlp",
+    "h2o:ratio=0.25",
+    "snapkv:ratio=0.25",
+    "streaming:ratio=0.25",
+]
+FIELDS = [
+    ("output tok/s", "output_throughput", "{:.1f}"),
+    ("mean TTFT (ms)", "mean_ttft_ms", "{:.0f}"),
+    ("mean TPOT (ms)", "mean_tpot_ms", "{:.1f}"),
+    ("duration (s)", "duration", "{:.1f}"),
+    ("completed", "completed", "{:d}"),
+]
 
 
 def build_default_model(path: Path) -> Path:
@@ -49,14 +59,52 @@ def run_mode(mode: Mode, model: Path, a: argparse.Namespace, out_dir: Path) -> d
         i = flags.index("--namm-weights") + 1
         flags[i] = resolve(flags[i], out_dir)
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
-    base = [*CPU_DEFAULTS, "--max-model-len", str(a.max_model_len), "--block-size", str(a.block_size), "--seed", "0"]
-    with VllmServer(model, flags, base_flags=base, log_path=out_dir / f"server-{safe}.log",
-                    kv_space_gib=a.kv_space_gib, timeout_s=600) as server:
-        cmd = [vllm_bin(), "bench", "serve", "--backend", "openai", "--base-url", server.url,
-               "--model", server.model, "--tokenizer", str(model), "--dataset-name", "random",
-               "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-               "--num-prompts", str(a.num_prompts), "--seed", str(a.seed), "--ignore-eos",
-               "--save-result", "--result-dir", str(out_dir), "--result-filename", f"bench-{safe}.json"]
+    base = [
+        *CPU_DEFAULTS,
+        "--max-model-len",
+        str(a.max_model_len),
+        "--block-size",
+        str(a.block_size),
+        "--seed",
+        "0",
+    ]
+    with VllmServer(
+        model,
+        flags,
+        base_flags=base,
+        log_path=out_dir / f"server-{safe}.log",
+        kv_space_gib=a.kv_space_gib,
+        timeout_s=600,
+    ) as server:
+        cmd = [
+            vllm_bin(),
+            "bench",
+            "serve",
+            "--backend",
+            "openai",
+            "--base-url",
+            server.url,
+            "--model",
+            server.model,
+            "--tokenizer",
+            str(model),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(a.input_len),
+            "--random-output-len",
+            str(a.output_len),
+            "--num-prompts",
+            str(a.num_prompts),
+            "--seed",
+            str(a.seed),
+            "--ignore-eos",
+            "--save-result",
+            "--result-dir",
+            str(out_dir),
+            "--result-filename",
+            f"bench-{safe}.json",
+        ]
         print(f"[{mode.spec}] $ {' '.join(cmd)}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (out_dir / f"bench-{safe}.log").write_text(proc.stdout + proc.stderr)
@@ -87,8 +135,14 @@ def format_table(results: list[dict]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
@@ -115,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for mode in modes:
         results.append(run_mode(mode, model, a, out_dir))
-        (out_dir / "bench_serve.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+        (out_dir / "bench_serve.json").write_text(
+            json.dumps({"command": command, "results": results}, indent=1)
+        )
     table = format_table(results)
-    print(f"vllm bench serve, random dataset {a.input_len} in / {a.output_len} out x {a.num_prompts} prompts, "
-          f"seed {a.seed}; model {model}")
+    print(
+        f"vllm bench serve, random dataset {a.input_len} in / {a.output_len} out x {a.num_prompts} prompts, "
+        f"seed {a.seed}; model {model}"
+    )
     print(table)
     print(f"command: {command}")
     (out_dir / "table.md").write_text(table + f"\n\ncommand: {command}\n")

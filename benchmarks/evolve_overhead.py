@@ -25,15 +25,16 @@ import numpy as np
 async def _batch(client, samples, xargs_list) -> tuple[float, float]:
     """Send every (sample, xargs) at once; (seconds, mean retained fraction)."""
     t0 = time.perf_counter()
-    results = await asyncio.gather(*[
-        client.complete(s.prompt, s.max_tokens, xa) for xa in xargs_list for s in samples
-    ])
+    results = await asyncio.gather(
+        *[client.complete(s.prompt, s.max_tokens, xa) for xa in xargs_list for s in samples]
+    )
     elapsed = time.perf_counter() - t0
     return elapsed, float(np.mean([r.retained_fraction for r in results]))
 
 
-async def _measure(base_url: str, popsize: int, n_samples: int, tokens: int, sigma: float, seed: int,
-                   repeats: int) -> dict:
+async def _measure(
+    base_url: str, popsize: int, n_samples: int, tokens: int, sigma: float, seed: int, repeats: int
+) -> dict:
     from evolve.client import EvalClient
     from evolve.config import ExtraParamsConfig, ServerConfig, TaskConfig
     from evolve.params import ParamSpace
@@ -55,9 +56,17 @@ async def _measure(base_url: str, popsize: int, n_samples: int, tokens: int, sig
         for _ in range(repeats):
             t_none, _ = await _batch(client, samples, baseline)
             t_namm, kept = await _batch(client, samples, candidates)
-            rows.append({"none_s": t_none, "namm_s": t_namm, "ratio": t_namm / t_none, "retained_fraction": kept})
-    return {"popsize": popsize, "samples": n_samples, "tokens": tokens, "sigma": sigma, "runs": rows,
-            "median_ratio": float(np.median([r["ratio"] for r in rows]))}
+            rows.append(
+                {"none_s": t_none, "namm_s": t_namm, "ratio": t_namm / t_none, "retained_fraction": kept}
+            )
+    return {
+        "popsize": popsize,
+        "samples": n_samples,
+        "tokens": tokens,
+        "sigma": sigma,
+        "runs": rows,
+        "median_ratio": float(np.median([r["ratio"] for r in rows])),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,10 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_namm.tiny_model import build_random_llama
 
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
-    args = [*CPU_DEFAULTS, "--block-size", "32", "--max-model-len", str(a.tokens + 256), "--kv-eviction", "namm"]
+    args = [
+        *CPU_DEFAULTS,
+        "--block-size",
+        "32",
+        "--max-model-len",
+        str(a.tokens + 256),
+        "--kv-eviction",
+        "namm",
+    ]
     with VllmServer(model, args) as server:
-        result = asyncio.run(_measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed,
-                                      a.repeats))
+        result = asyncio.run(
+            _measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed, a.repeats)
+        )
     result["command"] = command_line("python -m benchmarks evolve-overhead", argv)
     print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5}")
     for i, r in enumerate(result["runs"]):

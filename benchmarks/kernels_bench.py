@@ -54,11 +54,20 @@ def build(n_live: int, a: argparse.Namespace, dtype: torch.dtype, device: str = 
     table = torch.randperm(pool, device=device, generator=g)[:n_blocks].to(torch.int32)
     positions = torch.arange(n_live, device=device) * 5 // 4  # evicted tokens leave position gaps
     q = torch.randn(a.n_up, a.q_heads, a.head_dim, device=device, dtype=dtype, generator=g)
-    req = dict(q=q, key_cache=kv, layout=nk.PagedKeyLayout.flash(kv), block_table=table, positions=positions,
-               query_positions=positions[-a.n_up:].clone(), scale=a.head_dim**-0.5)
-    state = dict(prev_pad=torch.rand(a.kv_heads, n_live, 16, device=device),
-                 prev_state=torch.rand(a.kv_heads, n_live, 17, device=device),
-                 first_frame=nk.first_valid_frame(positions, req["query_positions"]))
+    req = dict(
+        q=q,
+        key_cache=kv,
+        layout=nk.PagedKeyLayout.flash(kv),
+        block_table=table,
+        positions=positions,
+        query_positions=positions[-a.n_up :].clone(),
+        scale=a.head_dim**-0.5,
+    )
+    state = dict(
+        prev_pad=torch.rand(a.kv_heads, n_live, 16, device=device),
+        prev_state=torch.rand(a.kv_heads, n_live, 17, device=device),
+        first_frame=nk.first_valid_frame(positions, req["query_positions"]),
+    )
     return req, state
 
 
@@ -91,9 +100,11 @@ def bench_length(n_live: int, a: argparse.Namespace, dtype: torch.dtype) -> dict
     sdpa = torch.nn.functional.scaled_dot_product_attention
     row["sdpa_ms"] = do_bench(lambda: sdpa(qh, k, v, attn_mask=mask, enable_gqa=True), return_mode="median")
     elt = torch.finfo(dtype).bits // 8
-    moved = (2 * n_live * a.kv_heads * a.head_dim * elt  # keys, read by both passes
-             + a.n_up * a.q_heads * a.head_dim * elt
-             + 2 * n_live * a.kv_heads * (16 + 17) * 4)  # EMA state + pad, read and written
+    moved = (
+        2 * n_live * a.kv_heads * a.head_dim * elt  # keys, read by both passes
+        + a.n_up * a.q_heads * a.head_dim * elt
+        + 2 * n_live * a.kv_heads * (16 + 17) * 4
+    )  # EMA state + pad, read and written
     row["fused_bytes"] = moved
     row["fused_GBps"] = moved / (row["fused_ms"] * 1e-3) / 1e9
     # agreement, so a fast wrong kernel cannot report
@@ -112,8 +123,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r["n_live"] for r in rows]
-    for key, label in (("fused_ms", "fused Triton"), ("two_step_ms", "Triton columns + STFT/EMA"),
-                       ("torch_ms", "torch reference"), ("sdpa_ms", "chunk attention (SDPA)")):
+    for key, label in (
+        ("fused_ms", "fused Triton"),
+        ("two_step_ms", "Triton columns + STFT/EMA"),
+        ("torch_ms", "torch reference"),
+        ("sdpa_ms", "chunk attention (SDPA)"),
+    ):
         pts = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
@@ -131,8 +146,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels_bench: no CUDA device; these are GPU timings and the Triton interpreter "
-              "would give meaningless figures. Run it on a machine with an NVIDIA GPU.", file=sys.stderr)
+        print(
+            "kernels_bench: no CUDA device; these are GPU timings and the Triton interpreter "
+            "would give meaningless figures. Run it on a machine with an NVIDIA GPU.",
+            file=sys.stderr,
+        )
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     lengths = [int(x) for x in a.lengths.split(",") if x]
@@ -145,16 +163,30 @@ def main(argv: list[str] | None = None) -> int:
         row = bench_length(n, a, dtype)
         rows.append(row)
         torch_txt = f"{row['torch_ms']:.3f}" if row["torch_ms"] is not None else "skipped"
-        print(f"[{len(rows)}/{len(lengths)}] n={n:>7}: fused {row['fused_ms']:.3f} ms "
-              f"({row['fused_GBps']:.0f} GB/s), two-step {row['two_step_ms']:.3f} ms, torch {torch_txt} ms, "
-              f"chunk SDPA {row['sdpa_ms']:.3f} ms  [{time.time() - t0:.0f}s]", flush=True)
+        print(
+            f"[{len(rows)}/{len(lengths)}] n={n:>7}: fused {row['fused_ms']:.3f} ms "
+            f"({row['fused_GBps']:.0f} GB/s), two-step {row['two_step_ms']:.3f} ms, torch {torch_txt} ms, "
+            f"chunk SDPA {row['sdpa_ms']:.3f} ms  [{time.time() - t0:.0f}s]",
+            flush=True,
+        )
         torch.cuda.empty_cache()
-    result = {"device": device_name, "torch": torch.__version__, "dtype": a.dtype, "n_up": a.n_up,
-              "q_heads": a.q_heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
-              "block_size": a.block_size, "rows": rows}
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "dtype": a.dtype,
+        "n_up": a.n_up,
+        "q_heads": a.q_heads,
+        "kv_heads": a.kv_heads,
+        "head_dim": a.head_dim,
+        "block_size": a.block_size,
+        "rows": rows,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "kernels_bench.png",
-         f"NAMM features, {a.q_heads}/{a.kv_heads} heads, d={a.head_dim}, {a.dtype}, {device_name}")
+    plot(
+        rows,
+        out / "kernels_bench.png",
+        f"NAMM features, {a.q_heads}/{a.kv_heads} heads, d={a.head_dim}, {a.dtype}, {device_name}",
+    )
     print(f"wrote {out / 'results.json'} and {out / 'kernels_bench.png'}")
     return 0
 

@@ -33,7 +33,17 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP = 4096, 32, 8, 128, 14336
 CHUNK = 512
 BLOCK = 16
 FULL_LAYERS = 32
-VARIANTS = ["namm-hand", "namm-bam", "namm-bam-w32", "namm-bam-w128", "namm-mlp", "h2o", "snapkv", "l2", "streaming"]
+VARIANTS = [
+    "namm-hand",
+    "namm-bam",
+    "namm-bam-w32",
+    "namm-bam-w128",
+    "namm-mlp",
+    "h2o",
+    "snapkv",
+    "l2",
+    "streaming",
+]
 
 
 @dataclass
@@ -54,9 +64,15 @@ def forward_cost(n: int, c: int = CHUNK) -> Cost:
 
 def step_cost(variant: str, n: int, q: int = CHUNK, window: int | None = None) -> Cost:
     """One eviction step of one layer over ``n`` cached tokens and ``q`` queries."""
-    cols = Cost(2 * q * HEADS * HEAD_DIM * n + 5 * q * HEADS * n, 2 * n * KV_HEADS * HEAD_DIM + 4 * KV_HEADS * q * n)
+    cols = Cost(
+        2 * q * HEADS * HEAD_DIM * n + 5 * q * HEADS * n, 2 * n * KV_HEADS * HEAD_DIM + 4 * KV_HEADS * q * n
+    )
     if variant in ("l2", "streaming"):
-        return Cost(2 * n * KV_HEADS * HEAD_DIM, 2 * n * KV_HEADS * HEAD_DIM) if variant == "l2" else Cost(n, 8 * n)
+        return (
+            Cost(2 * n * KV_HEADS * HEAD_DIM, 2 * n * KV_HEADS * HEAD_DIM)
+            if variant == "l2"
+            else Cost(n, 8 * n)
+        )
     if variant in ("h2o", "snapkv"):
         return cols
     frames = q // 16
@@ -76,9 +92,18 @@ def step_cost(variant: str, n: int, q: int = CHUNK, window: int | None = None) -
 def build_model(layers: int, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                      max_position_embeddings=65536, rope_theta=500000.0, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=65536,
+        rope_theta=500000.0,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
@@ -105,8 +130,13 @@ def time_forward(model, n: int, device: torch.device, dtype: torch.dtype, repeat
 
     layers = model.config.num_hidden_layers
     g = torch.Generator(device="cpu").manual_seed(1)
-    kv = [(torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype),
-           torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype)) for _ in range(layers)]
+    kv = [
+        (
+            torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype),
+            torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype),
+        )
+        for _ in range(layers)
+    ]
     ids = torch.randint(0, 256, (1, CHUNK), generator=g).to(device)
     pos = torch.arange(n, n + CHUNK, device=device).view(1, -1)
 
@@ -115,7 +145,9 @@ def time_forward(model, n: int, device: torch.device, dtype: torch.dtype, repeat
         for i, (k, v) in enumerate(kv):
             cache.update(k, v, i)
         with torch.no_grad():
-            model(input_ids=ids, position_ids=pos, cache_position=pos[0], past_key_values=cache, use_cache=True)
+            model(
+                input_ids=ids, position_ids=pos, cache_position=pos[0], past_key_values=cache, use_cache=True
+            )
 
     return time_it(run, repeats)
 
@@ -133,8 +165,9 @@ def variant_config(variant: str, tmp: Path):
     return EvictionConfig(policy="namm", weights=path, page_rule="majority")
 
 
-def time_step(variant: str, n: int, layers: int, device: torch.device, dtype: torch.dtype, repeats: int,
-              tmp: Path) -> float:
+def time_step(
+    variant: str, n: int, layers: int, device: torch.device, dtype: torch.dtype, repeats: int, tmp: Path
+) -> float:
     """One eviction step of one request over ``n`` cached tokens (all layers), as the engine runs it."""
     from vllm_namm import kernels
     from vllm_namm.policies import make_policy
@@ -167,13 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="model/cache dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype", default=None, help="model/cache dtype (default bfloat16 on CUDA, float32 on CPU)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     if a.threads:
         torch.set_num_threads(a.threads)
     stamp = time_stamp()
@@ -183,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     model = build_model(a.layers, device, dtype)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = []
     bar = tqdm(total=len(a.cached) * (1 + len(a.variants)), desc="overhead", unit="run")
     for n in a.cached:
@@ -195,23 +236,43 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             window = int(v.removeprefix("namm-bam-w")) if v.startswith("namm-bam-w") else None
             sc = step_cost(v, n, window=window)
-            rows.append({"cached": n, "variant": v, "step_s": t, "forward_s": fwd, "ratio": t / fwd,
-                         "model_flop_ratio": sc.flop / fc.flop, "step_gflop_per_layer": sc.flop / 1e9,
-                         "step_mbytes_per_layer": sc.bytes / 1e6, "forward_gflop_per_layer": fc.flop / 1e9,
-                         "step_gflop_8b": sc.flop * FULL_LAYERS / 1e9})
+            rows.append(
+                {
+                    "cached": n,
+                    "variant": v,
+                    "step_s": t,
+                    "forward_s": fwd,
+                    "ratio": t / fwd,
+                    "model_flop_ratio": sc.flop / fc.flop,
+                    "step_gflop_per_layer": sc.flop / 1e9,
+                    "step_mbytes_per_layer": sc.bytes / 1e6,
+                    "forward_gflop_per_layer": fc.flop / 1e9,
+                    "step_gflop_8b": sc.flop * FULL_LAYERS / 1e9,
+                }
+            )
     bar.close()
-    print(f"one eviction step vs the forward over a {CHUNK}-token chunk; {a.layers} layers of Llama-3-8B shapes, "
-          f"{dtype}, {where}")
-    print(f"{'cached':>7} {'variant':<14} {'step ms':>9} {'fwd ms':>9} {'measured':>9} {'FLOP model':>10} "
-          f"{'step GFLOP/layer':>16} {'step MB/layer':>13} {'8B step TFLOP':>13}")
+    print(
+        f"one eviction step vs the forward over a {CHUNK}-token chunk; {a.layers} layers of Llama-3-8B shapes, "
+        f"{dtype}, {where}"
+    )
+    print(
+        f"{'cached':>7} {'variant':<14} {'step ms':>9} {'fwd ms':>9} {'measured':>9} {'FLOP model':>10} "
+        f"{'step GFLOP/layer':>16} {'step MB/layer':>13} {'8B step TFLOP':>13}"
+    )
     for r in rows:
-        print(f"{r['cached']:>7} {r['variant']:<14} {1e3 * r['step_s']:>9.1f} {1e3 * r['forward_s']:>9.1f} "
-              f"{r['ratio']:>8.1%} {r['model_flop_ratio']:>9.1%} {r['step_gflop_per_layer']:>16.2f} "
-              f"{r['step_mbytes_per_layer']:>13.1f} {r['step_gflop_8b'] / 1e3:>13.3f}")
+        print(
+            f"{r['cached']:>7} {r['variant']:<14} {1e3 * r['step_s']:>9.1f} {1e3 * r['forward_s']:>9.1f} "
+            f"{r['ratio']:>8.1%} {r['model_flop_ratio']:>9.1%} {r['step_gflop_per_layer']:>16.2f} "
+            f"{r['step_mbytes_per_layer']:>13.1f} {r['step_gflop_8b'] / 1e3:>13.3f}"
+        )
     print("forward GFLOP per layer: " + ", ".join(f"{n}: {forward_cost(n).flop / 1e9:.0f}" for n in a.cached))
     print(f"command: {command}")
-    (out_dir / "overhead.json").write_text(json.dumps({"command": command, "device": where, "dtype": str(dtype),
-                                                       "layers": a.layers, "rows": rows}, indent=1))
+    (out_dir / "overhead.json").write_text(
+        json.dumps(
+            {"command": command, "device": where, "dtype": str(dtype), "layers": a.layers, "rows": rows},
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -135,12 +135,16 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
         for r in cfg.ratios:
             settings.append(Setting(label=f"{policy}@{r:g}", policy=policy, ratio=r))
     for t in cfg.namm_thresholds:
-        settings.append(Setting(label="namm" if t is None else f"namm(thr={t:g})", policy="namm", threshold=t))
+        settings.append(
+            Setting(label="namm" if t is None else f"namm(thr={t:g})", policy="namm", threshold=t)
+        )
     if cfg.namm_thresholds:
         settings += [Setting(label=f"namm@{r:g}", policy="namm", ratio=r) for r in cfg.namm_ratios]
     for name, _ in cfg.namm_files.items():
         settings.append(Setting(label=f"namm[{name}]", policy="namm", group=name))
-        settings += [Setting(label=f"namm[{name}]@{r:g}", policy="namm", ratio=r, group=name) for r in cfg.namm_ratios]
+        settings += [
+            Setting(label=f"namm[{name}]@{r:g}", policy="namm", ratio=r, group=name) for r in cfg.namm_ratios
+        ]
     for r in cfg.one_shot_ratios:
         settings.append(Setting(label=f"snapkv one-shot@{r:g}", policy="snapkv", ratio=r, group=ONE_SHOT))
         if cfg.namm_thresholds:
@@ -148,8 +152,9 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
     return settings
 
 
-def paired_against(outcomes: list[Outcome], settings: list[Setting], reference: str = "streaming"
-                   ) -> list[dict[str, Any]]:
+def paired_against(
+    outcomes: list[Outcome], settings: list[Setting], reference: str = "streaming"
+) -> list[dict[str, Any]]:
     """Per setting with a ratio: prompts it answers and ``reference`` at the same ratio misses (wins),
     and the reverse (losses), on the same prompts."""
     by = {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
@@ -161,42 +166,80 @@ def paired_against(outcomes: list[Outcome], settings: list[Setting], reference: 
         keys = [k[1:] for k in by if k[0] == st.label and (ref, *k[1:]) in by]
         wins = sum(by[(st.label, *k)] > by[(ref, *k)] for k in keys)
         losses = sum(by[(st.label, *k)] < by[(ref, *k)] for k in keys)
-        rows.append({"setting": st.label, "against": ref, "prompts": len(keys), "wins": wins, "losses": losses})
+        rows.append(
+            {"setting": st.label, "against": ref, "prompts": len(keys), "wins": wins, "losses": losses}
+        )
     return rows
 
 
-async def _ask(client: httpx.AsyncClient, sem: asyncio.Semaphore, model: str, setting: Setting, sample: Any,
-               max_tokens: int, bar: Any) -> Outcome:
+async def _ask(
+    client: httpx.AsyncClient,
+    sem: asyncio.Semaphore,
+    model: str,
+    setting: Setting,
+    sample: Any,
+    max_tokens: int,
+    bar: Any,
+) -> Outcome:
     from vllm_namm.synthetic import score_answer
 
-    body = {"model": model, "prompt": sample.prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "vllm_xargs": setting.xargs()}
+    body = {
+        "model": model,
+        "prompt": sample.prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "vllm_xargs": setting.xargs(),
+    }
     async with sem:
         resp = await client.post("/v1/completions", json=body)
     if resp.status_code != 200:
-        raise RuntimeError(f"{setting.label} {sample.kind} seed {sample.seed}: HTTP {resp.status_code}: {resp.text[:500]}")
+        raise RuntimeError(
+            f"{setting.label} {sample.kind} seed {sample.seed}: HTTP {resp.status_code}: {resp.text[:500]}"
+        )
     data = resp.json()
     text = data["choices"][0]["text"]
     namm = (data.get("kv_transfer_params") or {}).get("namm") or {}
     bar.update(1)
-    return Outcome(setting=setting.label, kind=sample.kind, length=sample.target_tokens, seed=sample.seed,
-                   answer=sample.answer, completion=text, correct=score_answer(text, sample.answer),
-                   retained_fraction=float(namm.get("retained_fraction", 1.0)),
-                   evicted_blocks=int(namm.get("evicted_blocks", 0)),
-                   prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)))
+    return Outcome(
+        setting=setting.label,
+        kind=sample.kind,
+        length=sample.target_tokens,
+        seed=sample.seed,
+        answer=sample.answer,
+        completion=text,
+        correct=score_answer(text, sample.answer),
+        retained_fraction=float(namm.get("retained_fraction", 1.0)),
+        evicted_blocks=int(namm.get("evicted_blocks", 0)),
+        prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)),
+    )
 
 
-async def _run_all(url: str, settings: list[Setting], samples: list[Any], cfg: QualityConfig) -> list[Outcome]:
+async def _run_all(
+    url: str, settings: list[Setting], samples: list[Any], cfg: QualityConfig
+) -> list[Outcome]:
     from tqdm import tqdm
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0)) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         sem = asyncio.Semaphore(cfg.concurrency)
-        bar = tqdm(total=len(settings) * len(samples), desc="quality", unit="req", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(settings) * len(samples),
+            desc="quality",
+            unit="req",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         try:
             # settings interleaved per sample, so a slow policy does not sit at the end alone
-            return list(await asyncio.gather(*(_ask(client, sem, model, st, sm, cfg.max_tokens, bar)
-                                               for sm in samples for st in settings)))
+            return list(
+                await asyncio.gather(
+                    *(
+                        _ask(client, sem, model, st, sm, cfg.max_tokens, bar)
+                        for sm in samples
+                        for st in settings
+                    )
+                )
+            )
         finally:
             bar.close()
 
@@ -222,22 +265,41 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
     tok = AutoTokenizer.from_pretrained(cfg.model)
     model = LlamaForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
     outcomes = []
-    with tqdm(total=len(settings) * len(samples), desc="quality (reference)", unit="req", file=sys.stderr) as bar:
+    with tqdm(
+        total=len(settings) * len(samples), desc="quality (reference)", unit="req", file=sys.stderr
+    ) as bar:
         for sample in samples:
             ids = tok(sample.prompt)["input_ids"]
             for st in settings:
                 ecfg = EvictionConfig(
-                    policy=st.policy, interval=cfg.interval, selection=cfg.selection, page_score=cfg.page_score,
-                    page_rule=cfg.page_rule, budget=None if st.ratio is None else BudgetConfig(ratio=st.ratio),
-                    weights=cfg.namm_weights if st.policy == "namm" else None, threshold=st.threshold)
-                out = generate(model, tok, ids, make_policy(ecfg), cfg.max_tokens, ecfg, page_size=cfg.block_size)
+                    policy=st.policy,
+                    interval=cfg.interval,
+                    selection=cfg.selection,
+                    page_score=cfg.page_score,
+                    page_rule=cfg.page_rule,
+                    budget=None if st.ratio is None else BudgetConfig(ratio=st.ratio),
+                    weights=cfg.namm_weights if st.policy == "namm" else None,
+                    threshold=st.threshold,
+                )
+                out = generate(
+                    model, tok, ids, make_policy(ecfg), cfg.max_tokens, ecfg, page_size=cfg.block_size
+                )
                 text = tok.decode(out.tokens, skip_special_tokens=True)
                 context = len(ids) + len(out.tokens) - 1
-                outcomes.append(Outcome(
-                    setting=st.label, kind=sample.kind, length=sample.target_tokens, seed=sample.seed,
-                    answer=sample.answer, completion=text, correct=score_answer(text, sample.answer),
-                    retained_fraction=sum(out.cache_lengths) / (len(out.cache_lengths) * context),
-                    evicted_blocks=0, prompt_tokens=len(ids)))
+                outcomes.append(
+                    Outcome(
+                        setting=st.label,
+                        kind=sample.kind,
+                        length=sample.target_tokens,
+                        seed=sample.seed,
+                        answer=sample.answer,
+                        completion=text,
+                        correct=score_answer(text, sample.answer),
+                        retained_fraction=sum(out.cache_lengths) / (len(out.cache_lengths) * context),
+                        evicted_blocks=0,
+                        prompt_tokens=len(ids),
+                    )
+                )
                 bar.update(1)
     return outcomes
 
@@ -254,42 +316,74 @@ def summarise(settings: list[Setting], outcomes: list[Outcome]) -> list[SettingS
         for o in rows:
             by_len[o.length].append(o.correct)
             by_kind[o.kind].append(o.correct)
-        out.append(SettingSummary(setting=st.label, policy=st.policy, ratio=st.ratio, threshold=st.threshold,
-                                  accuracy=mean([o.correct for o in rows]),
-                                  accuracy_by_length={k: mean(v) for k, v in sorted(by_len.items())},
-                                  accuracy_by_kind={k: mean(v) for k, v in by_kind.items()},
-                                  mean_retained_fraction=mean([o.retained_fraction for o in rows]), n=len(rows)))
+        out.append(
+            SettingSummary(
+                setting=st.label,
+                policy=st.policy,
+                ratio=st.ratio,
+                threshold=st.threshold,
+                accuracy=mean([o.correct for o in rows]),
+                accuracy_by_length={k: mean(v) for k, v in sorted(by_len.items())},
+                accuracy_by_kind={k: mean(v) for k, v in by_kind.items()},
+                mean_retained_fraction=mean([o.retained_fraction for o in rows]),
+                n=len(rows),
+            )
+        )
     return out
 
 
 def format_table(report: QualityReport) -> str:
     cfg = report.config
     full = next(s for s in report.summaries if s.setting == "full")
-    header = (["setting", "cache ratio", "retained (measured)", "accuracy", "vs full"]
-              + [f"acc@{n}" for n in cfg.lengths] + [f"acc {k}" for k in cfg.kinds])
+    header = (
+        ["setting", "cache ratio", "retained (measured)", "accuracy", "vs full"]
+        + [f"acc@{n}" for n in cfg.lengths]
+        + [f"acc {k}" for k in cfg.kinds]
+    )
     rows = []
     for s in report.summaries:
-        rows.append([s.setting, "-" if s.ratio is None else f"{s.ratio:g}", f"{s.mean_retained_fraction:.3f}",
-                     f"{s.accuracy:.3f}", f"{s.accuracy - full.accuracy:+.3f}" if s is not full else "",
-                     *[f"{s.accuracy_by_length.get(n, math.nan):.2f}" for n in cfg.lengths],
-                     *[f"{s.accuracy_by_kind.get(k, math.nan):.2f}" for k in cfg.kinds]])
+        rows.append(
+            [
+                s.setting,
+                "-" if s.ratio is None else f"{s.ratio:g}",
+                f"{s.mean_retained_fraction:.3f}",
+                f"{s.accuracy:.3f}",
+                f"{s.accuracy - full.accuracy:+.3f}" if s is not full else "",
+                *[f"{s.accuracy_by_length.get(n, math.nan):.2f}" for n in cfg.lengths],
+                *[f"{s.accuracy_by_kind.get(k, math.nan):.2f}" for k in cfg.kinds],
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
 
     def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
-    lines = [f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
-             f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
-             f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
-             f"selection {cfg.selection}" + (f" (page score {cfg.page_score})" if cfg.selection == "page" else
-                                             f" (page rule {cfg.page_rule})")
-             + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
-             fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
+    lines = [
+        f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
+        f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
+        f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
+        f"selection {cfg.selection}"
+        + (f" (page score {cfg.page_score})" if cfg.selection == "page" else f" (page rule {cfg.page_rule})")
+        + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
+        fmt(header),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *map(fmt, rows),
+    ]
     if report.paired:
-        lines.append("paired against streaming at the same ratio (same prompts): "
-                     + "; ".join(f"{p['setting']} {p['wins']} wins / {p['losses']} losses of {p['prompts']}"
-                                 for p in report.paired))
+        lines.append(
+            "paired against streaming at the same ratio (same prompts): "
+            + "; ".join(
+                f"{p['setting']} {p['wins']} wins / {p['losses']} losses of {p['prompts']}"
+                for p in report.paired
+            )
+        )
     lines.append(f"command: {report.command}")
     return "\n".join(lines)
 
@@ -311,13 +405,22 @@ def plot(report: QualityReport, path: Path) -> None:
         if policy == "none":
             ax.axhline(ys[0], color="black", ls="--", lw=1, label=f"full cache ({ys[0]:.2f})")
         else:
-            ax.plot(xs, ys, marker="*" if policy == "namm" else "o", ms=10 if policy == "namm" else 6, label=policy)
+            ax.plot(
+                xs,
+                ys,
+                marker="*" if policy == "namm" else "o",
+                ms=10 if policy == "namm" else 6,
+                label=policy,
+            )
     ax.set_xlabel("retained fraction of KV blocks (measured)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{Path(report.config.model).name}: held-out synthetic retrieval, "
-                 f"{'/'.join(map(str, report.config.lengths))} tokens", fontsize=9)
+    ax.set_title(
+        f"{Path(report.config.model).name}: held-out synthetic retrieval, "
+        f"{'/'.join(map(str, report.config.lengths))} tokens",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -325,21 +428,44 @@ def plot(report: QualityReport, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks quality",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", type=Path, default=TRAINED_MODEL)
     p.add_argument("--policies", nargs="+", default=list(BASELINES), choices=BASELINES)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped initial weights")
-    p.add_argument("--namm-extra", nargs="*", default=[], metavar="LABEL=FILE",
-                   help="more NAMM weights files, each compared on a server of its own (rows namm[LABEL])")
-    p.add_argument("--namm-ratios", nargs="*", type=float, default=[],
-                   help="NAMM ranked under these budgets too (rows namm@R, namm[LABEL]@R)")
-    p.add_argument("--one-shot-ratios", nargs="*", type=float, default=[],
-                   help="kvpress-style rows: SnapKV and NAMM with one eviction step after the whole prompt "
-                        "(question included), at these budgets")
-    p.add_argument("--namm-thresholds", nargs="*", type=float, default=None,
-                   help="extra namm rows at these score thresholds (more points on the curve)")
+    p.add_argument(
+        "--namm-extra",
+        nargs="*",
+        default=[],
+        metavar="LABEL=FILE",
+        help="more NAMM weights files, each compared on a server of its own (rows namm[LABEL])",
+    )
+    p.add_argument(
+        "--namm-ratios",
+        nargs="*",
+        type=float,
+        default=[],
+        help="NAMM ranked under these budgets too (rows namm@R, namm[LABEL]@R)",
+    )
+    p.add_argument(
+        "--one-shot-ratios",
+        nargs="*",
+        type=float,
+        default=[],
+        help="kvpress-style rows: SnapKV and NAMM with one eviction step after the whole prompt "
+        "(question included), at these budgets",
+    )
+    p.add_argument(
+        "--namm-thresholds",
+        nargs="*",
+        type=float,
+        default=None,
+        help="extra namm rows at these score thresholds (more points on the curve)",
+    )
     p.add_argument("--no-namm", action="store_true")
     p.add_argument("--kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
@@ -347,22 +473,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-base", type=int, default=10**9)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
-    p.add_argument("--page-rule", choices=["all", "majority", "any"], default="all",
-                   help="--kv-eviction-page-rule of the server (per-head policies free little under 'all')")
+    p.add_argument(
+        "--page-rule",
+        choices=["all", "majority", "any"],
+        default="all",
+        help="--kv-eviction-page-rule of the server (per-head policies free little under 'all')",
+    )
     defaults = EvictionConfig.model_fields
-    p.add_argument("--selection", choices=["page", "token"], default=defaults["selection"].default,
-                   help="--kv-eviction-selection of the server: budget policies keep whole pages within the "
-                        "budget (page) or each head's tokens, freed by --page-rule (token)")
-    p.add_argument("--page-score", choices=["max", "mean", "vote"], default=defaults["page_score"].default,
-                   help="--kv-eviction-page-score of the server (page-level selection)")
+    p.add_argument(
+        "--selection",
+        choices=["page", "token"],
+        default=defaults["selection"].default,
+        help="--kv-eviction-selection of the server: budget policies keep whole pages within the "
+        "budget (page) or each head's tokens, freed by --page-rule (token)",
+    )
+    p.add_argument(
+        "--page-score",
+        choices=["max", "mean", "vote"],
+        default=defaults["page_score"].default,
+        help="--kv-eviction-page-score of the server (page-level selection)",
+    )
     p.add_argument("--block-size", type=int, default=32, help="KV block size (= page size with --reference)")
-    p.add_argument("--reference", action="store_true",
-                   help="run vllm_namm.reference on the Hugging Face model instead of a server (slow; same "
-                        "selection settings, pages of --block-size tokens)")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="run vllm_namm.reference on the Hugging Face model instead of a server (slow; same "
+        "selection settings, pages of --block-size tokens)",
+    )
     p.add_argument("--kv-space-gib", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/quality-<time>)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output dir (default benchmarks/results/quality-<time>)"
+    )
     return p.parse_args(argv)
 
 
@@ -372,10 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = command_line("python -m benchmarks quality", argv)
     if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
-        print(f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
-              f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
-              f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
-              f"or pass --model DIR.", file=sys.stderr)
+        print(
+            f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
+            f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
+            f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
+            f"or pass --model DIR.",
+            file=sys.stderr,
+        )
         return 2
     if args.seed_base < 10**9:
         print("quality: warning: seeds below 10**9 may overlap the training seeds", file=sys.stderr)
@@ -387,17 +533,35 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = args.model.resolve()
     extra = dict(item.split("=", 1) for item in args.namm_extra)
-    cfg = QualityConfig(model=str(model), policies=args.policies, ratios=args.ratios,
-                        namm_weights=str(args.namm_weights) if args.namm_weights else None,
-                        namm_thresholds=thresholds, namm_files=extra, namm_ratios=args.namm_ratios,
-                        one_shot_ratios=args.one_shot_ratios, kinds=args.kinds, lengths=args.lengths, samples=args.samples,
-                        seed_base=args.seed_base, max_tokens=args.max_tokens, interval=args.interval,
-                        block_size=args.block_size, concurrency=args.concurrency, selection=args.selection,
-                        page_score=args.page_score, page_rule=args.page_rule,
-                        runner="reference" if args.reference else "server")
+    cfg = QualityConfig(
+        model=str(model),
+        policies=args.policies,
+        ratios=args.ratios,
+        namm_weights=str(args.namm_weights) if args.namm_weights else None,
+        namm_thresholds=thresholds,
+        namm_files=extra,
+        namm_ratios=args.namm_ratios,
+        one_shot_ratios=args.one_shot_ratios,
+        kinds=args.kinds,
+        lengths=args.lengths,
+        samples=args.samples,
+        seed_base=args.seed_base,
+        max_tokens=args.max_tokens,
+        interval=args.interval,
+        block_size=args.block_size,
+        concurrency=args.concurrency,
+        selection=args.selection,
+        page_score=args.page_score,
+        page_rule=args.page_rule,
+        runner="reference" if args.reference else "server",
+    )
     count = token_counter(model)
-    samples = [make_sample(k, args.seed_base + i, n, count)
-               for n in args.lengths for k in args.kinds for i in range(args.samples)]
+    samples = [
+        make_sample(k, args.seed_base + i, n, count)
+        for n in args.lengths
+        for k in args.kinds
+        for i in range(args.samples)
+    ]
     settings = build_settings(cfg)
     # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
@@ -406,14 +570,28 @@ def main(argv: list[str] | None = None) -> int:
     max_model_len = -(-longest // args.block_size) * args.block_size
 
     def flags_for(group: str) -> list[str]:
-        interval = 1 << 20 if group == ONE_SHOT else args.interval  # longer than any prompt: one step at its end
-        flags = ["--kv-eviction", "namm", "--kv-eviction-interval", str(interval), "--no-enable-prefix-caching",
-                 "--kv-eviction-page-rule", args.page_rule, "--kv-eviction-selection", args.selection,
-                 "--kv-eviction-page-score", args.page_score]
+        interval = (
+            1 << 20 if group == ONE_SHOT else args.interval
+        )  # longer than any prompt: one step at its end
+        flags = [
+            "--kv-eviction",
+            "namm",
+            "--kv-eviction-interval",
+            str(interval),
+            "--no-enable-prefix-caching",
+            "--kv-eviction-page-rule",
+            args.page_rule,
+            "--kv-eviction-selection",
+            args.selection,
+            "--kv-eviction-page-score",
+            args.page_score,
+        ]
         weights = extra.get(group, str(args.namm_weights) if args.namm_weights else None)
         return flags + (["--namm-weights", weights] if weights else [])
 
-    print(f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr)
+    print(
+        f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr
+    )
     t0 = time.monotonic()
     if args.reference:
         outcomes, server_command, server_log = _run_reference(settings, samples, cfg), [], ""
@@ -422,15 +600,29 @@ def main(argv: list[str] | None = None) -> int:
         for group in dict.fromkeys(s.group for s in settings):  # in order: main first
             rows = [s for s in settings if s.group == group]
             log = out_dir / ("server.log" if group == "main" else f"server-{group}.log")
-            with vllm_server(model, flags_for(group), log=log, kv_space_gib=args.kv_space_gib,
-                             max_model_len=max_model_len, block_size=args.block_size,
-                             timeout_s=args.startup_timeout) as server:
+            with vllm_server(
+                model,
+                flags_for(group),
+                log=log,
+                kv_space_gib=args.kv_space_gib,
+                max_model_len=max_model_len,
+                block_size=args.block_size,
+                timeout_s=args.startup_timeout,
+            ) as server:
                 outcomes += asyncio.run(_run_all(server.url, rows, samples, cfg))
             if group == "main":
                 server_command, server_log = server.command, str(server.log)
-    report = QualityReport(command=command, started=stamp, server_command=server_command, server_log=server_log,
-                           wall_s=time.monotonic() - t0, config=cfg, summaries=summarise(settings, outcomes),
-                           outcomes=outcomes, paired=paired_against(outcomes, settings))
+    report = QualityReport(
+        command=command,
+        started=stamp,
+        server_command=server_command,
+        server_log=server_log,
+        wall_s=time.monotonic() - t0,
+        config=cfg,
+        summaries=summarise(settings, outcomes),
+        outcomes=outcomes,
+        paired=paired_against(outcomes, settings),
+    )
     report.table = format_table(report)
     json_path = out_dir / "quality.json"
     json_path.write_text(report.model_dump_json(indent=1))

@@ -132,12 +132,27 @@ def vllm_server(
     """Start ``vllm serve`` on a free port, wait for /health, and always stop it (even on Ctrl-C).
 
     ``tensor_parallel_size`` > 1: that many workers (the launcher sets the CPU thread binding)."""
-    base = [*CPU_DEFAULTS, "--max-model-len", str(max_model_len), "--block-size", str(block_size), "--seed", "0"]
+    base = [
+        *CPU_DEFAULTS,
+        "--max-model-len",
+        str(max_model_len),
+        "--block-size",
+        str(block_size),
+        "--seed",
+        "0",
+    ]
     if num_blocks is not None:
         base += ["--num-gpu-blocks-override", str(num_blocks)]
     t0 = time.monotonic()
-    with VllmServer(model, flags, log_path=log, base_flags=base, timeout_s=timeout_s,
-                    kv_space_gib=kv_space_gib, tensor_parallel_size=tensor_parallel_size) as server:
+    with VllmServer(
+        model,
+        flags,
+        log_path=log,
+        base_flags=base,
+        timeout_s=timeout_s,
+        kv_space_gib=kv_space_gib,
+        tensor_parallel_size=tensor_parallel_size,
+    ) as server:
         yield ServerHandle(url=server.url, log=log, command=server.command, startup_s=time.monotonic() - t0)
 
 
@@ -274,17 +289,36 @@ def build_prompts(cfg: ServingConfig, count_tokens: Callable[[str], int]) -> lis
     prompts = []
     for i in range(cfg.num_requests):
         tag = f"[request {i}]\n"
-        sample = make_sample(cfg.task_kinds[i % len(cfg.task_kinds)], cfg.seed + i,
-                             cfg.prompt_tokens - count_tokens(tag), count_tokens)
+        sample = make_sample(
+            cfg.task_kinds[i % len(cfg.task_kinds)],
+            cfg.seed + i,
+            cfg.prompt_tokens - count_tokens(tag),
+            count_tokens,
+        )
         prompts.append(tag + sample.prompt)
     return prompts
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-                       index: int, t_run: float, delay: float, done: Callable[[], None]) -> RequestRecord:
+async def _one_request(
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    index: int,
+    t_run: float,
+    delay: float,
+    done: Callable[[], None],
+) -> RequestRecord:
     await asyncio.sleep(delay)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first: float | None = None
     last = t0
@@ -314,13 +348,28 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
     if error is None and n_out != max_tokens:
         error = f"got {n_out} of {max_tokens} tokens (ignore_eos is set)"
     first = first or last
-    return RequestRecord(index=index, sent_s=t0 - t_run, ttft_s=first - t0, e2e_s=last - t0,
-                         prompt_tokens=int(usage.get("prompt_tokens", 0)), output_tokens=n_out,
-                         tpot_s=(last - first) / (n_out - 1) if n_out > 1 else None, error=error)
+    return RequestRecord(
+        index=index,
+        sent_s=t0 - t_run,
+        ttft_s=first - t0,
+        e2e_s=last - t0,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        output_tokens=n_out,
+        tpot_s=(last - first) / (n_out - 1) if n_out > 1 else None,
+        error=error,
+    )
 
 
-def _sampler(url: str, total_blocks: int, t_run: float, interval: float, samples: list[Sample],
-             stop: threading.Event, ready: threading.Event, bar: Any) -> None:
+def _sampler(
+    url: str,
+    total_blocks: int,
+    t_run: float,
+    interval: float,
+    samples: list[Sample],
+    stop: threading.Event,
+    ready: threading.Event,
+    bar: Any,
+) -> None:
     """Scrape /metrics from a thread of its own, so a busy client event loop cannot delay samples.
 
     The first scrape happens before ``ready`` lets the workload start, so even a sub-second
@@ -331,12 +380,18 @@ def _sampler(url: str, total_blocks: int, t_run: float, interval: float, samples
             with contextlib.suppress(httpx.HTTPError):
                 m = parse_metrics(client.get("/metrics").text)
                 usage = m.get("vllm:kv_cache_usage_perc", 0.0)
-                s = Sample(t_s=time.perf_counter() - t_run, kv_usage=usage, kv_blocks=usage * total_blocks,
-                           running=int(m.get("vllm:num_requests_running", 0)),
-                           waiting=int(m.get("vllm:num_requests_waiting", 0)))
+                s = Sample(
+                    t_s=time.perf_counter() - t_run,
+                    kv_usage=usage,
+                    kv_blocks=usage * total_blocks,
+                    running=int(m.get("vllm:num_requests_running", 0)),
+                    waiting=int(m.get("vllm:num_requests_waiting", 0)),
+                )
                 samples.append(s)
                 if bar is not None:
-                    bar.set_postfix(kv_blocks=f"{s.kv_blocks:.0f}/{total_blocks}", running=s.running, refresh=False)
+                    bar.set_postfix(
+                        kv_blocks=f"{s.kv_blocks:.0f}/{total_blocks}", running=s.running, refresh=False
+                    )
             ready.set()
             if stop.wait(interval):
                 break
@@ -353,8 +408,9 @@ def _arrivals(cfg: ServingConfig) -> list[float]:
     return out
 
 
-async def _run_workload(url: str, model: str, prompts: list[str], cfg: ServingConfig, total_blocks: int,
-                        label: str) -> tuple[list[RequestRecord], list[Sample], dict[str, float], float]:
+async def _run_workload(
+    url: str, model: str, prompts: list[str], cfg: ServingConfig, total_blocks: int, label: str
+) -> tuple[list[RequestRecord], list[Sample], dict[str, float], float]:
     from tqdm import tqdm
 
     limits = httpx.Limits(max_connections=cfg.num_requests + 4)
@@ -368,14 +424,20 @@ async def _run_workload(url: str, model: str, prompts: list[str], cfg: ServingCo
         stop, ready = threading.Event(), threading.Event()
         bar = tqdm(total=len(prompts), desc=f"{label:>24}", unit="req", file=sys.stderr, dynamic_ncols=True)
         t_run = time.perf_counter()
-        sampler = threading.Thread(target=_sampler, args=(url, total_blocks, t_run, cfg.sample_interval_s, samples,
-                                                          stop, ready, bar), daemon=True)
+        sampler = threading.Thread(
+            target=_sampler,
+            args=(url, total_blocks, t_run, cfg.sample_interval_s, samples, stop, ready, bar),
+            daemon=True,
+        )
         sampler.start()
         await asyncio.to_thread(ready.wait, 60)
         try:
-            records = await asyncio.gather(*(
-                _one_request(client, model, p, cfg.max_tokens, i, t_run, d, lambda: bar.update(1))
-                for i, (p, d) in enumerate(zip(prompts, _arrivals(cfg), strict=True))))
+            records = await asyncio.gather(
+                *(
+                    _one_request(client, model, p, cfg.max_tokens, i, t_run, d, lambda: bar.update(1))
+                    for i, (p, d) in enumerate(zip(prompts, _arrivals(cfg), strict=True))
+                )
+            )
         finally:
             wall = time.perf_counter() - t_run
             stop.set()
@@ -386,9 +448,11 @@ async def _run_workload(url: str, model: str, prompts: list[str], cfg: ServingCo
     return list(records), samples, delta, wall
 
 
-def summarise(all_records: list[RequestRecord], samples: list[Sample], delta: dict[str, float],
-              wall: float) -> ModeSummary:
+def summarise(
+    all_records: list[RequestRecord], samples: list[Sample], delta: dict[str, float], wall: float
+) -> ModeSummary:
     """Latencies over successful requests; throughput counts only tokens actually received."""
+
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
 
@@ -421,19 +485,39 @@ def summarise(all_records: list[RequestRecord], samples: list[Sample], delta: di
     )
 
 
-def run_mode(mode: Mode, model: Path, prompts: list[str], cfg: ServingConfig, out_dir: Path,
-             startup_timeout_s: float) -> ModeResult:
+def run_mode(
+    mode: Mode, model: Path, prompts: list[str], cfg: ServingConfig, out_dir: Path, startup_timeout_s: float
+) -> ModeResult:
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
-    with vllm_server(model, mode.server_flags(), log=out_dir / f"server-{safe}.log", kv_space_gib=cfg.kv_space_gib,
-                     max_model_len=cfg.max_model_len, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                     timeout_s=startup_timeout_s, tensor_parallel_size=cfg.tensor_parallel_size) as server:
-        total = total_blocks_from(httpx.get(f"{server.url}/metrics", timeout=30).text, server.log, cfg.block_size)
+    with vllm_server(
+        model,
+        mode.server_flags(),
+        log=out_dir / f"server-{safe}.log",
+        kv_space_gib=cfg.kv_space_gib,
+        max_model_len=cfg.max_model_len,
+        block_size=cfg.block_size,
+        num_blocks=cfg.num_blocks,
+        timeout_s=startup_timeout_s,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+    ) as server:
+        total = total_blocks_from(
+            httpx.get(f"{server.url}/metrics", timeout=30).text, server.log, cfg.block_size
+        )
         served = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
         records, samples, delta, wall = asyncio.run(
-            _run_workload(server.url, served, prompts, cfg, total, mode.spec))
-    return ModeResult(mode=mode.spec, policy=mode.policy, server_command=server.command, server_log=str(server.log),
-                      startup_s=server.startup_s, total_blocks=total, summary=summarise(records, samples, delta, wall),
-                      requests=records, samples=samples)
+            _run_workload(server.url, served, prompts, cfg, total, mode.spec)
+        )
+    return ModeResult(
+        mode=mode.spec,
+        policy=mode.policy,
+        server_command=server.command,
+        server_log=str(server.log),
+        startup_s=server.startup_s,
+        total_blocks=total,
+        summary=summarise(records, samples, delta, wall),
+        requests=records,
+        samples=samples,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,15 +560,24 @@ def format_table(report: ServingReport) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
 
     def fmt_row(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                                 enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
     c = report.config
     rate = "all at once" if math.isinf(c.request_rate) else f"{c.request_rate:g} req/s"
-    out = [f"{c.num_requests} requests x {c.prompt_tokens} prompt tokens, max_tokens {c.max_tokens}, arrival {rate}; "
-           f"{results[0].total_blocks if results else c.num_blocks - 1} KV blocks of {c.block_size} tokens "
-           f"(~{c.kv_capacity_requests:g} full requests); model {Path(c.model).name}",
-           fmt_row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out = [
+        f"{c.num_requests} requests x {c.prompt_tokens} prompt tokens, max_tokens {c.max_tokens}, arrival {rate}; "
+        f"{results[0].total_blocks if results else c.num_blocks - 1} KV blocks of {c.block_size} tokens "
+        f"(~{c.kv_capacity_requests:g} full requests); model {Path(c.model).name}",
+        fmt_row(header),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     out += [fmt_row(r) for r in lines]
     out.append(f"command: {report.command}")
     return "\n".join(out)
@@ -507,8 +600,10 @@ def plot(report: ServingReport, path: Path) -> None:
     ax2.set_ylabel("requests running")
     ax2.set_xlabel("time since first request (s)")
     ax1.legend(fontsize=8)
-    ax1.set_title(f"{report.config.num_requests} x {report.config.prompt_tokens}-token prompts, "
-                  f"{report.results[0].total_blocks if report.results else '?'} KV blocks")
+    ax1.set_title(
+        f"{report.config.num_requests} x {report.config.prompt_tokens}-token prompts, "
+        f"{report.results[0].total_blocks if report.results else '?'} KV blocks"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -518,30 +613,57 @@ def plot(report: ServingReport, path: Path) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, default=None,
-                   help=f"model dir (default: {TRAINED_MODEL.relative_to(ROOT)} if present, else a tiny random "
-                        "Llama built into the output dir)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks serving",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"model dir (default: {TRAINED_MODEL.relative_to(ROOT)} if present, else a tiny random "
+        "Llama built into the output dir)",
+    )
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, help="POLICY[:key=value,...] per server")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals (req/s); inf = all at once")
-    p.add_argument("--kv-capacity-requests", type=float, default=4.0,
-                   help="KV blocks given to every server, in full-length requests (prompt + max_tokens)")
-    p.add_argument("--kv-blocks", type=int, default=None,
-                   help="usable KV blocks (overrides --kv-capacity-requests); passed as --num-gpu-blocks-override + 1")
-    p.add_argument("--kv-space-gib", type=int, default=1,
-                   help="VLLM_CPU_KVCACHE_SPACE (whole GiB only in vLLM 0.32; the block count is what limits)")
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals (req/s); inf = all at once"
+    )
+    p.add_argument(
+        "--kv-capacity-requests",
+        type=float,
+        default=4.0,
+        help="KV blocks given to every server, in full-length requests (prompt + max_tokens)",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="usable KV blocks (overrides --kv-capacity-requests); passed as --num-gpu-blocks-override + 1",
+    )
+    p.add_argument(
+        "--kv-space-gib",
+        type=int,
+        default=1,
+        help="VLLM_CPU_KVCACHE_SPACE (whole GiB only in vLLM 0.32; the block count is what limits)",
+    )
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--task-kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
     p.add_argument("--seed", type=int, default=10**9)
     p.add_argument("--sample-interval", type=float, default=0.2, help="seconds between /metrics samples")
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="workers per server (vLLM's --tensor-parallel-size; on CPU the thread binding is set here)")
-    p.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/serving-<time>)")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="workers per server (vLLM's --tensor-parallel-size; on CPU the thread binding is set here)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output dir (default benchmarks/results/serving-<time>)"
+    )
     args = p.parse_args(argv)
     if args.tensor_parallel_size < 1:
         p.error("--tensor-parallel-size must be >= 1")
@@ -560,18 +682,34 @@ def main(argv: list[str] | None = None) -> int:
     blocks_per_request = -(-full_len // args.block_size)
     usable = args.kv_blocks or max(1, round(args.kv_capacity_requests * blocks_per_request))
     # max_model_len must fit in the cache, or vLLM refuses to start
-    max_model_len = min(-(-(full_len + args.block_size) // args.block_size) * args.block_size, usable * args.block_size)
+    max_model_len = min(
+        -(-(full_len + args.block_size) // args.block_size) * args.block_size, usable * args.block_size
+    )
     if max_model_len < full_len:
         raise SystemExit(f"{usable} KV blocks cannot hold one {full_len}-token request; raise --kv-blocks")
-    cfg = ServingConfig(model=str(model), modes=[m.spec for m in modes], num_requests=args.num_requests,
-                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, request_rate=args.request_rate,
-                        kv_capacity_requests=usable / blocks_per_request, num_blocks=usable + 1,
-                        kv_space_gib=args.kv_space_gib, block_size=args.block_size, max_model_len=max_model_len,
-                        task_kinds=args.task_kinds, seed=args.seed, sample_interval_s=args.sample_interval,
-                        tensor_parallel_size=args.tensor_parallel_size)
+    cfg = ServingConfig(
+        model=str(model),
+        modes=[m.spec for m in modes],
+        num_requests=args.num_requests,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        request_rate=args.request_rate,
+        kv_capacity_requests=usable / blocks_per_request,
+        num_blocks=usable + 1,
+        kv_space_gib=args.kv_space_gib,
+        block_size=args.block_size,
+        max_model_len=max_model_len,
+        task_kinds=args.task_kinds,
+        seed=args.seed,
+        sample_interval_s=args.sample_interval,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
     prompts = build_prompts(cfg, token_counter(model))
     tp = f", tensor parallel {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
-    print(f"model {model}\n{len(modes)} servers{tp}, {usable} KV blocks each; logs in {out_dir}", file=sys.stderr)
+    print(
+        f"model {model}\n{len(modes)} servers{tp}, {usable} KV blocks each; logs in {out_dir}",
+        file=sys.stderr,
+    )
     report = ServingReport(command=command, started=stamp, config=cfg, results=[])
     json_path = out_dir / "serving.json"
     for mode in modes:
@@ -588,8 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in report.results if r.summary.failed_requests]
     for r in failed:
         first = next(q.error for q in r.requests if q.error)
-        print(f"WARNING: {r.summary.failed_requests} requests of mode {r.mode} failed (first: {first}); "
-              f"see {r.server_log}", file=sys.stderr)
+        print(
+            f"WARNING: {r.summary.failed_requests} requests of mode {r.mode} failed (first: {first}); "
+            f"see {r.server_log}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

@@ -89,13 +89,15 @@ class Preset:
     max_positions: int = 16384
     # training stages: sequence length, steps, tokens per step, and the mix of sequence types:
     # "perm" / "copy" induction drills, "drill" dense recall drills, "task" real make_sample tasks
-    stages: list[dict] = field(default_factory=lambda: [
-        stage(96, 1000, 1536, perm=0.6, copy=0.4),
-        stage(256, 500, 2048, copy=0.3, drill=0.7),
-        stage(512, 300, 4096, copy=0.1, drill=0.4, task=0.5),
-        stage(1024, 200, 8192, drill=0.3, task=0.7),
-        stage(2048, 100, 8192, drill=0.2, task=0.8),
-    ])
+    stages: list[dict] = field(
+        default_factory=lambda: [
+            stage(96, 1000, 1536, perm=0.6, copy=0.4),
+            stage(256, 500, 2048, copy=0.3, drill=0.7),
+            stage(512, 300, 4096, copy=0.1, drill=0.4, task=0.5),
+            stage(1024, 200, 8192, drill=0.3, task=0.7),
+            stage(2048, 100, 8192, drill=0.2, task=0.8),
+        ]
+    )
     lr: float = 3e-3
     init_std: float = 0.02
     min_lr_ratio: float = 0.1
@@ -114,29 +116,60 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(),
     # For a lent GPU: wider, deeper, longer, trains up to 4k with skips to 16k.
-    "gpu": Preset(layers=4, hidden=256, heads=8, kv_heads=2, intermediate=768, max_positions=32768,
-                  stages=[stage(96, 3000, 4096, perm=0.5, copy=0.5), stage(256, 2000, 8192, copy=0.3, drill=0.7),
-                          stage(512, 2000, 16384, copy=0.1, drill=0.4, task=0.5),
-                          stage(1024, 2000, 32768, drill=0.3, task=0.7), stage(2048, 2000, 32768, drill=0.2, task=0.8),
-                          stage(4096, 1000, 32768, drill=0.2, task=0.8)],
-                  lr=2e-3, warmup=300, pose_max=20480, eval_every=250, eval_samples=100),
+    "gpu": Preset(
+        layers=4,
+        hidden=256,
+        heads=8,
+        kv_heads=2,
+        intermediate=768,
+        max_positions=32768,
+        stages=[
+            stage(96, 3000, 4096, perm=0.5, copy=0.5),
+            stage(256, 2000, 8192, copy=0.3, drill=0.7),
+            stage(512, 2000, 16384, copy=0.1, drill=0.4, task=0.5),
+            stage(1024, 2000, 32768, drill=0.3, task=0.7),
+            stage(2048, 2000, 32768, drill=0.2, task=0.8),
+            stage(4096, 1000, 32768, drill=0.2, task=0.8),
+        ],
+        lr=2e-3,
+        warmup=300,
+        pose_max=20480,
+        eval_every=250,
+        eval_samples=100,
+    ),
     # Continuation of "cpu" (``--init-from`` its output): dense kv/needle drills first, then
     # the real tasks up to 2k tokens; more kv_retrieval, lower lr. Run twice (seeds 0, 1).
-    "cpu-finetune": Preset(stages=[stage(256, 300, 4096, drill=1.0),
-                                   stage(512, 250, 4096, drill=0.4, task=0.6),
-                                   stage(1024, 150, 8192, drill=0.3, task=0.7),
-                                   stage(2048, 100, 8192, drill=0.2, task=0.8)],
-                           lr=1.5e-3, warmup=20, kind_weights=(0.1, 0.6, 0.3), eval_every=100),
+    "cpu-finetune": Preset(
+        stages=[
+            stage(256, 300, 4096, drill=1.0),
+            stage(512, 250, 4096, drill=0.4, task=0.6),
+            stage(1024, 150, 8192, drill=0.3, task=0.7),
+            stage(2048, 100, 8192, drill=0.2, task=0.8),
+        ],
+        lr=1.5e-3,
+        warmup=20,
+        kind_weights=(0.1, 0.6, 0.3),
+        eval_every=100,
+    ),
     # Pipeline check: a couple of minutes on one CPU thread.
-    "smoke": Preset(stages=[stage(96, 10, 1536, perm=0.5, copy=0.5), stage(512, 10, 4096, drill=0.5, task=0.5),
-                            stage(1024, 10, 8192, task=1.0)], eval_every=10, warmup=5,
-                    eval_lengths=(1024, 2048), eval_samples=3),
+    "smoke": Preset(
+        stages=[
+            stage(96, 10, 1536, perm=0.5, copy=0.5),
+            stage(512, 10, 4096, drill=0.5, task=0.5),
+            stage(1024, 10, 8192, task=1.0),
+        ],
+        eval_every=10,
+        warmup=5,
+        eval_lengths=(1024, 2048),
+        eval_samples=3,
+    ),
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+
 
 class CharCodec:
     """Exact char <-> id map of the character tokenizer (fast path for building batches)."""
@@ -187,8 +220,9 @@ def build_copy_example(codec: CharCodec, rng: random.Random, length: int) -> tup
     return first + second, [0] + [1] * (len(first) - 1) + [2] * len(second)
 
 
-def build_dense_example(codec: CharCodec, rng: random.Random, length: int,
-                        kind_weights: tuple[float, float] = (1.0, 1.0)) -> tuple[list[int], list[int]]:
+def build_dense_example(
+    codec: CharCodec, rng: random.Random, length: int, kind_weights: tuple[float, float] = (1.0, 1.0)
+) -> tuple[list[int], list[int]]:
     """A recall drill in the kv_retrieval / needle formats: many facts in short filler, all asked.
 
     Bootstraps the induction-style retrieval circuit: ~10 supervised answers per ~500 tokens
@@ -220,8 +254,9 @@ def build_dense_example(codec: CharCodec, rng: random.Random, length: int,
     return ids, cls
 
 
-def build_example(codec: CharCodec, kind: str, seed: int, length: int, rng: random.Random,
-                  follow_ups: bool = True) -> tuple[list[int], list[int]]:
+def build_example(
+    codec: CharCodec, kind: str, seed: int, length: int, rng: random.Random, follow_ups: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids and a per-token label class (0: no loss, 1: context LM loss, 2: answer loss).
 
     The class is for the token *itself* (the label); shifting happens in the loss.
@@ -290,7 +325,9 @@ class Batcher:
         pad = self.codec.pad
         input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         label_cls = torch.tensor([c + [0] * (width - len(c)) for c in classes])
-        position_ids = torch.tensor([q + list(range(q[-1] + 1, q[-1] + 1 + width - len(q))) for q in positions])
+        position_ids = torch.tensor(
+            [q + list(range(q[-1] + 1, q[-1] + 1 + width - len(q))) for q in positions]
+        )
         return input_ids, label_cls, position_ids
 
 
@@ -298,7 +335,9 @@ def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_cls: torc
     logits = logits[:, :-1].float()
     labels = input_ids[:, 1:]
     cls = label_cls[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none").view_as(labels)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none").view_as(
+        labels
+    )
     ans = cls == 2
     ctx = cls == 1
     ans_loss = (ce * ans).sum() / ans.sum().clamp(min=1)
@@ -309,6 +348,7 @@ def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_cls: torc
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+
 
 def eval_sample(kind: str, i: int, length: int):
     return make_sample(kind, EVAL_SEED_BASE + i, length)
@@ -335,7 +375,7 @@ def teacher_forced_accuracy(model, codec: CharCodec, lengths, n: int, device) ->
                 ids = codec.encode(s.prompt)
                 ans = codec.encode(f" {s.answer}.")
                 x = torch.tensor([ids + ans], device=device)
-                pred = model(input_ids=x).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+                pred = model(input_ids=x).logits[0, len(ids) - 1 : -1].argmax(-1).tolist()
                 hits += pred == ans
             out[f"{kind}@{length}"] = hits / n
     model.train()
@@ -350,8 +390,12 @@ def evaluate(model, codec: CharCodec, lengths, n: int, device, truncated: bool, 
     model.eval()
     results: dict[str, dict[str, float]] = {k: {} for k in TASK_KINDS}
     jobs = [(k, length) for length in lengths for k in TASK_KINDS]
-    bar = tqdm(total=len(jobs) * n, desc="eval-truncated" if truncated else "eval-full", disable=not show,
-               mininterval=5)
+    bar = tqdm(
+        total=len(jobs) * n,
+        desc="eval-truncated" if truncated else "eval-full",
+        disable=not show,
+        mininterval=5,
+    )
     for kind, length in jobs:
         score = 0.0
         for i in range(n):
@@ -360,9 +404,15 @@ def evaluate(model, codec: CharCodec, lengths, n: int, device, truncated: bool, 
             if truncated:
                 ids = truncate_middle(ids)
             x = torch.tensor([ids], device=device)
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
-                               eos_token_id=codec.eos, pad_token_id=codec.pad)
-            completion = codec.tokenizer.decode(y[0, len(ids):].tolist(), skip_special_tokens=True)
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=codec.eos,
+                pad_token_id=codec.pad,
+            )
+            completion = codec.tokenizer.decode(y[0, len(ids) :].tolist(), skip_special_tokens=True)
             score += score_answer(completion, s.answer)
             bar.update(1)
         results[kind][str(length)] = score / n
@@ -389,11 +439,19 @@ def format_table(full: dict, trunc: dict | None) -> str:
 # Training
 # --------------------------------------------------------------------------------------------
 
+
 def build_model(p: Preset, seed: int):
     from transformers import LlamaForCausalLM
 
-    config = llama_config(layers=p.layers, hidden=p.hidden, heads=p.heads, kv_heads=p.kv_heads,
-                          intermediate=p.intermediate, max_positions=p.max_positions, rope_theta=p.rope_theta)
+    config = llama_config(
+        layers=p.layers,
+        hidden=p.hidden,
+        heads=p.heads,
+        kv_heads=p.kv_heads,
+        intermediate=p.intermediate,
+        max_positions=p.max_positions,
+        rope_theta=p.rope_theta,
+    )
     config._attn_implementation = "sdpa"
     config.initializer_range = p.init_std
     torch.manual_seed(seed)
@@ -424,6 +482,7 @@ def plot_curve(log: dict, out: Path):
         return
     steps = [c["step"] for c in curve]
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+
     def smooth(xs, k=25):
         out, acc = [], []
         for x in xs:
@@ -446,8 +505,12 @@ def plot_curve(log: dict, out: Path):
     ax[0].legend()
     ax[0].set_title("training loss (length stages dotted)")
     for key in sorted({k for e in log["periodic_eval"] for k in e["acc"]}):
-        ax[1].plot([e["step"] for e in log["periodic_eval"]], [e["acc"][key] for e in log["periodic_eval"]],
-                   marker=".", label=key)
+        ax[1].plot(
+            [e["step"] for e in log["periodic_eval"]],
+            [e["acc"][key] for e in log["periodic_eval"]],
+            marker=".",
+            label=key,
+        )
     ax[1].set_ylim(-0.02, 1.02)
     ax[1].set_xlabel("step")
     ax[1].set_title("held-out teacher-forced answer accuracy")
@@ -476,8 +539,11 @@ def train(args, p: Preset, log: dict):
     n_params = sum(x.numel() for x in model.parameters())
     decay = [x for n, x in model.named_parameters() if x.dim() >= 2 and "embed" not in n]
     no_decay = [x for n, x in model.named_parameters() if not (x.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=p.lr,
+        betas=(0.9, 0.98),
+    )
     batcher = Batcher(codec, p, args.seed)
     total = sum(st["steps"] for st in p.stages)
     schedule = [st for st in p.stages for _ in range(st["steps"])]
@@ -498,8 +564,9 @@ def train(args, p: Preset, log: dict):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             # An explicit (all-ones) 2D mask: without one, transformers reads any jump in position_ids
             # as a packed-sequence boundary and would block attention across the PoSE skip.
-            logits = model(input_ids=input_ids, position_ids=position_ids,
-                           attention_mask=torch.ones_like(input_ids)).logits
+            logits = model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids)
+            ).logits
         loss, ans_loss, ctx_loss = weighted_loss(logits, input_ids, label_cls, p.ctx_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -508,13 +575,24 @@ def train(args, p: Preset, log: dict):
         log["tokens_seen"] += int(input_ids.numel())
         a, c = ans_loss.item(), ctx_loss.item()
         ema = a if ema is None else 0.95 * ema + 0.05 * a
-        log["curve"].append({"step": step, "length": length, "answer_loss": round(a, 5), "context_loss": round(c, 5),
-                             "lr": opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 1)})
-        bar.set_postfix(L=length, ans=f"{ema:.3f}", ctx=f"{c:.3f}",
-                        tok_s=f"{log['tokens_seen'] / (time.time() - t0):.0f}")
+        log["curve"].append(
+            {
+                "step": step,
+                "length": length,
+                "answer_loss": round(a, 5),
+                "context_loss": round(c, 5),
+                "lr": opt.param_groups[0]["lr"],
+                "time_s": round(time.time() - t0, 1),
+            }
+        )
+        bar.set_postfix(
+            L=length, ans=f"{ema:.3f}", ctx=f"{c:.3f}", tok_s=f"{log['tokens_seen'] / (time.time() - t0):.0f}"
+        )
         bar.update(1)
         if (step + 1) % p.eval_every == 0 or step + 1 == total:
-            acc = teacher_forced_accuracy(model, codec, check_lengths, 8 if device.type == "cpu" else 32, device)
+            acc = teacher_forced_accuracy(
+                model, codec, check_lengths, 8 if device.type == "cpu" else 32, device
+            )
             log["periodic_eval"].append({"step": step + 1, "time_s": round(time.time() - t0, 1), "acc": acc})
             tqdm.write(f"step {step + 1}: {json.dumps(acc)}")
             save_model(model, codec, args.out)
@@ -538,14 +616,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("benchmarks/models/namm-tiny-llama"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock cap on training (the run stays deterministic unless the cap is hit)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock cap on training (the run stays deterministic unless the cap is hit)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--init-from", default=None, help="start from this checkpoint instead of a random init")
+    parser.add_argument(
+        "--init-from", default=None, help="start from this checkpoint instead of a random init"
+    )
     parser.add_argument("--eval-only", action="store_true", help="evaluate the model in --out, no training")
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out samples per kind and length")
-    parser.add_argument("--eval-lengths", type=str, default=None, help="comma-separated, e.g. 1024,2048,4096,8192")
+    parser.add_argument(
+        "--eval-lengths", type=str, default=None, help="comma-separated, e.g. 1024,2048,4096,8192"
+    )
     parser.add_argument("--no-truncated-eval", action="store_true")
     args = parser.parse_args(argv)
 
@@ -565,22 +651,35 @@ def main(argv=None):
         log = json.loads(log_path.read_text()) if log_path.exists() else {}
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        log = {"command": command_line("python -m benchmarks.train_model"),
-               "preset_name": args.preset, "preset": asdict(p), "seed": args.seed, "device": args.device,
-               "threads": args.threads, "torch": torch.__version__,
-               "train_seeds": f"[{TRAIN_SEED_RANGE[0]}, {TRAIN_SEED_RANGE[1]})",
-               "eval_seeds": f"{EVAL_SEED_BASE} + i, i < eval_samples"}
+        log = {
+            "command": command_line("python -m benchmarks.train_model"),
+            "preset_name": args.preset,
+            "preset": asdict(p),
+            "seed": args.seed,
+            "device": args.device,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "train_seeds": f"[{TRAIN_SEED_RANGE[0]}, {TRAIN_SEED_RANGE[1]})",
+            "eval_seeds": f"{EVAL_SEED_BASE} + i, i < eval_samples",
+        }
         model, codec = train(args, p, log)
 
     t_eval = time.time()
     full = evaluate(model, codec, lengths, n_eval, device, truncated=False)
-    trunc = None if args.no_truncated_eval else evaluate(model, codec, lengths, n_eval, device, truncated=True)
+    trunc = (
+        None if args.no_truncated_eval else evaluate(model, codec, lengths, n_eval, device, truncated=True)
+    )
     table = format_table(full, trunc)
     print(table)
-    log["final_eval"] = {"samples_per_cell": n_eval, "lengths": list(lengths), "method": "HF greedy generate, "
-                         "max_new_tokens=8, score_answer", "full_cache": full,
-                         "truncated_first64_last25pct": trunc, "eval_wall_s": round(time.time() - t_eval, 1),
-                         "table": table}
+    log["final_eval"] = {
+        "samples_per_cell": n_eval,
+        "lengths": list(lengths),
+        "method": "HF greedy generate, max_new_tokens=8, score_answer",
+        "full_cache": full,
+        "truncated_first64_last25pct": trunc,
+        "eval_wall_s": round(time.time() - t_eval, 1),
+        "table": table,
+    }
     if not args.eval_only:
         log["wall_s"] = round(time.time() - start, 1)
     write_log(args.out, log)

@@ -37,12 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Precedence: config file < explicit flags < --set.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="JSON run config (see evolve/configs/); on --resume defaults to "
-                   "<out>/config.json")
-    p.add_argument("--base-url", help="server OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (server.base_url)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="JSON run config (see evolve/configs/); on --resume defaults to <out>/config.json",
+    )
+    p.add_argument(
+        "--base-url", help="server OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (server.base_url)"
+    )
     p.add_argument("--model", help="served model name (server.model; default: the first one served)")
-    p.add_argument("--weights", type=Path, help="start weights file, the one the server loads (start_weights; default: the shipped "
-                   "vllm_namm/data/initial_weights.safetensors)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="start weights file, the one the server loads (start_weights; default: the shipped "
+        "vllm_namm/data/initial_weights.safetensors)",
+    )
     p.add_argument("--out", type=Path, help="run directory (out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in the run directory")
     p.add_argument("--popsize", type=int, help="CMA-ES population (cma.popsize)")
@@ -50,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="run seed (cma.seed, >= 1)")
     p.add_argument("--samples-per-task", type=int, help="prompts per task per generation (samples_per_task)")
     p.add_argument("--max-concurrency", type=int, help="requests in flight (server.max_concurrency)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field by dotted path, value parsed as JSON if it parses: "
-                   "--set stages.0.generations=300 --set cma.options='{\"CMA_diagonal\": true}'")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field by dotted path, value parsed as JSON if it parses: "
+        "--set stages.0.generations=300 --set cma.options='{\"CMA_diagonal\": true}'",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -60,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_FIELDS = {
-    "base_url": "server.base_url", "model": "server.model", "weights": "start_weights", "out": "out_dir",
-    "popsize": "cma.popsize", "sigma0": "cma.sigma0", "seed": "cma.seed", "samples_per_task": "samples_per_task",
+    "base_url": "server.base_url",
+    "model": "server.model",
+    "weights": "start_weights",
+    "out": "out_dir",
+    "popsize": "cma.popsize",
+    "sigma0": "cma.sigma0",
+    "seed": "cma.seed",
+    "samples_per_task": "samples_per_task",
     "max_concurrency": "server.max_concurrency",
 }
 
@@ -114,8 +135,14 @@ async def _run(cfg: EvolveConfig, *, resume: bool, progress: bool) -> int:
     async with EvalClient(cfg.server) as client:
         try:
             summary: dict[str, Any] = await Evolution(cfg, client, resume=resume, progress=progress).run()
-        except (ConfigError, WeightsError, BadSettingError, ServerRequestError, ServerUnreachableError,
-                GenerationFailedError) as e:
+        except (
+            ConfigError,
+            WeightsError,
+            BadSettingError,
+            ServerRequestError,
+            ServerUnreachableError,
+            GenerationFailedError,
+        ) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     print(json.dumps(summary, indent=2))

@@ -55,7 +55,9 @@ class BaselineCache:
             try:
                 self.data = BaselineFile.model_validate_json(self.path.read_text(encoding="utf-8"))
             except ValidationError as e:
-                raise ValueError(f"baseline cache {self.path} is corrupt or of another version: {e}") from None
+                raise ValueError(
+                    f"baseline cache {self.path} is corrupt or of another version: {e}"
+                ) from None
 
     def __len__(self) -> int:
         return len(self.data.entries)
@@ -64,10 +66,16 @@ class BaselineCache:
         e = self.data.entries.get(baseline_key(model, prompt, max_tokens, temperature))
         return None if e is None else e.completion
 
-    def put(self, model: str, prompt: str, max_tokens: int, completion: str, temperature: float = 0.0) -> None:
+    def put(
+        self, model: str, prompt: str, max_tokens: int, completion: str, temperature: float = 0.0
+    ) -> None:
         self.data.entries[baseline_key(model, prompt, max_tokens, temperature)] = BaselineEntry(
-            model=model, prompt_sha256=prompt_hash(prompt), max_tokens=max_tokens, temperature=temperature,
-            completion=completion)
+            model=model,
+            prompt_sha256=prompt_hash(prompt),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            completion=completion,
+        )
         self._dirty = True
 
     def save(self) -> None:

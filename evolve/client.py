@@ -112,8 +112,9 @@ class EvalClient:
         self.model: str | None = cfg.model
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         # max_retries=0: the SDK's retries would hide failures from our accounting.
-        self._oai = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout_s,
-                                       max_retries=0)
+        self._oai = openai.AsyncOpenAI(
+            base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0
+        )
         self._http = httpx.AsyncClient(base_url=server_root(cfg.base_url), timeout=cfg.timeout_s)
         self.failures = 0
         self._answer_ids: dict[tuple[str, str], asyncio.Future[list[int]]] = {}
@@ -148,7 +149,8 @@ class EvalClient:
             if loop.time() >= deadline:
                 raise ServerUnreachableError(
                     f"server at {self.cfg.base_url} not healthy after {self.cfg.health_timeout_s:.0f}s "
-                    f"(last: {last}); is `vllm serve ... --kv-eviction namm` running there?")
+                    f"(last: {last}); is `vllm serve ... --kv-eviction namm` running there?"
+                )
             await asyncio.sleep(min(self._delay(attempt), max(deadline - loop.time(), 0.0)))
             attempt += 1
         try:
@@ -160,11 +162,14 @@ class EvalClient:
                 raise ServerRequestError(f"server at {self.cfg.base_url} serves no model")
             self.model = models[0]
         elif self.model not in models:
-            raise ServerRequestError(f"server.model {self.model!r} is not served at {self.cfg.base_url}; it serves {models}")
+            raise ServerRequestError(
+                f"server.model {self.model!r} is not served at {self.cfg.base_url}; it serves {models}"
+            )
         return self.model
 
-    async def complete(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
-                       ) -> GenerationResult:
+    async def complete(
+        self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
+    ) -> GenerationResult:
         """One completion with the given per-request settings; see the module doc for failures."""
         return await self._request(prompt, max_tokens, xargs, temperature, answer_ids=None)
 
@@ -193,8 +198,14 @@ class EvalClient:
         r.raise_for_status()
         return r.json()["tokens"]
 
-    async def _request(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float,
-                       answer_ids: list[int] | None) -> GenerationResult:
+    async def _request(
+        self,
+        prompt: str,
+        max_tokens: int,
+        xargs: dict[str, Any],
+        temperature: float,
+        answer_ids: list[int] | None,
+    ) -> GenerationResult:
         if self.model is None:
             raise RuntimeError("call check() first (resolves the model name)")
         attempts = self.cfg.retries + 1
@@ -209,18 +220,28 @@ class EvalClient:
             try:
                 async with self._sem:
                     resp = await self._oai.completions.create(
-                        model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                        extra_body=body)
+                        model=self.model,
+                        prompt=prompt,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        extra_body=body,
+                    )
                 extra = resp.model_extra or {}
                 text = resp.choices[0].text
                 if answer_ids is not None:
-                    text = repr(answer_mean_logprob((resp.choices[0].model_extra or {}).get("prompt_logprobs"),
-                                                    answer_ids))
+                    text = repr(
+                        answer_mean_logprob(
+                            (resp.choices[0].model_extra or {}).get("prompt_logprobs"), answer_ids
+                        )
+                    )
                 namm = (extra.get("kv_transfer_params") or {}).get("namm") or {}
-                return GenerationResult(text=text,
-                                        retained_fraction=retained_fraction_of(extra.get("kv_transfer_params")),
-                                        attempts=attempt + 1, eviction_steps=namm.get("eviction_steps"),
-                                        last_eviction_at=namm.get("last_eviction_at"))
+                return GenerationResult(
+                    text=text,
+                    retained_fraction=retained_fraction_of(extra.get("kv_transfer_params")),
+                    attempts=attempt + 1,
+                    eviction_steps=namm.get("eviction_steps"),
+                    last_eviction_at=namm.get("last_eviction_at"),
+                )
             except openai.APITimeoutError as e:
                 last = f"timeout after {self.cfg.timeout_s:g}s ({e})"
             except openai.APIConnectionError as e:
@@ -229,28 +250,36 @@ class EvalClient:
             except openai.BadRequestError as e:
                 raise BadSettingError(
                     f"server rejected the request settings ({_describe_xargs(xargs)}; max_tokens={max_tokens}): "
-                    f"{_status_message(e)}") from None
+                    f"{_status_message(e)}"
+                ) from None
             except openai.APIStatusError as e:
                 if e.status_code >= 500 or e.status_code == 429:
                     last = f"HTTP {e.status_code}: {_status_message(e)}"
                 else:
-                    raise ServerRequestError(f"HTTP {e.status_code} from {self.cfg.base_url}: {_status_message(e)}"
-                                             ) from None
+                    raise ServerRequestError(
+                        f"HTTP {e.status_code} from {self.cfg.base_url}: {_status_message(e)}"
+                    ) from None
         if connect_failures == attempts:
             raise ServerUnreachableError(
                 f"cannot reach the server at {self.cfg.base_url} after {attempts} attempts "
-                f"(backoff {self.cfg.backoff_s:g}s doubling): {last}")
+                f"(backoff {self.cfg.backoff_s:g}s doubling): {last}"
+            )
         self.failures += 1
         if self.failures <= 5 or self.failures % 100 == 0:  # a dead server fails thousands at once
-            log.warning("request failed after %d attempts, counted as a failure (%d so far%s): %s", attempts,
-                        self.failures, "; further ones are summarised per generation" if self.failures == 5 else "",
-                        last)
+            log.warning(
+                "request failed after %d attempts, counted as a failure (%d so far%s): %s",
+                attempts,
+                self.failures,
+                "; further ones are summarised per generation" if self.failures == 5 else "",
+                last,
+            )
         return GenerationResult(text=None, ok=False, error=last, attempts=attempts)
 
     async def truncate_middle(self, prompt: str, max_tokens: int) -> str:
         """LongBench's middle truncation, with the *server's* tokenizer (``/tokenize``, ``/detokenize``)."""
-        r = await self._http.post("/tokenize", json={"model": self.model, "prompt": prompt,
-                                                     "add_special_tokens": False})
+        r = await self._http.post(
+            "/tokenize", json={"model": self.model, "prompt": prompt, "add_special_tokens": False}
+        )
         r.raise_for_status()
         tokens = r.json()["tokens"]
         if len(tokens) <= max_tokens:
@@ -269,7 +298,9 @@ def answer_mean_logprob(prompt_logprobs: Any, answer_ids: list[int]) -> float:
     (per position a ``{token_id: {"logprob": ...}}`` that holds the actual token; the first is None)."""
     n = len(answer_ids)
     if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) < n + 1:
-        raise ServerRequestError("the server returned no prompt_logprobs (vLLM too old, or not the completions API)")
+        raise ServerRequestError(
+            "the server returned no prompt_logprobs (vLLM too old, or not the completions API)"
+        )
     total = 0.0
     for pos, token in zip(prompt_logprobs[-n:], answer_ids, strict=True):
         entry = pos.get(str(token), pos.get(token)) if isinstance(pos, dict) else None

@@ -35,10 +35,16 @@ class CMAConfig(_Strict):
     """CMA-ES settings (pycma). Everything not listed keeps Hansen's defaults."""
 
     popsize: int = Field(32, ge=2, description="population size (lambda)")
-    sigma0: float = Field(SIGMA0_SEED, gt=0, description=f"initial step size; paper {SIGMA0_PAPER}, seed runs {SIGMA0_SEED}")
-    elite_ratio: float = Field(0.5, gt=0, le=1, description="mu = floor(popsize * elite_ratio) parents (CMA_mu)")
+    sigma0: float = Field(
+        SIGMA0_SEED, gt=0, description=f"initial step size; paper {SIGMA0_PAPER}, seed runs {SIGMA0_SEED}"
+    )
+    elite_ratio: float = Field(
+        0.5, gt=0, le=1, description="mu = floor(popsize * elite_ratio) parents (CMA_mu)"
+    )
     c_mean: float = Field(1.0, gt=0, le=1, description="learning rate of the mean (CMA_cmean, paper c_m)")
-    seed: int = Field(1, ge=1, description="numpy seed pycma draws from; pycma treats 0 as 'use the clock', so >= 1")
+    seed: int = Field(
+        1, ge=1, description="numpy seed pycma draws from; pycma treats 0 as 'use the clock', so >= 1"
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="extra pycma CMAOptions passed through verbatim (e.g. CMA_diagonal); validated by pycma",
@@ -63,13 +69,21 @@ class TaskConfig(_Strict):
     """One task of a stage: a synthetic generator (``target_tokens``) or a LongBench JSONL file."""
 
     kind: Literal["passkey", "kv_retrieval", "needle", "longbench"]
-    target_tokens: list[int] = Field(default_factory=list, description="synthetic prompt lengths, cycled over samples")
-    dataset: str | None = Field(None, description="LongBench dataset name (prompt template, metric, max_tokens)")
+    target_tokens: list[int] = Field(
+        default_factory=list, description="synthetic prompt lengths, cycled over samples"
+    )
+    dataset: str | None = Field(
+        None, description="LongBench dataset name (prompt template, metric, max_tokens)"
+    )
     path: Path | None = Field(None, description="LongBench-format JSONL file")
-    max_tokens: int | None = Field(None, ge=1, description="generation length; default: LongBench's, 16 for synthetic")
+    max_tokens: int | None = Field(
+        None, ge=1, description="generation length; default: LongBench's, 16 for synthetic"
+    )
     pool_size: int = Field(256, ge=1, description="synthetic: samples are drawn from seeds [0, pool_size)")
     max_prompt_tokens: int | None = Field(
-        None, ge=64, description="LongBench: truncate the prompt in the middle to this many tokens (server tokenizer)"
+        None,
+        ge=64,
+        description="LongBench: truncate the prompt in the middle to this many tokens (server tokenizer)",
     )
 
     @field_validator("target_tokens")
@@ -90,7 +104,9 @@ class TaskConfig(_Strict):
             if self.dataset not in DATASETS:
                 raise ValueError(f"unknown LongBench dataset {self.dataset!r}; known: {sorted(DATASETS)}")
             if self.target_tokens:
-                raise ValueError("'target_tokens' is for synthetic tasks; a longbench task reads its prompts from 'path'")
+                raise ValueError(
+                    "'target_tokens' is for synthetic tasks; a longbench task reads its prompts from 'path'"
+                )
         else:
             if not self.target_tokens:
                 raise ValueError(f"a synthetic {self.kind} task needs a non-empty 'target_tokens' list")
@@ -126,7 +142,9 @@ class ExtraParamsConfig(_Strict):
     """
 
     evolve_gamma: bool = False
-    gamma_init: float | None = Field(None, gt=0, lt=1, description="initial coefficient; None = start weights'")
+    gamma_init: float | None = Field(
+        None, gt=0, lt=1, description="initial coefficient; None = start weights'"
+    )
     evolve_threshold: bool = False
     threshold_init: float | None = Field(None, description="initial threshold; None = start weights'")
 
@@ -137,23 +155,36 @@ class EvolveConfig(_Strict):
     cma: CMAConfig = Field(default_factory=CMAConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     stages: list[StageConfig] = Field(min_length=1)
-    samples_per_task: int = Field(64, ge=1, description="prompts per task per generation (same for every candidate)")
+    samples_per_task: int = Field(
+        64, ge=1, description="prompts per task per generation (same for every candidate)"
+    )
     retained_penalty: float = Field(
-        0.0, ge=0, description="fitness -= retained_penalty * mean retained KV fraction (0 = off, as in the paper)"
+        0.0,
+        ge=0,
+        description="fitness -= retained_penalty * mean retained KV fraction (0 = off, as in the paper)",
     )
     extra_params: ExtraParamsConfig = Field(default_factory=ExtraParamsConfig)
     start_weights: Path | None = Field(
-        None, description="weights file the server was started with (layout, stats, x0); None = the shipped default"
+        None,
+        description="weights file the server was started with (layout, stats, x0); None = the shipped default",
     )
     x0: Literal["weights", "zeros"] = Field(
-        "weights", description="CMA start: the start file's parameters, or all zeros (the paper: evicts nothing)"
+        "weights",
+        description="CMA start: the start file's parameters, or all zeros (the paper: evicts nothing)",
     )
     out_dir: Path = Path("runs/evolve")
-    baseline_cache: Path | None = Field(None, description="full-cache score cache; default <out_dir>/baseline_cache.json")
-    evaluate_mean: bool = Field(True, description="also score the CMA mean each generation (best mean is exported)")
-    min_success_fraction: float = Field(0.5, ge=0, le=1, description="below this, a candidate gets the worst fitness")
+    baseline_cache: Path | None = Field(
+        None, description="full-cache score cache; default <out_dir>/baseline_cache.json"
+    )
+    evaluate_mean: bool = Field(
+        True, description="also score the CMA mean each generation (best mean is exported)"
+    )
+    min_success_fraction: float = Field(
+        0.5, ge=0, le=1, description="below this, a candidate gets the worst fitness"
+    )
     synthetic_tokenizer: str | None = Field(
-        None, description="local HF tokenizer dir for synthetic lengths; None = characters (exact for the tiny model)"
+        None,
+        description="local HF tokenizer dir for synthetic lengths; None = characters (exact for the tiny model)",
     )
     temperature: float = Field(0.0, ge=0, description="sampling temperature (greedy, as LongBench)")
     fitness: Literal["exact_match", "loglik"] = Field(
@@ -163,7 +194,9 @@ class EvolveConfig(_Strict):
         "graded signal where exact match on a few prompts is nearly binary noise",
     )
     budget_ratio: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="rank NAMM scores under this memory budget (fraction of the context, kv_eviction_ratio per "
         "request) instead of the threshold rule: candidates compare at equal memory",
     )
@@ -234,8 +267,9 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-                ) -> EvolveConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> EvolveConfig:
     """Read a JSON config (or start from ``base``), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:

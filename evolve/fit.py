@@ -67,8 +67,15 @@ class _Recorder:
         return torch.ones_like(scores, dtype=torch.bool)
 
 
-def record(model, tok, kinds: list[str], lengths: list[int], seeds: list[int], gamma_per_step: float,
-           pos_dims: int = 8) -> tuple[Tensor, Tensor]:
+def record(
+    model,
+    tok,
+    kinds: list[str],
+    lengths: list[int],
+    seeds: list[int],
+    gamma_per_step: float,
+    pos_dims: int = 8,
+) -> tuple[Tensor, Tensor]:
     """(features [N, 25] with raw spectrograms, labels [N]) over every step after the fact is cached."""
     from tqdm import tqdm
 
@@ -83,7 +90,9 @@ def record(model, tok, kinds: list[str], lengths: list[int], seeds: list[int], g
     xs, ys = [], []
     jobs = [(k, n, s) for k in kinds for n in lengths for s in seeds]
     for kind, n, seed in tqdm(jobs, desc="recording features", unit="prompt"):
-        sample = make_sample(kind, seed, n, count_tokens=lambda t: len(tok.encode(t, add_special_tokens=False)))
+        sample = make_sample(
+            kind, seed, n, count_tokens=lambda t: len(tok.encode(t, add_special_tokens=False))
+        )
         enc = tok(sample.prompt, return_offsets_mapping=True)
         a, b = fact_span(sample)
         offsets = torch.tensor(enc["offset_mapping"])
@@ -128,8 +137,16 @@ def fit_linear(x: Tensor, y: Tensor, l2: float = 1e-3, steps: int = 200) -> tupl
     return w.detach().float(), float(b.detach())
 
 
-def build_weights(kind: str, window: int | None, gamma_per_step: float, mean: Tensor, std: Tensor, w: Tensor,
-                  b: float, provenance: dict):
+def build_weights(
+    kind: str,
+    window: int | None,
+    gamma_per_step: float,
+    mean: Tensor,
+    std: Tensor,
+    w: Tensor,
+    b: float,
+    provenance: dict,
+):
     """A scorer of ``kind`` computing exactly ``w . x + b`` (hidden layers zero), in weights-file form."""
     from vllm_namm.config import FeatureConfig
     from vllm_namm.scorers import ScorerConfig, make_scorer
@@ -157,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--train-seeds", type=int, default=8, help="training seeds 0..N-1 per kind and length")
-    p.add_argument("--held-out-seeds", type=int, default=4, help="held-out seeds 10**9.. for the reported AUC")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA coefficient per query step (the study: 0.999)")
+    p.add_argument(
+        "--held-out-seeds", type=int, default=4, help="held-out seeds 10**9.. for the reported AUC"
+    )
+    p.add_argument(
+        "--ema", type=float, default=0.999, help="EMA coefficient per query step (the study: 0.999)"
+    )
     p.add_argument("--scorer", default="bam", help="bam, bam-wN (windowed), or mlp")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -176,19 +197,33 @@ def main(argv: list[str] | None = None) -> int:
     xh, yh = record(model, tok, a.kinds, a.lengths, list(range(HELD_OUT, HELD_OUT + a.held_out_seeds)), a.ema)
     xh[:, pos_dims:] = (xh[:, pos_dims:] - mean) / std
     held_auc = auc(xh @ w + b, yh)
-    kind, window = ("bam", int(a.scorer.removeprefix("bam-w"))) if a.scorer.startswith("bam-w") else (a.scorer, None)
+    kind, window = (
+        ("bam", int(a.scorer.removeprefix("bam-w"))) if a.scorer.startswith("bam-w") else (a.scorer, None)
+    )
     command = command_line("python -m evolve.fit", argv)
-    prov = {"description": f"fitted offline: class-balanced logistic regression of the 25 features on 'token is in "
-                           f"the asked fact's sentence' ({int(y.sum())} positive / {len(y)} token-steps, training "
-                           f"seeds 0..{a.train_seeds - 1}); hidden layers zero, so the score is that linear function; "
-                           f"train AUC {train_auc:.3f}, held-out AUC {held_auc:.3f}; command: {command}",
-            "base_model": str(a.model), "stages": [f"fit:{'+'.join(a.kinds)}@{'/'.join(map(str, a.lengths))}"]}
+    prov = {
+        "description": f"fitted offline: class-balanced logistic regression of the 25 features on 'token is in "
+        f"the asked fact's sentence' ({int(y.sum())} positive / {len(y)} token-steps, training "
+        f"seeds 0..{a.train_seeds - 1}); hidden layers zero, so the score is that linear function; "
+        f"train AUC {train_auc:.3f}, held-out AUC {held_auc:.3f}; command: {command}",
+        "base_model": str(a.model),
+        "stages": [f"fit:{'+'.join(a.kinds)}@{'/'.join(map(str, a.lengths))}"],
+    }
     weights = build_weights(kind, window, a.ema, mean, std, w, b, prov)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(a.out, weights)
     print(describe(weights))
-    print(json.dumps({"train_auc": train_auc, "held_out_auc": held_auc, "positives": int(y.sum()),
-                      "token_steps": len(y), "out": str(a.out)}))
+    print(
+        json.dumps(
+            {
+                "train_auc": train_auc,
+                "held_out_auc": held_auc,
+                "positives": int(y.sum()),
+                "token_steps": len(y),
+                "out": str(a.out),
+            }
+        )
+    )
     return 0
 
 

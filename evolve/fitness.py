@@ -78,8 +78,16 @@ def compute_fitness(outcomes: list[SampleOutcome], retained_penalty: float = 0.0
             norm = cand / base
         elif ok:
             excluded.append(name)
-        tasks.append(TaskFitness(task=name, candidate_mean=cand, baseline_mean=base, normalized=norm,
-                                 samples=len(ok), failed=failed))
+        tasks.append(
+            TaskFitness(
+                task=name,
+                candidate_mean=cand,
+                baseline_mean=base,
+                normalized=norm,
+                samples=len(ok),
+                failed=failed,
+            )
+        )
     norms = [t.normalized for t in tasks if t.normalized is not None]
     raws = [t.candidate_mean for t in tasks if t.candidate_mean is not None]
     fitness: float | None
@@ -92,5 +100,12 @@ def compute_fitness(outcomes: list[SampleOutcome], retained_penalty: float = 0.0
     kept = _mean(retained)
     if fitness is not None and retained_penalty and kept is not None:
         fitness -= retained_penalty * kept
-    return FitnessResult(fitness=fitness, mode=mode, tasks=tasks, excluded=excluded, retained_fraction=kept,
-                         samples=sum(t.samples for t in tasks), failed=total_failed)
+    return FitnessResult(
+        fitness=fitness,
+        mode=mode,
+        tasks=tasks,
+        excluded=excluded,
+        retained_fraction=kept,
+        samples=sum(t.samples for t in tasks),
+        failed=total_failed,
+    )

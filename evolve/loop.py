@@ -60,8 +60,9 @@ class Client(Protocol):
 
     async def check(self) -> str: ...
 
-    async def complete(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
-                       ) -> GenerationResult: ...
+    async def complete(
+        self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
+    ) -> GenerationResult: ...
 
     async def truncate_middle(self, prompt: str, max_tokens: int) -> str: ...
 
@@ -81,8 +82,13 @@ class RunState:
 
     def save(self, path: Path, identity: dict[str, Any]) -> None:
         blob = {
-            "version": CHECKPOINT_VERSION, "identity": identity, "stage": self.stage, "gens_done": self.gens_done,
-            "strategy": self.strategy.state_dict(), "history": self.history, "best_mean": self.best_mean,
+            "version": CHECKPOINT_VERSION,
+            "identity": identity,
+            "stage": self.stage,
+            "gens_done": self.gens_done,
+            "strategy": self.strategy.state_dict(),
+            "history": self.history,
+            "best_mean": self.best_mean,
             "stage_results": self.stage_results,
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -96,10 +102,17 @@ class RunState:
         with path.open("rb") as f:
             blob = pickle.load(f)
         if blob.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{path}: checkpoint version {blob.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        state = cls(stage=blob["stage"], gens_done=blob["gens_done"],
-                    strategy=Strategy.from_state_dict(blob["strategy"]), history=blob["history"],
-                    best_mean=blob["best_mean"], stage_results=blob["stage_results"])
+            raise ConfigError(
+                f"{path}: checkpoint version {blob.get('version')!r}, expected {CHECKPOINT_VERSION}"
+            )
+        state = cls(
+            stage=blob["stage"],
+            gens_done=blob["gens_done"],
+            strategy=Strategy.from_state_dict(blob["strategy"]),
+            history=blob["history"],
+            best_mean=blob["best_mean"],
+            stage_results=blob["stage_results"],
+        )
         return state, blob["identity"]
 
 
@@ -121,12 +134,17 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
 class Evolution:
     """One run. ``await run()`` executes (or resumes) it to the end of the last stage."""
 
-    def __init__(self, cfg: EvolveConfig, client: Client, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: EvolveConfig, client: Client, *, resume: bool = False, progress: bool = True
+    ) -> None:
         if cfg.start_weights is None:
             from vllm_namm.policies import DEFAULT_WEIGHTS as shipped
 
-            log.info("start_weights not set: using the shipped default %s (what `vllm serve` loads without "
-                     "--namm-weights)", shipped)
+            log.info(
+                "start_weights not set: using the shipped default %s (what `vllm serve` loads without "
+                "--namm-weights)",
+                shipped,
+            )
             cfg = cfg.model_copy(update={"start_weights": shipped})
         self.cfg = cfg
         self.client = client
@@ -152,25 +170,38 @@ class Evolution:
             if diff:
                 raise ConfigError(
                     f"--resume: the config differs from the checkpointed run in {diff}; only server.*, out_dir, "
-                    "baseline_cache and stages[*].generations may change")
+                    "baseline_cache and stages[*].generations may change"
+                )
             if state.strategy.es.N != self.space.dim:
-                raise ConfigError(f"--resume: checkpoint has {state.strategy.es.N} parameters, start_weights "
-                                  f"{self.space.dim}")
+                raise ConfigError(
+                    f"--resume: checkpoint has {state.strategy.es.N} parameters, start_weights "
+                    f"{self.space.dim}"
+                )
             done_stage = self.cfg.stages[state.stage]
             for i in range(state.stage):
                 done = sum(1 for h in state.history if h["stage"] == i)
                 if self.cfg.stages[i].generations != done:
-                    raise ConfigError(f"--resume: stage {i} already finished after {done} generations; "
-                                      f"stages.{i}.generations cannot change to {self.cfg.stages[i].generations}")
+                    raise ConfigError(
+                        f"--resume: stage {i} already finished after {done} generations; "
+                        f"stages.{i}.generations cannot change to {self.cfg.stages[i].generations}"
+                    )
             if state.gens_done > done_stage.generations:
-                raise ConfigError(f"--resume: stage {state.stage} has run {state.gens_done} generations, more than "
-                                  f"stages.{state.stage}.generations={done_stage.generations}")
-            log.info("resuming at stage %d after %d generations (%d in total)", state.stage, state.gens_done,
-                     len(state.history))
+                raise ConfigError(
+                    f"--resume: stage {state.stage} has run {state.gens_done} generations, more than "
+                    f"stages.{state.stage}.generations={done_stage.generations}"
+                )
+            log.info(
+                "resuming at stage %d after %d generations (%d in total)",
+                state.stage,
+                state.gens_done,
+                len(state.history),
+            )
             return state
         if ckpt.exists():
             raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-        return RunState(stage=0, gens_done=0, strategy=self._new_strategy(0, self.space.x0(self.cfg.x0 == "zeros")))
+        return RunState(
+            stage=0, gens_done=0, strategy=self._new_strategy(0, self.space.x0(self.cfg.x0 == "zeros"))
+        )
 
     def _new_strategy(self, stage: int, x0: np.ndarray) -> Strategy:
         return Strategy(x0, self.cfg.cma, sigma0=self.cfg.stages[stage].sigma0)
@@ -185,7 +216,9 @@ class Evolution:
     def draw_samples(self, stage: int, generation: int) -> list[EvalSample]:
         out: list[EvalSample] = []
         for ti, pool in enumerate(self.pools(stage)):
-            out += pool.draw(self.cfg.samples_per_task, generation_rng(self.cfg.cma.seed, stage, generation, ti))
+            out += pool.draw(
+                self.cfg.samples_per_task, generation_rng(self.cfg.cma.seed, stage, generation, ti)
+            )
         return out
 
     async def _prepare(self, samples: list[EvalSample]) -> list[EvalSample]:
@@ -194,15 +227,24 @@ class Evolution:
             if s.truncate_to is not None:
                 if s.key not in self._truncated:
                     self._truncated[s.key] = await self.client.truncate_middle(s.prompt, s.truncate_to)
-                s = EvalSample(task=s.task, key=s.key, prompt=self._truncated[s.key], max_tokens=s.max_tokens,
-                               score=s.score)
+                s = EvalSample(
+                    task=s.task,
+                    key=s.key,
+                    prompt=self._truncated[s.key],
+                    max_tokens=s.max_tokens,
+                    score=s.score,
+                )
             out.append(s)
         return out
 
     def _provenance(self) -> dict[str, Any]:
         ratio = self.cfg.budget_ratio
-        return {"mode": "threshold" if ratio is None else f"budget ratio {ratio:g}",
-                "fitness_kind": self.cfg.fitness, "command": self.command, "budget_ratio": ratio}
+        return {
+            "mode": "threshold" if ratio is None else f"budget ratio {ratio:g}",
+            "fitness_kind": self.cfg.fitness,
+            "command": self.command,
+            "budget_ratio": ratio,
+        }
 
     def candidate_xargs(self, x: np.ndarray) -> dict[str, Any]:
         """A candidate's per-request settings: its parameters, and the memory budget if ranked under one."""
@@ -245,19 +287,26 @@ class Evolution:
         cand_xargs = [self.candidate_xargs(x) for x in evals]
         cand_jobs = [self._job(s, xa) for xa in cand_xargs for s in samples]
         results = await gather_or_cancel(base_jobs + cand_jobs)
-        base_results, cand_results = results[: len(base_jobs)], results[len(base_jobs):]
+        base_results, cand_results = results[: len(base_jobs)], results[len(base_jobs) :]
         for s, r in zip(missing.values(), base_results, strict=True):
             if r.ok and r.text is not None:
                 cache.put(self.model, *self._cache_key(s), r.text, temp)
         cache.save()
         req_failed = sum(not r.ok for r in results)
         if req_failed:
-            log.warning("generation %d: %d of %d requests failed after retries (counted, not scored 0)",
-                        len(state.history), req_failed, len(results))
+            log.warning(
+                "generation %d: %d of %d requests failed after retries (counted, not scored 0)",
+                len(state.history),
+                req_failed,
+                len(results),
+            )
         base_failed = sum(not r.ok for r in base_results)
         if base_failed:
-            log.warning("%d of %d full-cache baseline requests failed; those prompts are dropped this generation",
-                        base_failed, len(base_results))
+            log.warning(
+                "%d of %d full-cache baseline requests failed; those prompts are dropped this generation",
+                base_failed,
+                len(base_results),
+            )
         base_score: dict[str, float | None] = {}
         for s in samples:
             text = cache.get(self.model, *self._cache_key(s), temp)
@@ -267,7 +316,7 @@ class Evolution:
         fits: list[FitnessResult] = []
         for ci in range(len(evals)):
             outs = []
-            for s, r in zip(samples, cand_results[ci * n:(ci + 1) * n], strict=True):
+            for s, r in zip(samples, cand_results[ci * n : (ci + 1) * n], strict=True):
                 cand = self._score(s, r.text) if r.ok and r.text is not None else None
                 outs.append(SampleOutcome(s.task, cand, base_score[s.key], r.retained_fraction))
             fits.append(compute_fitness(outs, cfg.retained_penalty))
@@ -285,23 +334,41 @@ class Evolution:
         good = [v for v in values if v is not None]
         if not good:
             await self.client.check()  # a dead server is the likely cause: say so (ServerUnreachableError)
-            raise GenerationFailedError(f"every candidate of generation {len(state.history)} failed (requests failing or no "
-                               "baseline): see the warnings above; the run can --resume from the last checkpoint")
+            raise GenerationFailedError(
+                f"every candidate of generation {len(state.history)} failed (requests failing or no "
+                "baseline): see the warnings above; the run can --resume from the last checkpoint"
+            )
         if bad:
-            log.warning("%d candidate(s) had fewer than %.0f%% usable prompts and get the generation's worst "
-                        "fitness: %s", len(bad), 100 * cfg.min_success_fraction, bad)
+            log.warning(
+                "%d candidate(s) had fewer than %.0f%% usable prompts and get the generation's worst "
+                "fitness: %s",
+                len(bad),
+                100 * cfg.min_success_fraction,
+                bad,
+            )
         worst = min(good)
         fitness = [worst if v is None else v for v in values]
         state.strategy.tell(fitness)
 
         if mean_fit is not None and mean_fit.fitness is not None:
-            if state.best_mean is None or state.best_mean["fitness"] is None \
-                    or mean_fit.fitness > state.best_mean["fitness"]:
-                state.best_mean = {"x": evals[-1].tolist(), "fitness": mean_fit.fitness,
-                                   "retained_fraction": mean_fit.retained_fraction, "generation": state.gens_done}
+            if (
+                state.best_mean is None
+                or state.best_mean["fitness"] is None
+                or mean_fit.fitness > state.best_mean["fitness"]
+            ):
+                state.best_mean = {
+                    "x": evals[-1].tolist(),
+                    "fitness": mean_fit.fitness,
+                    "retained_fraction": mean_fit.retained_fraction,
+                    "generation": state.gens_done,
+                }
         elif not cfg.evaluate_mean:
-            state.best_mean = {"x": state.strategy.mean.tolist(), "fitness": None, "retained_fraction": None,
-                               "generation": state.gens_done + 1}
+            state.best_mean = {
+                "x": state.strategy.mean.tolist(),
+                "fitness": None,
+                "retained_fraction": None,
+                "generation": state.gens_done + 1,
+            }
 
         best_i = int(np.argmax(fitness))
         kept = [f.retained_fraction for f in pop if f.retained_fraction is not None]
@@ -318,7 +385,9 @@ class Evolution:
             "mean_candidate": None if mean_fit is None else mean_fit.fitness,
             "mean_candidate_retained_fraction": None if mean_fit is None else mean_fit.retained_fraction,
             "best_tasks": pop[best_i].model_dump(include={"tasks", "excluded", "mode"}),
-            "mean_tasks": None if mean_fit is None else mean_fit.model_dump(include={"tasks", "excluded", "mode"}),
+            "mean_tasks": None
+            if mean_fit is None
+            else mean_fit.model_dump(include={"tasks", "excluded", "mode"}),
             "failed_requests": req_failed,
             "failed_candidates": bad,
             "baseline_requests": len(base_jobs),
@@ -332,15 +401,32 @@ class Evolution:
 
     def _export_stage(self, state: RunState) -> dict[str, Any]:
         st = state.stage
-        bm = state.best_mean or {"x": state.strategy.mean.tolist(), "fitness": None, "retained_fraction": None,
-                                 "generation": state.gens_done}
+        bm = state.best_mean or {
+            "x": state.strategy.mean.tolist(),
+            "fitness": None,
+            "retained_fraction": None,
+            "generation": state.gens_done,
+        }
         names = [stage_name(s, i) for i, s in enumerate(self.cfg.stages[: st + 1])]
-        path = self.space.export(self.out / f"stage{st + 1}_best.safetensors", np.asarray(bm["x"]),
-                                 base_model=self.model, stages=names, generations=len(state.history),
-                                 fitness=bm["fitness"], retained_fraction=bm["retained_fraction"],
-                                 **self._provenance())
-        res = {"stage": st, "name": names[-1], "weights": str(path), "fitness": bm["fitness"],
-               "retained_fraction": bm["retained_fraction"], "generation": bm["generation"], "x": bm["x"]}
+        path = self.space.export(
+            self.out / f"stage{st + 1}_best.safetensors",
+            np.asarray(bm["x"]),
+            base_model=self.model,
+            stages=names,
+            generations=len(state.history),
+            fitness=bm["fitness"],
+            retained_fraction=bm["retained_fraction"],
+            **self._provenance(),
+        )
+        res = {
+            "stage": st,
+            "name": names[-1],
+            "weights": str(path),
+            "fitness": bm["fitness"],
+            "retained_fraction": bm["retained_fraction"],
+            "generation": bm["generation"],
+            "x": bm["x"],
+        }
         state.stage_results[st] = res
         return res
 
@@ -369,8 +455,13 @@ class Evolution:
             state.save(self.out / CHECKPOINT, identity)
         cache = BaselineCache(cfg.baseline_cache_path)
         total = sum(s.generations for s in cfg.stages)
-        bar = tqdm(total=total, initial=len(state.history), disable=not self.progress, desc="evolve",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=len(state.history),
+            disable=not self.progress,
+            desc="evolve",
+            dynamic_ncols=True,
+        )
         try:
             while True:
                 stage = cfg.stages[state.stage]
@@ -379,9 +470,13 @@ class Evolution:
                     if state.stage + 1 >= len(cfg.stages):
                         state.save(self.out / CHECKPOINT, identity)
                         break
-                    state = RunState(stage=state.stage + 1, gens_done=0,
-                                     strategy=self._new_strategy(state.stage + 1, np.asarray(res["x"])),
-                                     history=state.history, stage_results=state.stage_results)
+                    state = RunState(
+                        stage=state.stage + 1,
+                        gens_done=0,
+                        strategy=self._new_strategy(state.stage + 1, np.asarray(res["x"])),
+                        history=state.history,
+                        stage_results=state.stage_results,
+                    )
                     state.save(self.out / CHECKPOINT, identity)
                     continue
                 record = await self.run_generation(state, cache)
@@ -391,20 +486,36 @@ class Evolution:
                     f.write(json.dumps(record) + "\n")
                 state.save(self.out / CHECKPOINT, identity)
                 plot_history(state.history, self.out / CURVE)
-                bar.set_postfix(stage=state.stage + 1, best=f"{record['best']:.3f}", mean=f"{record['mean']:.3f}",
-                                kept=_fmt(record["retained_fraction"]), cmean=_fmt(record["mean_candidate"]))
+                bar.set_postfix(
+                    stage=state.stage + 1,
+                    best=f"{record['best']:.3f}",
+                    mean=f"{record['mean']:.3f}",
+                    kept=_fmt(record["retained_fraction"]),
+                    cmean=_fmt(record["mean_candidate"]),
+                )
                 bar.update(1)
         finally:
             bar.close()
         final = state.stage_results[state.stage]
-        best = self.space.export(self.out / BEST, np.asarray(final["x"]), base_model=self.model,
-                                 stages=[stage_name(s, i) for i, s in enumerate(cfg.stages)],
-                                 generations=len(state.history), fitness=final["fitness"],
-                                 retained_fraction=final["retained_fraction"], **self._provenance())
+        best = self.space.export(
+            self.out / BEST,
+            np.asarray(final["x"]),
+            base_model=self.model,
+            stages=[stage_name(s, i) for i, s in enumerate(cfg.stages)],
+            generations=len(state.history),
+            fitness=final["fitness"],
+            retained_fraction=final["retained_fraction"],
+            **self._provenance(),
+        )
         summary = {
-            "weights": str(best), "model": self.model, "generations": len(state.history),
-            "fitness": final["fitness"], "retained_fraction": final["retained_fraction"],
-            "stages": [{k: v for k, v in r.items() if k != "x"} for _, r in sorted(state.stage_results.items())],
+            "weights": str(best),
+            "model": self.model,
+            "generations": len(state.history),
+            "fitness": final["fitness"],
+            "retained_fraction": final["retained_fraction"],
+            "stages": [
+                {k: v for k, v in r.items() if k != "x"} for _, r in sorted(state.stage_results.items())
+            ],
         }
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary

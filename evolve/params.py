@@ -47,7 +47,11 @@ class ParamSpace:
         params = self.weights.params.double().numpy()
         parts = [np.zeros_like(params) if zeros else params]
         if self.extra.evolve_gamma:
-            g = self.extra.gamma_init if self.extra.gamma_init is not None else self.weights.features.ema_coeff_per_step
+            g = (
+                self.extra.gamma_init
+                if self.extra.gamma_init is not None
+                else self.weights.features.ema_coeff_per_step
+            )
             parts.append(np.array([_logit(g)]))
         if self.extra.evolve_threshold:
             t = self.extra.threshold_init if self.extra.threshold_init is not None else self.weights.threshold
@@ -78,10 +82,21 @@ class ParamSpace:
             out["namm_ema_coeff_per_step"] = gamma
         return out
 
-    def export(self, path: str | Path, x: np.ndarray, *, base_model: str | None, stages: list[str],
-               generations: int, fitness: float | None, retained_fraction: float | None,
-               mode: str | None = None, fitness_kind: str | None = None, command: str | None = None,
-               budget_ratio: float | None = None) -> Path:
+    def export(
+        self,
+        path: str | Path,
+        x: np.ndarray,
+        *,
+        base_model: str | None,
+        stages: list[str],
+        generations: int,
+        fitness: float | None,
+        retained_fraction: float | None,
+        mode: str | None = None,
+        fitness_kind: str | None = None,
+        command: str | None = None,
+        budget_ratio: float | None = None,
+    ) -> Path:
         """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
         import torch
 
@@ -89,7 +104,9 @@ class ParamSpace:
 
         params, gamma, threshold = self.split(x)
         w = self.weights
-        features = w.features if gamma is None else w.features.model_copy(update={"ema_coeff_per_step": gamma})
+        features = (
+            w.features if gamma is None else w.features.model_copy(update={"ema_coeff_per_step": gamma})
+        )
         out = NammWeights(
             scorer=w.scorer,
             features=features,
@@ -100,10 +117,14 @@ class ParamSpace:
             budget_ratio=budget_ratio,
             provenance=Provenance(
                 description="evolved with python -m evolve (CMA-ES; best mean)",
-                base_model=base_model, stages=stages, generations=generations,
+                base_model=base_model,
+                stages=stages,
+                generations=generations,
                 fitness=None if fitness is None else float(fitness),
                 retained_fraction=None if retained_fraction is None else float(retained_fraction),
-                mode=mode, fitness_kind=fitness_kind, command=command,
+                mode=mode,
+                fitness_kind=fitness_kind,
+                command=command,
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             ),
         )

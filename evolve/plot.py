@@ -21,7 +21,11 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(g, [h["best"] for h in history], label="best candidate", color="tab:green")
     ax.plot(g, [h["mean"] for h in history], label="population mean", color="tab:blue")
-    cm = [(x, h["mean_candidate"]) for x, h in zip(g, history, strict=True) if h.get("mean_candidate") is not None]
+    cm = [
+        (x, h["mean_candidate"])
+        for x, h in zip(g, history, strict=True)
+        if h.get("mean_candidate") is not None
+    ]
     if cm:
         ax.plot(*zip(*cm, strict=True), label="CMA mean", color="tab:purple", marker=".")
     ax.set_xlabel("generation")
@@ -29,7 +33,11 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
     for prev, h in zip(history, history[1:], strict=False):
         if h["stage"] != prev["stage"]:
             ax.axvline(h["global_generation"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-    kept = [(x, h["retained_fraction"]) for x, h in zip(g, history, strict=True) if h.get("retained_fraction") is not None]
+    kept = [
+        (x, h["retained_fraction"])
+        for x, h in zip(g, history, strict=True)
+        if h.get("retained_fraction") is not None
+    ]
     ax2 = ax.twinx()
     if kept:
         ax2.plot(*zip(*kept, strict=True), label="retained KV fraction", color="tab:orange", alpha=0.7)

@@ -55,17 +55,27 @@ class TaskPool:
             from evolve.tasks.longbench import score_sample
 
             row = self._rows[index]
-            return EvalSample(task=self.name, key=f"{self.name}#{index}", prompt=row.prompt,
-                              max_tokens=cfg.max_tokens or row.max_tokens,
-                              score=lambda text, row=row: score_sample(row, text),
-                              truncate_to=cfg.max_prompt_tokens, answer=row.answers[0])
+            return EvalSample(
+                task=self.name,
+                key=f"{self.name}#{index}",
+                prompt=row.prompt,
+                max_tokens=cfg.max_tokens or row.max_tokens,
+                score=lambda text, row=row: score_sample(row, text),
+                truncate_to=cfg.max_prompt_tokens,
+                answer=row.answers[0],
+            )
         from vllm_namm.synthetic import score_answer
 
         length = cfg.target_tokens[index % len(cfg.target_tokens)]
         s = _synthetic(cfg.kind, index, length, self._count)
-        return EvalSample(task=self.name, key=f"{self.name}#{index}", prompt=s.prompt,
-                          max_tokens=cfg.max_tokens or SYNTHETIC_MAX_TOKENS,
-                          score=lambda text, answer=s.answer: score_answer(text, answer), answer=" " + s.answer)
+        return EvalSample(
+            task=self.name,
+            key=f"{self.name}#{index}",
+            prompt=s.prompt,
+            max_tokens=cfg.max_tokens or SYNTHETIC_MAX_TOKENS,
+            score=lambda text, answer=s.answer: score_answer(text, answer),
+            answer=" " + s.answer,
+        )
 
     def draw(self, n: int, rng: np.random.Generator) -> list[EvalSample]:
         """``n`` prompts: without replacement while the pool allows, else with."""

@@ -101,8 +101,11 @@ def attention_columns_paged(
     ``[n_live]`` logical position of each live token (causal: key pos ≤ query pos);
     ``query_positions`` ``[n_q]``. Returns ``[kv_heads, n_q, n_live]`` fp32.
     """
-    fn = {"triton": attention_columns_paged_triton, "torch": attention_columns_paged_torch,
-          "reference": attention_columns_paged_ref}[resolve_backend(backend, q)]
+    fn = {
+        "triton": attention_columns_paged_triton,
+        "torch": attention_columns_paged_torch,
+        "reference": attention_columns_paged_ref,
+    }[resolve_backend(backend, q)]
     return fn(q, key_cache, layout, block_table, positions, query_positions, scale)
 
 
@@ -169,11 +172,24 @@ def paged_spectrogram_ema(
     """
     side = resolve_backend(backend, q)
     if side == "reference":
-        cols = attention_columns_paged_ref(q, key_cache, layout, block_table, positions, query_positions, scale)
+        cols = attention_columns_paged_ref(
+            q, key_cache, layout, block_table, positions, query_positions, scale
+        )
         return spectrogram_ema_ref(cols, prev_pad, prev_state, first_frame, gamma, n_fft, hop)
     if side == "triton":
         check_triton_stft(n_fft, hop)
-        return paged_spectrogram_ema_triton(q, key_cache, layout, block_table, positions, query_positions, scale,
-                                            prev_pad, prev_state, first_frame, gamma)
+        return paged_spectrogram_ema_triton(
+            q,
+            key_cache,
+            layout,
+            block_table,
+            positions,
+            query_positions,
+            scale,
+            prev_pad,
+            prev_state,
+            first_frame,
+            gamma,
+        )
     cols = attention_columns_paged_torch(q, key_cache, layout, block_table, positions, query_positions, scale)
     return spectrogram_ema_torch(cols, prev_pad, prev_state, first_frame, gamma, n_fft, hop)

@@ -135,10 +135,22 @@ def gather_keys(key_cache: torch.Tensor, layout: PagedKeyLayout, block_table: to
     lo = layout
     view = torch.as_strided(
         key_cache,
-        size=(lo.num_blocks, lo.num_kv_heads, lo.block_size // lo.tok_tile, lo.tok_tile,
-              lo.head_dim // lo.dim_tile, lo.dim_tile),
-        stride=(lo.stride_block, lo.stride_head, lo.stride_tok_hi, lo.stride_tok_lo,
-                lo.stride_dim_hi, lo.stride_dim_lo),
+        size=(
+            lo.num_blocks,
+            lo.num_kv_heads,
+            lo.block_size // lo.tok_tile,
+            lo.tok_tile,
+            lo.head_dim // lo.dim_tile,
+            lo.dim_tile,
+        ),
+        stride=(
+            lo.stride_block,
+            lo.stride_head,
+            lo.stride_tok_hi,
+            lo.stride_tok_lo,
+            lo.stride_dim_hi,
+            lo.stride_dim_lo,
+        ),
         storage_offset=key_cache.storage_offset(),
     )
     k = view[block_table.long()].reshape(-1, lo.num_kv_heads, lo.block_size, lo.head_dim)
@@ -171,9 +183,22 @@ def attention_columns_paged_ref(
 
 @triton.jit
 def _load_keys_t(
-    key_ptr, block_table_ptr, tok, n_live, kv_head, offs_d,
-    s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-    BLOCK_SIZE: tl.constexpr, TOK_TILE: tl.constexpr, DIM_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    key_ptr,
+    block_table_ptr,
+    tok,
+    n_live,
+    kv_head,
+    offs_d,
+    s_block,
+    s_head,
+    s_tok_hi,
+    s_tok_lo,
+    s_dim_hi,
+    s_dim_lo,
+    BLOCK_SIZE: tl.constexpr,
+    TOK_TILE: tl.constexpr,
+    DIM_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Transposed key tile ``[BLOCK_D, BLOCK_N]`` for live-token indices ``tok`` (0 outside)."""
     valid = tok < n_live
@@ -202,13 +227,35 @@ def _qk(q, kt, IS_FP32: tl.constexpr):
 
 @triton.jit
 def _row_stats_kernel(
-    q_ptr, s_qn, s_qh, qpos_ptr, key_ptr, block_table_ptr, kpos_ptr,
-    m_ptr, l_ptr,  # [splits, Hq, n_q] partial max (log2 domain) and sum
-    n_q, n_live, split_len, qk_scale,
-    s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOK_TILE: tl.constexpr, DIM_TILE: tl.constexpr, IS_FP32: tl.constexpr,
+    q_ptr,
+    s_qn,
+    s_qh,
+    qpos_ptr,
+    key_ptr,
+    block_table_ptr,
+    kpos_ptr,
+    m_ptr,
+    l_ptr,  # [splits, Hq, n_q] partial max (log2 domain) and sum
+    n_q,
+    n_live,
+    split_len,
+    qk_scale,
+    s_block,
+    s_head,
+    s_tok_hi,
+    s_tok_lo,
+    s_dim_hi,
+    s_dim_lo,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOK_TILE: tl.constexpr,
+    DIM_TILE: tl.constexpr,
+    IS_FP32: tl.constexpr,
 ):
     kv = tl.program_id(0)
     qb = tl.program_id(1)
@@ -221,8 +268,11 @@ def _row_stats_kernel(
     h = kv * GROUP + g
     row_ok = (g < GROUP) & (qi < n_q)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + qi[:, None] * s_qn + h[:, None] * s_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(
+        q_ptr + qi[:, None] * s_qn + h[:, None] * s_qh + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     qpos = tl.load(qpos_ptr + qi, mask=row_ok, other=-1)
     m_i = tl.full([GROUP_PAD * BLOCK_Q], -1.0e30, tl.float32)
     l_i = tl.zeros([GROUP_PAD * BLOCK_Q], tl.float32)
@@ -230,9 +280,24 @@ def _row_stats_kernel(
     end = tl.minimum(start + split_len, n_live)
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
-        kt = _load_keys_t(key_ptr, block_table_ptr, tok, end, kv, offs_d,
-                          s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-                          BLOCK_SIZE, TOK_TILE, DIM_TILE, HEAD_DIM)
+        kt = _load_keys_t(
+            key_ptr,
+            block_table_ptr,
+            tok,
+            end,
+            kv,
+            offs_d,
+            s_block,
+            s_head,
+            s_tok_hi,
+            s_tok_lo,
+            s_dim_hi,
+            s_dim_lo,
+            BLOCK_SIZE,
+            TOK_TILE,
+            DIM_TILE,
+            HEAD_DIM,
+        )
         kpos = tl.load(kpos_ptr + tok, mask=tok < end, other=0)
         s = _qk(q, kt, IS_FP32) * qk_scale
         ok = row_ok[:, None] & (tok[None, :] < end) & (kpos[None, :] <= qpos[:, None])
@@ -247,8 +312,23 @@ def _row_stats_kernel(
 
 @triton.jit
 def _group_probs(
-    q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, kt, kpos, tok_ok, kv, q0, n_q, qk_scale, offs_d,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    q_ptr,
+    s_qn,
+    s_qh,
+    qpos_ptr,
+    lse_ptr,
+    kt,
+    kpos,
+    tok_ok,
+    kv,
+    q0,
+    n_q,
+    qk_scale,
+    offs_d,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     IS_FP32: tl.constexpr,
 ):
     """Mean over the GQA group of normalised probabilities, ``[BLOCK_Q, BLOCK_N]`` fp32."""
@@ -259,8 +339,11 @@ def _group_probs(
     acc = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
     for g in range(GROUP):
         h = kv * GROUP + g
-        q = tl.load(q_ptr + qi[:, None] * s_qn + h * s_qh + offs_d[None, :],
-                    mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q = tl.load(
+            q_ptr + qi[:, None] * s_qn + h * s_qh + offs_d[None, :],
+            mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
         lse = tl.load(lse_ptr + h * n_q + qi, mask=q_ok, other=float("inf"))
         s = _qk(q, kt, IS_FP32) * qk_scale
         acc += tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
@@ -269,24 +352,78 @@ def _group_probs(
 
 @triton.jit
 def _columns_kernel(
-    q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, key_ptr, block_table_ptr, kpos_ptr, out_ptr,
-    n_q, n_live, qk_scale,
-    s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOK_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
+    q_ptr,
+    s_qn,
+    s_qh,
+    qpos_ptr,
+    lse_ptr,
+    key_ptr,
+    block_table_ptr,
+    kpos_ptr,
+    out_ptr,
+    n_q,
+    n_live,
+    qk_scale,
+    s_block,
+    s_head,
+    s_tok_hi,
+    s_tok_lo,
+    s_dim_hi,
+    s_dim_lo,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOK_TILE: tl.constexpr,
+    DIM_TILE: tl.constexpr,
     IS_FP32: tl.constexpr,
 ):
     kv = tl.program_id(0)
     tok = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_ok = tok < n_live
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _load_keys_t(key_ptr, block_table_ptr, tok, n_live, kv, offs_d,
-                      s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-                      BLOCK_SIZE, TOK_TILE, DIM_TILE, HEAD_DIM)
+    kt = _load_keys_t(
+        key_ptr,
+        block_table_ptr,
+        tok,
+        n_live,
+        kv,
+        offs_d,
+        s_block,
+        s_head,
+        s_tok_hi,
+        s_tok_lo,
+        s_dim_hi,
+        s_dim_lo,
+        BLOCK_SIZE,
+        TOK_TILE,
+        DIM_TILE,
+        HEAD_DIM,
+    )
     kpos = tl.load(kpos_ptr + tok, mask=tok_ok, other=0)
     for q0 in range(0, n_q, BLOCK_Q):
-        p = _group_probs(q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, kt, kpos, tok_ok, kv, q0, n_q,
-                         qk_scale, offs_d, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, IS_FP32)
+        p = _group_probs(
+            q_ptr,
+            s_qn,
+            s_qh,
+            qpos_ptr,
+            lse_ptr,
+            kt,
+            kpos,
+            tok_ok,
+            kv,
+            q0,
+            n_q,
+            qk_scale,
+            offs_d,
+            GROUP,
+            BLOCK_Q,
+            BLOCK_N,
+            HEAD_DIM,
+            IS_FP32,
+        )
         qi = q0 + tl.arange(0, BLOCK_Q)
         ptrs = out_ptr + (kv * n_q + qi[:, None]).to(tl.int64) * n_live + tok[None, :]
         tl.store(ptrs, p, mask=(qi[:, None] < n_q) & tok_ok[None, :])
@@ -298,7 +435,9 @@ def _columns_kernel(
 def _check_inputs(q, layout, block_table, positions, query_positions) -> None:
     n_q, hq, d = q.shape
     if d != layout.head_dim or hq % layout.num_kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the cache ({layout.num_kv_heads} kv heads, D={layout.head_dim})")
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit the cache ({layout.num_kv_heads} kv heads, D={layout.head_dim})"
+        )
     if positions.numel() > block_table.numel() * layout.block_size:
         raise ValueError("more live tokens than the compacted block table holds")
     if query_positions.numel() != n_q:
@@ -338,11 +477,30 @@ def row_lse(
     lsum = torch.empty_like(m)
     grid = (hkv, triton.cdiv(n_q, block_q), num_splits)
     _row_stats_kernel[grid](
-        q, q.stride(0), q.stride(1), query_positions, key_cache, block_table, positions, m, lsum,
-        n_q, n_live, split_len, scale * LOG2E, *layout.kernel_args(),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_Q=block_q, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d, BLOCK_SIZE=layout.block_size,
-        TOK_TILE=layout.tok_tile, DIM_TILE=layout.dim_tile, IS_FP32=exact_fp32_dot(q),
+        q,
+        q.stride(0),
+        q.stride(1),
+        query_positions,
+        key_cache,
+        block_table,
+        positions,
+        m,
+        lsum,
+        n_q,
+        n_live,
+        split_len,
+        scale * LOG2E,
+        *layout.kernel_args(),
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d,
+        BLOCK_SIZE=layout.block_size,
+        TOK_TILE=layout.tok_tile,
+        DIM_TILE=layout.dim_tile,
+        IS_FP32=exact_fp32_dot(q),
     )
     m_all = m.amax(0)
     total = (lsum * torch.exp2(m - m_all)).sum(0)
@@ -372,10 +530,27 @@ def attention_columns_paged_triton(
     if n_live == 0:
         return out
     _columns_kernel[(hkv, triton.cdiv(n_live, block_n))](
-        q, q.stride(0), q.stride(1), query_positions, lse, key_cache, block_table, positions, out,
-        n_q, n_live, scale * LOG2E, *layout.kernel_args(),
-        GROUP=hq // hkv, BLOCK_Q=16, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
-        BLOCK_SIZE=layout.block_size, TOK_TILE=layout.tok_tile, DIM_TILE=layout.dim_tile,
+        q,
+        q.stride(0),
+        q.stride(1),
+        query_positions,
+        lse,
+        key_cache,
+        block_table,
+        positions,
+        out,
+        n_q,
+        n_live,
+        scale * LOG2E,
+        *layout.kernel_args(),
+        GROUP=hq // hkv,
+        BLOCK_Q=16,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d,
+        BLOCK_SIZE=layout.block_size,
+        TOK_TILE=layout.tok_tile,
+        DIM_TILE=layout.dim_tile,
         IS_FP32=exact_fp32_dot(q),
     )
     return out

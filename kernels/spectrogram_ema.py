@@ -71,7 +71,9 @@ def stft_basis(device: torch.device | str = "cpu") -> torch.Tensor:
     return _BASIS_CACHE[device]
 
 
-def hann_window(n_fft: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def hann_window(
+    n_fft: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Periodic Hann window (evo-memory: ``torch.hann_window(32, periodic=True)``)."""
     return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
 
@@ -99,7 +101,9 @@ def first_valid_frame(positions: torch.Tensor, query_positions: torch.Tensor, ho
     return torch.div(entered, hop, rounding_mode="floor")
 
 
-def stft_magnitudes(columns: torch.Tensor, carried_pad: torch.Tensor, n_fft: int = N_FFT, hop: int = HOP) -> torch.Tensor:
+def stft_magnitudes(
+    columns: torch.Tensor, carried_pad: torch.Tensor, n_fft: int = N_FFT, hop: int = HOP
+) -> torch.Tensor:
     """[..., n_q] attention columns -> [..., n_q // hop, n_fft // 2 + 1] Hann-STFT magnitudes.
 
     ``carried_pad`` [..., n_fft - hop] are the same tokens' last attention values of the
@@ -118,8 +122,9 @@ def stft_magnitudes(columns: torch.Tensor, carried_pad: torch.Tensor, n_fft: int
     return torch.fft.rfft(frames * hann_window(n_fft, x.device), dim=-1).abs()
 
 
-def ema_reduce(frames: torch.Tensor, prev: torch.Tensor | None, first_frame: torch.Tensor | None,
-               gamma: float) -> torch.Tensor:
+def ema_reduce(
+    frames: torch.Tensor, prev: torch.Tensor | None, first_frame: torch.Tensor | None, gamma: float
+) -> torch.Tensor:
     """EMA of ``frames`` [..., n_frames, F] into [..., F], with carried state ``prev`` [..., F].
 
     ``first_frame`` [...] (int): a token's frames before this index are masked out (they
@@ -188,8 +193,7 @@ def paged_spectrogram_ema_ref(
 
 
 @triton.jit
-def _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, keep,
-                   STFT_PREC: tl.constexpr):
+def _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, keep, STFT_PREC: tl.constexpr):
     """Add one frame's weighted Hann-STFT magnitudes ``[32, BLOCK_N]`` to the EMA accumulator."""
     re = tl.dot(wc_prev, p_prev, input_precision=STFT_PREC)
     re = tl.dot(wc_cur, p_cur, re, input_precision=STFT_PREC)
@@ -202,8 +206,12 @@ def _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, ke
 @triton.jit
 def _load_basis(basis_ptr):
     r = tl.arange(0, 32)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    return (tl.load(basis_ptr + r), tl.load(basis_ptr + 512 + r),
-            tl.load(basis_ptr + 1024 + r), tl.load(basis_ptr + 1536 + r))
+    return (
+        tl.load(basis_ptr + r),
+        tl.load(basis_ptr + 512 + r),
+        tl.load(basis_ptr + 1024 + r),
+        tl.load(basis_ptr + 1536 + r),
+    )
 
 
 @triton.jit
@@ -228,9 +236,22 @@ def _load_pad(prev_pad_ptr, kv, tok, tok_ok, n_tok):
 
 @triton.jit
 def _spectrogram_ema_kernel(
-    col_ptr, s_ch, s_cq, s_cn, prev_pad_ptr, prev_state_ptr, first_ptr, frame_w_ptr, basis_ptr,
-    state_ptr, pad_ptr, n_q, n_tok, carry,
-    BLOCK_N: tl.constexpr, STFT_PREC: tl.constexpr,
+    col_ptr,
+    s_ch,
+    s_cq,
+    s_cn,
+    prev_pad_ptr,
+    prev_state_ptr,
+    first_ptr,
+    frame_w_ptr,
+    basis_ptr,
+    state_ptr,
+    pad_ptr,
+    n_q,
+    n_tok,
+    carry,
+    BLOCK_N: tl.constexpr,
+    STFT_PREC: tl.constexpr,
 ):
     kv = tl.program_id(0)
     tok = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,8 +263,11 @@ def _spectrogram_ema_kernel(
     rows = tl.arange(0, 16)
     for f in range(0, n_q // 16):
         qi = f * 16 + rows
-        p_cur = tl.load(col_ptr + kv.to(tl.int64) * s_ch + qi[:, None] * s_cq + tok[None, :] * s_cn,
-                        mask=tok_ok[None, :], other=0.0).to(tl.float32)
+        p_cur = tl.load(
+            col_ptr + kv.to(tl.int64) * s_ch + qi[:, None] * s_cq + tok[None, :] * s_cn,
+            mask=tok_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         w_t = tl.load(frame_w_ptr + f)
         acc = _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, f >= first, STFT_PREC)
         p_prev = p_cur
@@ -252,29 +276,89 @@ def _spectrogram_ema_kernel(
 
 @triton.jit
 def _paged_spectrogram_ema_kernel(
-    q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, key_ptr, block_table_ptr, kpos_ptr,
-    prev_pad_ptr, prev_state_ptr, first_ptr, frame_w_ptr, basis_ptr, state_ptr, pad_ptr,
-    n_q, n_live, qk_scale, carry,
-    s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOK_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
-    IS_FP32: tl.constexpr, STFT_PREC: tl.constexpr,
+    q_ptr,
+    s_qn,
+    s_qh,
+    qpos_ptr,
+    lse_ptr,
+    key_ptr,
+    block_table_ptr,
+    kpos_ptr,
+    prev_pad_ptr,
+    prev_state_ptr,
+    first_ptr,
+    frame_w_ptr,
+    basis_ptr,
+    state_ptr,
+    pad_ptr,
+    n_q,
+    n_live,
+    qk_scale,
+    carry,
+    s_block,
+    s_head,
+    s_tok_hi,
+    s_tok_lo,
+    s_dim_hi,
+    s_dim_lo,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOK_TILE: tl.constexpr,
+    DIM_TILE: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    STFT_PREC: tl.constexpr,
 ):
     kv = tl.program_id(0)
     tok = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_ok = tok < n_live
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _load_keys_t(key_ptr, block_table_ptr, tok, n_live, kv, offs_d,
-                      s_block, s_head, s_tok_hi, s_tok_lo, s_dim_hi, s_dim_lo,
-                      BLOCK_SIZE, TOK_TILE, DIM_TILE, HEAD_DIM)
+    kt = _load_keys_t(
+        key_ptr,
+        block_table_ptr,
+        tok,
+        n_live,
+        kv,
+        offs_d,
+        s_block,
+        s_head,
+        s_tok_hi,
+        s_tok_lo,
+        s_dim_hi,
+        s_dim_lo,
+        BLOCK_SIZE,
+        TOK_TILE,
+        DIM_TILE,
+        HEAD_DIM,
+    )
     kpos = tl.load(kpos_ptr + tok, mask=tok_ok, other=0)
     wc_prev, ws_prev, wc_cur, ws_cur = _load_basis(basis_ptr)
     first = tl.load(first_ptr + tok, mask=tok_ok, other=0)
     p_prev = _load_pad(prev_pad_ptr, kv, tok, tok_ok, n_live)
     acc = tl.zeros([32, BLOCK_N], tl.float32)
     for f in range(0, n_q // 16):
-        p_cur = _group_probs(q_ptr, s_qn, s_qh, qpos_ptr, lse_ptr, kt, kpos, tok_ok, kv, f * 16, n_q,
-                             qk_scale, offs_d, GROUP, 16, BLOCK_N, HEAD_DIM, IS_FP32)
+        p_cur = _group_probs(
+            q_ptr,
+            s_qn,
+            s_qh,
+            qpos_ptr,
+            lse_ptr,
+            kt,
+            kpos,
+            tok_ok,
+            kv,
+            f * 16,
+            n_q,
+            qk_scale,
+            offs_d,
+            GROUP,
+            16,
+            BLOCK_N,
+            HEAD_DIM,
+            IS_FP32,
+        )
         w_t = tl.load(frame_w_ptr + f)
         acc = _stft_ema_step(acc, p_prev, p_cur, wc_prev, ws_prev, wc_cur, ws_cur, w_t, f >= first, STFT_PREC)
         p_prev = p_cur
@@ -306,12 +390,26 @@ def _prepare(hkv, n_q, n_tok, device, prev_pad, prev_state, first_frame, gamma, 
         pad = torch.empty(hkv, n_tok, HOP, device=device, dtype=torch.float32)
     else:
         state, pad = out
-        if (state.shape != (hkv, n_tok, N_BINS) or pad.shape != (hkv, n_tok, HOP) or not state.is_contiguous()
-                or not pad.is_contiguous() or state.dtype != torch.float32 or pad.dtype != torch.float32):
-            raise ValueError("out must be contiguous fp32 (state [kv_heads, n_tok, 17], pad [kv_heads, n_tok, 16])")
-    return (prev_pad.float().contiguous(), prev_state.float().contiguous(),
-            first_frame.to(torch.int32).contiguous(), frame_weights(n_frames, gamma, device),
-            float(gamma**n_frames), state, pad)
+        if (
+            state.shape != (hkv, n_tok, N_BINS)
+            or pad.shape != (hkv, n_tok, HOP)
+            or not state.is_contiguous()
+            or not pad.is_contiguous()
+            or state.dtype != torch.float32
+            or pad.dtype != torch.float32
+        ):
+            raise ValueError(
+                "out must be contiguous fp32 (state [kv_heads, n_tok, 17], pad [kv_heads, n_tok, 16])"
+            )
+    return (
+        prev_pad.float().contiguous(),
+        prev_state.float().contiguous(),
+        first_frame.to(torch.int32).contiguous(),
+        frame_weights(n_frames, gamma, device),
+        float(gamma**n_frames),
+        state,
+        pad,
+    )
 
 
 def _stft_precision(device: torch.device) -> str:
@@ -331,12 +429,25 @@ def spectrogram_ema_triton(
     """Triton version of ``spectrogram_ema_ref`` (same arguments and outputs; ``out`` = (state, pad) buffers)."""
     hkv, n_q, n_tok = columns.shape
     prev_pad, prev_state, first, frame_w, carry, state, pad = _prepare(
-        hkv, n_q, n_tok, columns.device, prev_pad, prev_state, first_frame, gamma, out)
+        hkv, n_q, n_tok, columns.device, prev_pad, prev_state, first_frame, gamma, out
+    )
     if n_tok == 0:
         return state, pad
     _spectrogram_ema_kernel[(hkv, triton.cdiv(n_tok, block_n))](
-        columns, *columns.stride(), prev_pad, prev_state, first, frame_w, stft_basis(columns.device),
-        state, pad, n_q, n_tok, carry, BLOCK_N=block_n, STFT_PREC=_stft_precision(columns.device),
+        columns,
+        *columns.stride(),
+        prev_pad,
+        prev_state,
+        first,
+        frame_w,
+        stft_basis(columns.device),
+        state,
+        pad,
+        n_q,
+        n_tok,
+        carry,
+        BLOCK_N=block_n,
+        STFT_PREC=_stft_precision(columns.device),
     )
     return state, pad
 
@@ -361,17 +472,41 @@ def paged_spectrogram_ema_triton(
     hkv = layout.num_kv_heads
     n_live = positions.numel()
     prev_pad, prev_state, first, frame_w, carry, state, pad = _prepare(
-        hkv, n_q, n_live, q.device, prev_pad, prev_state, first_frame, gamma, out)
+        hkv, n_q, n_live, q.device, prev_pad, prev_state, first_frame, gamma, out
+    )
     if n_live == 0:
         return state, pad
     lse = row_lse(q, key_cache, layout, block_table, positions, query_positions, scale, block_n)
     _paged_spectrogram_ema_kernel[(hkv, triton.cdiv(n_live, block_n))](
-        q, q.stride(0), q.stride(1), query_positions, lse, key_cache, block_table, positions,
-        prev_pad, prev_state, first, frame_w, stft_basis(q.device), state, pad,
-        n_q, n_live, scale * LOG2E, carry, *layout.kernel_args(),
-        GROUP=hq // hkv, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
-        BLOCK_SIZE=layout.block_size, TOK_TILE=layout.tok_tile, DIM_TILE=layout.dim_tile,
-        IS_FP32=exact_fp32_dot(q), STFT_PREC=_stft_precision(q.device),
+        q,
+        q.stride(0),
+        q.stride(1),
+        query_positions,
+        lse,
+        key_cache,
+        block_table,
+        positions,
+        prev_pad,
+        prev_state,
+        first,
+        frame_w,
+        stft_basis(q.device),
+        state,
+        pad,
+        n_q,
+        n_live,
+        scale * LOG2E,
+        carry,
+        *layout.kernel_args(),
+        GROUP=hq // hkv,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d,
+        BLOCK_SIZE=layout.block_size,
+        TOK_TILE=layout.tok_tile,
+        DIM_TILE=layout.dim_tile,
+        IS_FP32=exact_fp32_dot(q),
+        STFT_PREC=_stft_precision(q.device),
     )
     return state, pad
 

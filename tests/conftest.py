@@ -33,7 +33,13 @@ __all__ = ["free_port", "metric_label", "metric_sum", "parse_metrics"]
 BLOCK_SIZE = 32
 # Flags every tiny test server gets (CPU backend: block size must be a multiple of 32).
 BASE_FLAGS: tuple[str, ...] = (
-    "--enforce-eager", "--dtype", "float32", "--max-model-len", "8192", "--block-size", str(BLOCK_SIZE),
+    "--enforce-eager",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "8192",
+    "--block-size",
+    str(BLOCK_SIZE),
 )
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -41,11 +47,24 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 class VllmServer(_LaunchServer):
     """:class:`vllm_namm.launch.VllmServer` with the tiny-model flags and environment of the tests."""
 
-    def __init__(self, model: str | Path, flags: Sequence[str] = (), *, log_path: str | Path,
-                 env: Mapping[str, str] | None = None, base_flags: Sequence[str] = BASE_FLAGS,
-                 timeout_s: float = 300.0) -> None:
-        super().__init__(model, flags, log_path=log_path, env=DEFAULT_ENV | dict(env or {}),
-                         base_flags=base_flags, timeout_s=timeout_s)
+    def __init__(
+        self,
+        model: str | Path,
+        flags: Sequence[str] = (),
+        *,
+        log_path: str | Path,
+        env: Mapping[str, str] | None = None,
+        base_flags: Sequence[str] = BASE_FLAGS,
+        timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__(
+            model,
+            flags,
+            log_path=log_path,
+            env=DEFAULT_ENV | dict(env or {}),
+            base_flags=base_flags,
+            timeout_s=timeout_s,
+        )
 
     def model_name(self) -> str:
         return self.model
@@ -63,23 +82,39 @@ class FailedRun:
         return self.stdout + self.stderr
 
 
-def run_vllm_fail(model: str | Path, flags: Sequence[str], *, timeout_s: float = 240.0,
-                  env: Mapping[str, str] | None = None, base_flags: Sequence[str] = BASE_FLAGS) -> FailedRun:
+def run_vllm_fail(
+    model: str | Path,
+    flags: Sequence[str],
+    *,
+    timeout_s: float = 240.0,
+    env: Mapping[str, str] | None = None,
+    base_flags: Sequence[str] = BASE_FLAGS,
+) -> FailedRun:
     """Run ``vllm serve MODEL *flags`` expecting it to exit by itself; kill it at ``timeout_s``.
 
     ``returncode`` is None when it had to be killed (it did not exit by itself).
     """
-    return run_vllm(["serve", str(model), *base_flags, "--host", "127.0.0.1", "--port", str(free_port()), *flags],
-                    timeout_s=timeout_s, env=env)
+    return run_vllm(
+        ["serve", str(model), *base_flags, "--host", "127.0.0.1", "--port", str(free_port()), *flags],
+        timeout_s=timeout_s,
+        env=env,
+    )
 
 
-def run_vllm(args: Sequence[str], *, timeout_s: float = 240.0, env: Mapping[str, str] | None = None) -> FailedRun:
+def run_vllm(
+    args: Sequence[str], *, timeout_s: float = 240.0, env: Mapping[str, str] | None = None
+) -> FailedRun:
     """Run ``vllm *args`` with a timeout (killed at ``timeout_s``: returncode None); capture its output."""
     cmd = [vllm_bin(), *args]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ) | DEFAULT_ENV | dict(env or {}), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ) | DEFAULT_ENV | dict(env or {}),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
         rc: int | None = proc.returncode
@@ -102,13 +137,22 @@ class ServerPool:
         self.server: VllmServer | None = None
         self.starts: dict[str, int] = {}
 
-    def get(self, key: str, model: str | Path, flags: Sequence[str] = (), *,
-            env: Mapping[str, str] | None = None, base_flags: Sequence[str] = BASE_FLAGS) -> VllmServer:
+    def get(
+        self,
+        key: str,
+        model: str | Path,
+        flags: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        base_flags: Sequence[str] = BASE_FLAGS,
+    ) -> VllmServer:
         if self.server is not None and self.key == key and self.server.alive:
             return self.server
         self.close()
         n = self.starts[key] = self.starts.get(key, 0) + 1
-        server = VllmServer(model, flags, env=env, log_path=self.log_dir / f"{key}-{n}.log", base_flags=base_flags)
+        server = VllmServer(
+            model, flags, env=env, log_path=self.log_dir / f"{key}-{n}.log", base_flags=base_flags
+        )
         server.start()
         self.key, self.server = key, server
         return server

@@ -49,9 +49,11 @@ def main(cases_path: str, results_path: str) -> None:
                 serve.validate(args)
                 config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
                 namm = (config.additional_config or {}).get("namm") or {}
-                out |= {"long_prefill_token_threshold": config.scheduler_config.long_prefill_token_threshold,
-                        "max_model_len": config.model_config.max_model_len,
-                        "interval": namm.get("interval")}
+                out |= {
+                    "long_prefill_token_threshold": config.scheduler_config.long_prefill_token_threshold,
+                    "max_model_len": config.model_config.max_model_len,
+                    "interval": namm.get("interval"),
+                }
             except SystemExit as e:
                 out["rc"] = e.code if isinstance(e.code, int) else 1
             except BaseException:  # noqa: BLE001 - reported to the test, which fails on it

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_benchmarks(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_help_lists_commands():
@@ -41,12 +42,27 @@ def test_help_lists_commands():
 
 def test_mode_parsing():
     m = Mode.parse("h2o:budget=1024,interval=256")
-    assert m.server_flags() == ["--kv-eviction", "h2o", "--kv-eviction-budget", "1024",
-                                "--kv-eviction-interval", "256"]
+    assert m.server_flags() == [
+        "--kv-eviction",
+        "h2o",
+        "--kv-eviction-budget",
+        "1024",
+        "--kv-eviction-interval",
+        "256",
+    ]
     assert Mode.parse("none").server_flags() == []  # the baseline is plain vLLM
     assert Mode.parse("l2:ratio=0.25,selection=token,page_rule=majority,page_score=max").server_flags() == [
-        "--kv-eviction", "l2", "--kv-eviction-ratio", "0.25", "--kv-eviction-selection", "token",
-        "--kv-eviction-page-rule", "majority", "--kv-eviction-page-score", "max"]
+        "--kv-eviction",
+        "l2",
+        "--kv-eviction-ratio",
+        "0.25",
+        "--kv-eviction-selection",
+        "token",
+        "--kv-eviction-page-rule",
+        "majority",
+        "--kv-eviction-page-score",
+        "max",
+    ]
     assert Mode.parse("h2o:ratio=0.25,watermark=0.05").server_flags()[-2:] == ["--watermark", "0.05"]
     for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
         with pytest.raises(ValueError):
@@ -54,8 +70,10 @@ def test_mode_parsing():
 
 
 def test_parse_metrics_sums_labels():
-    text = ('# HELP x\nvllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
-            'vllm_namm:retained_fraction_sum 1.5\nvllm:num_requests_running{engine="0"} 3.0\n')
+    text = (
+        '# HELP x\nvllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        'vllm_namm:retained_fraction_sum 1.5\nvllm:num_requests_running{engine="0"} 3.0\n'
+    )
     m = parse_metrics(text)
     assert m["vllm:kv_cache_usage_perc"] == 0.25
     assert m["vllm_namm:retained_fraction_sum"] == 1.5
@@ -68,9 +86,25 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
         pytest.skip("vllm not installed")
     server_pool.close()  # the benchmark starts its own servers; keep one alive at a time
     out = tmp_path / "out"
-    r = _run_benchmarks("serving", "--model", str(tiny_model), "--modes", "none", "streaming:budget=256",
-                        "--num-requests", "4", "--prompt-tokens", "1200", "--max-tokens", "8",
-                        "--sample-interval", "0.05", "--out", str(out), timeout=900)
+    r = _run_benchmarks(
+        "serving",
+        "--model",
+        str(tiny_model),
+        "--modes",
+        "none",
+        "streaming:budget=256",
+        "--num-requests",
+        "4",
+        "--prompt-tokens",
+        "1200",
+        "--max-tokens",
+        "8",
+        "--sample-interval",
+        "0.05",
+        "--out",
+        str(out),
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((out / "serving.json").read_text())
     by_mode = {m["mode"]: m for m in report["results"]}
@@ -93,9 +127,30 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
 def test_quality_benchmark_reference_runner_without_a_server(tmp_path, tiny_model):
     """``quality --reference``: the same table from the HF reference runner, page-level selection."""
     out = tmp_path / "q"
-    r = _run_benchmarks("quality", "--reference", "--model", str(tiny_model), "--lengths", "700", "--kinds", "passkey",
-                        "--samples", "1", "--no-namm", "--policies", "streaming", "--ratios", "0.25",
-                        "--interval", "128", "--block-size", "16", "--out", str(out), timeout=600)
+    r = _run_benchmarks(
+        "quality",
+        "--reference",
+        "--model",
+        str(tiny_model),
+        "--lengths",
+        "700",
+        "--kinds",
+        "passkey",
+        "--samples",
+        "1",
+        "--no-namm",
+        "--policies",
+        "streaming",
+        "--ratios",
+        "0.25",
+        "--interval",
+        "128",
+        "--block-size",
+        "16",
+        "--out",
+        str(out),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((out / "quality.json").read_text())
     assert report["config"]["runner"] == "reference" and report["config"]["selection"] == "page"

@@ -42,11 +42,17 @@ print("RESULT " + json.dumps([[list(o.outputs[0].token_ids), (o.kv_transfer_para
 
 def serve_once(model: Path, cfg: dict) -> list:
     env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model), json.dumps(cfg)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(model), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_served_requests_free_the_same_pages_on_fast_and_reference_paths(tiny_model, tmp_path):

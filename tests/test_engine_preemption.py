@@ -27,16 +27,30 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_random_llama(tmp_path_factory.mktemp("model") / "tiny", seed=0))
 
 
-def _complete(server: VllmServer, model: str, prompt: str, max_tokens: int, **extra) -> openai.types.Completion:
-    return server.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                            extra_body=extra)
+def _complete(
+    server: VllmServer, model: str, prompt: str, max_tokens: int, **extra
+) -> openai.types.Completion:
+    return server.client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
+    )
 
 
 def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None:
     # 65 usable blocks of 32 tokens; 8 requests of ~1.3k prompt + 700 generated tokens need
     # ~60 blocks each in full and ~16 with a 256-token budget: 8 x 16 > 65, so vLLM preempts.
-    args = [*BASE, "--max-model-len", "2048", "--num-gpu-blocks-override", "66", "--max-num-seqs", "8",
-            "--kv-eviction", "streaming", "--kv-eviction-budget", "256"]
+    args = [
+        *BASE,
+        "--max-model-len",
+        "2048",
+        "--num-gpu-blocks-override",
+        "66",
+        "--max-num-seqs",
+        "8",
+        "--kv-eviction",
+        "streaming",
+        "--kv-eviction-budget",
+        "256",
+    ]
     with VllmServer(model, args) as srv:
         start_usage = srv.metric("vllm:kv_cache_usage_perc")
         preempt0 = srv.metric("vllm:num_preemptions_total") or 0.0
@@ -77,6 +91,8 @@ def test_blocks_computed_after_eviction_are_not_prefix_cache_hits(model: str) ->
         assert hits <= 512 * (1 + lag), "blocks computed after pages were first freed must not be hits"
         # NAMM on a request whose first 512 tokens come from the prefix cache: its state must
         # start with those tokens (a bug once killed the engine here).
-        namm = _complete(srv, model, prompt[:1200] + "A new tail. " * 40, 8, vllm_xargs={"kv_eviction": "namm"})
+        namm = _complete(
+            srv, model, prompt[:1200] + "A new tail. " * 40, 8, vllm_xargs={"kv_eviction": "namm"}
+        )
         assert namm.choices[0].finish_reason in ("length", "stop")
         assert srv.healthy()

@@ -32,8 +32,16 @@ BUDGET = 512
 SINKS = 32  # page-aligned sinks: page-level streaming == token-level streaming
 # lag 0 (synchronous steps): the HF reference runner frees tokens the moment it decides, and the
 # greedy tokens are compared with it; the namm servers below run the default lag.
-STREAMING_FLAGS = ["--kv-eviction", "streaming", "--kv-eviction-budget", str(BUDGET),
-                   "--kv-eviction-sink-tokens", str(SINKS), "--kv-eviction-lag", "0"]
+STREAMING_FLAGS = [
+    "--kv-eviction",
+    "streaming",
+    "--kv-eviction-budget",
+    str(BUDGET),
+    "--kv-eviction-sink-tokens",
+    str(SINKS),
+    "--kv-eviction-lag",
+    "0",
+]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.;:!?ABCDEFGHIJ0123456789\n"
 
 
@@ -42,10 +50,17 @@ def text(n: int, seed: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(n))
 
 
-def complete(server: VllmServer, prompt: str | list[int], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+def complete(
+    server: VllmServer, prompt: str | list[int], max_tokens: int = 8, **extra: Any
+) -> dict[str, Any]:
     """POST /v1/completions (greedy) and return the JSON; raises on HTTP errors."""
-    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "return_token_ids": True} | extra
+    body = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+    } | extra
     r = requests.post(server.base_url + "/completions", json=body, timeout=600)
     assert r.status_code == 200, r.text[:2000]
     return r.json()
@@ -67,7 +82,10 @@ def wait_idle(server: VllmServer, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = server.metrics()
-        if metric_sum(m, "vllm:num_requests_running") == 0 and metric_sum(m, "vllm:num_requests_waiting") == 0:
+        if (
+            metric_sum(m, "vllm:num_requests_running") == 0
+            and metric_sum(m, "vllm:num_requests_waiting") == 0
+        ):
             return
         time.sleep(0.5)
     raise AssertionError(f"server still has running/waiting requests after {timeout:.0f}s")
@@ -83,8 +101,14 @@ def settled_usage(server: VllmServer) -> float:
 
 def usage_while_running(server: VllmServer, prompt: str, after_tokens: int = 4, **extra: Any) -> float:
     """KV usage (fraction) sampled while a streaming request is in its decode phase."""
-    body = {"model": server.model, "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True,
-            "ignore_eos": True} | extra
+    body = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    } | extra
     seen = 0
     with requests.post(server.base_url + "/completions", json=body, stream=True, timeout=600) as r:
         assert r.status_code == 200, r.text[:2000]
@@ -110,10 +134,18 @@ def cli_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         futures = {
             "help": (ex.submit(run_vllm, ["serve", "--help=all"], timeout_s=240), ""),
             "bogus": (ex.submit(run_vllm_fail, tiny_model, ["--kv-eviction", "bogus"]), "bogus"),
-            "missing": (ex.submit(run_vllm_fail, tiny_model, ["--kv-eviction", "namm", "--namm-weights",
-                                                               str(missing)]), str(missing)),
-            "corrupt": (ex.submit(run_vllm_fail, tiny_model, ["--kv-eviction", "namm", "--namm-weights",
-                                                               str(corrupt)]), str(corrupt)),
+            "missing": (
+                ex.submit(
+                    run_vllm_fail, tiny_model, ["--kv-eviction", "namm", "--namm-weights", str(missing)]
+                ),
+                str(missing),
+            ),
+            "corrupt": (
+                ex.submit(
+                    run_vllm_fail, tiny_model, ["--kv-eviction", "namm", "--namm-weights", str(corrupt)]
+                ),
+                str(corrupt),
+            ),
         }
         return {k: (f.result(), what) for k, (f, what) in futures.items()}
 
@@ -121,9 +153,17 @@ def cli_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def test_help_lists_eviction_flags(cli_runs):
     run, _ = cli_runs["help"]
     assert run.returncode == 0, run.output[-3000:]
-    for flag in ("--kv-eviction", "--namm-weights", "--namm-threshold", "--kv-eviction-interval",
-                 "--kv-eviction-budget", "--kv-eviction-ratio", "--kv-eviction-sink-tokens",
-                 "--kv-eviction-recent-tokens", "--kv-eviction-page-rule"):
+    for flag in (
+        "--kv-eviction",
+        "--namm-weights",
+        "--namm-threshold",
+        "--kv-eviction-interval",
+        "--kv-eviction-budget",
+        "--kv-eviction-ratio",
+        "--kv-eviction-sink-tokens",
+        "--kv-eviction-recent-tokens",
+        "--kv-eviction-page-rule",
+    ):
         assert flag in run.stdout, f"{flag} missing from `vllm serve --help=all`"
     assert "vllm-namm KV eviction" in run.stdout
     assert "{none,namm,h2o,l2,streaming,snapkv}" in run.stdout
@@ -193,7 +233,9 @@ def test_vllm_serve_starts_with_plugin(none_server: VllmServer):
     assert none_server.healthy()
     models = none_server.client.models.list()
     assert [m.id for m in models.data] == [none_server.model]
-    r = none_server.client.completions.create(model=none_server.model, prompt="hello", max_tokens=4, temperature=0)
+    r = none_server.client.completions.create(
+        model=none_server.model, prompt="hello", max_tokens=4, temperature=0
+    )
     assert r.choices[0].finish_reason in ("length", "stop")
     # --kv-eviction none: vLLM's scheduler, no eviction summary
     assert "NammScheduler" not in none_server.log_text()
@@ -216,9 +258,12 @@ def test_none_server_rejects_per_request_eviction(none_server: VllmServer):
     import openai
 
     with pytest.raises(openai.BadRequestError, match="kv-eviction none"):
-        none_server.client.completions.create(model=none_server.model, prompt="abc", max_tokens=2,
-                                              extra_body={"vllm_xargs": {"kv_eviction": "streaming",
-                                                                         "kv_eviction_budget": 64}})
+        none_server.client.completions.create(
+            model=none_server.model,
+            prompt="abc",
+            max_tokens=2,
+            extra_body={"vllm_xargs": {"kv_eviction": "streaming", "kv_eviction_budget": 64}},
+        )
     assert none_server.healthy()
 
 
@@ -254,14 +299,17 @@ def test_streaming_holds_budget_pages_after_prefill(streaming_server: VllmServer
     assert s["retained_fraction"] == pytest.approx(s["held_blocks"] / s["logical_blocks"])
 
 
-def test_streaming_usage_lower_than_none_while_running(streaming_server: VllmServer, none_running_usage,
-                                                       streaming_start_usage):
+def test_streaming_usage_lower_than_none_while_running(
+    streaming_server: VllmServer, none_running_usage, streaming_start_usage
+):
     n = streaming_server.num_blocks()
     assert n == none_running_usage["num_blocks"]
     blocks = streaming_server.kv_usage() * n
     running = usage_while_running(streaming_server, text(3000, 11)) * n - blocks
     limit = math.ceil(BUDGET / BLOCK_SIZE) + 2 + 1  # + the decode page
-    assert running <= limit + 0.5, f"streaming request holds {running:.1f} blocks while decoding (limit {limit})"
+    assert running <= limit + 0.5, (
+        f"streaming request holds {running:.1f} blocks while decoding (limit {limit})"
+    )
     assert running < none_running_usage["blocks"] - 50, (running, none_running_usage)
 
 
@@ -271,7 +319,8 @@ def test_streaming_metrics_exported(streaming_server: VllmServer):
     assert metric_sum(m, "vllm_namm:evicted_blocks_total") > 0
     assert metric_sum(m, "vllm_namm:retained_fraction_count") >= 1
     assert metric_sum(m, "vllm_namm:token_evictions_realised_total") <= metric_sum(
-        m, "vllm_namm:token_evictions_requested_total")
+        m, "vllm_namm:token_evictions_requested_total"
+    )
 
 
 def test_streaming_usage_returns_to_start(streaming_server: VllmServer, streaming_start_usage):
@@ -279,24 +328,30 @@ def test_streaming_usage_returns_to_start(streaming_server: VllmServer, streamin
         complete(streaming_server, text(2600, seed), max_tokens=16)
     end = settled_usage(streaming_server)
     assert end == pytest.approx(streaming_start_usage, abs=0.5 / streaming_server.num_blocks()), (
-        f"KV usage {end} after all requests finished, {streaming_start_usage} at start (leak/double free)")
+        f"KV usage {end} after all requests finished, {streaming_start_usage} at start (leak/double free)"
+    )
     assert not engine_errors(streaming_server), engine_errors(streaming_server)[:20]
 
 
-@pytest.mark.parametrize("xargs, needle", [
-    ({"kv_eviction": "bogus"}, "kv_eviction"),
-    ({"kv_eviction_budget": -3}, "kv_eviction_budget"),
-    ({"kv_eviction_ratio": 1.5}, "kv_eviction_ratio"),
-    ({"kv_eviction_typo": 1}, "kv_eviction_typo"),
-    ({"kv_eviction": "streaming", "kv_eviction_budget": 256, "kv_eviction_ratio": 0.5}, "exactly one"),
-    ({"namm_params": [0.0, 1.0]}, "namm_params"),
-], ids=["bogus-policy", "negative-budget", "ratio>1", "unknown-key", "budget+ratio", "params-not-namm"])
+@pytest.mark.parametrize(
+    "xargs, needle",
+    [
+        ({"kv_eviction": "bogus"}, "kv_eviction"),
+        ({"kv_eviction_budget": -3}, "kv_eviction_budget"),
+        ({"kv_eviction_ratio": 1.5}, "kv_eviction_ratio"),
+        ({"kv_eviction_typo": 1}, "kv_eviction_typo"),
+        ({"kv_eviction": "streaming", "kv_eviction_budget": 256, "kv_eviction_ratio": 0.5}, "exactly one"),
+        ({"namm_params": [0.0, 1.0]}, "namm_params"),
+    ],
+    ids=["bogus-policy", "negative-budget", "ratio>1", "unknown-key", "budget+ratio", "params-not-namm"],
+)
 def test_bad_vllm_xargs_is_400(streaming_server: VllmServer, xargs, needle):
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
-        streaming_server.client.completions.create(model=streaming_server.model, prompt="abc", max_tokens=2,
-                                                   extra_body={"vllm_xargs": xargs})
+        streaming_server.client.completions.create(
+            model=streaming_server.model, prompt="abc", max_tokens=2, extra_body={"vllm_xargs": xargs}
+        )
     assert needle in str(e.value)
     assert streaming_server.healthy()
 
@@ -316,13 +371,22 @@ def test_streaming_matches_hf_reference(streaming_server: VllmServer, tiny_model
     from vllm_namm.reference import generate
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = LlamaForCausalLM.from_pretrained(tiny_model, attn_implementation="eager",
-                                             torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(
+        tiny_model, attn_implementation="eager", torch_dtype=torch.float32
+    ).eval()
     n_new = 32
     results = {}
     for name, seed, cfg, xargs in [
-        ("streaming", 30, EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=BUDGET),
-                                         protect=ProtectConfig(sink_tokens=SINKS)), None),
+        (
+            "streaming",
+            30,
+            EvictionConfig(
+                policy="streaming",
+                budget=BudgetConfig(tokens=BUDGET),
+                protect=ProtectConfig(sink_tokens=SINKS),
+            ),
+            None,
+        ),
         ("none", 31, EvictionConfig(), {"kv_eviction": "none"}),
     ]:
         prompt = tok(text(1536, seed))["input_ids"]
@@ -331,12 +395,27 @@ def test_streaming_matches_hf_reference(streaming_server: VllmServer, tiny_model
         extra = {"ignore_eos": True} | ({"vllm_xargs": xargs} if xargs else {})
         resp = complete(streaming_server, prompt, max_tokens=len(ref.tokens), **extra)
         got = resp["choices"][0]["token_ids"]
-        same = next((i for i, (a, b) in enumerate(zip(got, ref.tokens, strict=False)) if a != b), min(len(got), len(ref.tokens)))
-        results[name] = {"matching_prefix": same, "n": len(ref.tokens), "vllm": got, "ref": ref.tokens,
-                         "ref_cache": ref.prompt_cache_lengths,
-                         "summary": (resp.get("kv_transfer_params") or {}).get("namm")}
-    print("\nHF reference vs vLLM:", json.dumps({k: {kk: v[kk] for kk in ("matching_prefix", "n", "ref_cache",
-                                                                          "summary")} for k, v in results.items()}))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(got, ref.tokens, strict=False)) if a != b),
+            min(len(got), len(ref.tokens)),
+        )
+        results[name] = {
+            "matching_prefix": same,
+            "n": len(ref.tokens),
+            "vllm": got,
+            "ref": ref.tokens,
+            "ref_cache": ref.prompt_cache_lengths,
+            "summary": (resp.get("kv_transfer_params") or {}).get("namm"),
+        }
+    print(
+        "\nHF reference vs vLLM:",
+        json.dumps(
+            {
+                k: {kk: v[kk] for kk in ("matching_prefix", "n", "ref_cache", "summary")}
+                for k, v in results.items()
+            }
+        ),
+    )
     stream = results["streaming"]
     assert stream["ref_cache"] == [BUDGET, BUDGET]  # per layer and KV head, right after the prompt
     s = stream["summary"]
@@ -366,19 +445,38 @@ def test_concurrent_mixed_requests_with_aborts(streaming_server: VllmServer):
     jobs[12]["xargs"] = {"kv_eviction": "none"}
     jobs[15]["xargs"] = {"kv_eviction_ratio": 0.25}
     for i in range(6):  # streams closed after a few tokens
-        jobs.append({"kind": "close", "prompt": (shared if i % 2 else "") + text(600 + 150 * i, 300 + i),
-                     "max_tokens": 3000})
+        jobs.append(
+            {
+                "kind": "close",
+                "prompt": (shared if i % 2 else "") + text(600 + 150 * i, 300 + i),
+                "max_tokens": 3000,
+            }
+        )
     for i in range(6):  # client gives up (non-streaming): ~7k tokens cannot finish within its timeout
-        jobs.append({"kind": "timeout", "prompt": text(1000, 400 + i) + (shared if i % 2 else ""),
-                     "max_tokens": 8192 - 1000 - len(shared) - 64})
+        jobs.append(
+            {
+                "kind": "timeout",
+                "prompt": text(1000, 400 + i) + (shared if i % 2 else ""),
+                "max_tokens": 8192 - 1000 - len(shared) - 64,
+            }
+        )
     assert len(jobs) == 32
     barrier = threading.Barrier(len(jobs))
 
     def run(job: dict[str, Any]) -> Any:
-        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0,
-                               timeout=1.5 if job["kind"] == "timeout" else 600)
-        kwargs = {"model": server.model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0,
-                  "extra_body": {"ignore_eos": True} | ({"vllm_xargs": job["xargs"]} if "xargs" in job else {})}
+        client = openai.OpenAI(
+            base_url=server.base_url,
+            api_key="x",
+            max_retries=0,
+            timeout=1.5 if job["kind"] == "timeout" else 600,
+        )
+        kwargs = {
+            "model": server.model,
+            "prompt": job["prompt"],
+            "max_tokens": job["max_tokens"],
+            "temperature": 0,
+            "extra_body": {"ignore_eos": True} | ({"vllm_xargs": job["xargs"]} if "xargs" in job else {}),
+        }
         barrier.wait()
         try:
             if job["kind"] == "close":
@@ -419,7 +517,8 @@ def test_concurrent_mixed_requests_with_aborts(streaming_server: VllmServer):
     assert evicted_after > evicted_before, "no page was evicted by the long requests"
     end = settled_usage(server)
     assert end == pytest.approx(start, abs=0.5 / server.num_blocks()), (
-        f"KV usage {end} (x{server.num_blocks()} blocks) after everything finished, {start} before")
+        f"KV usage {end} (x{server.num_blocks()} blocks) after everything finished, {start} before"
+    )
     assert server.healthy()
     assert not engine_errors(server), engine_errors(server)[:20]
     # The server still serves correctly afterwards.
@@ -456,18 +555,36 @@ def test_namm_per_request_params(namm_server: VllmServer):
     n = load_weights(DEFAULT_WEIGHTS).params.numel()
     assert n == 4172
     with pytest.raises(openai.BadRequestError, match="namm_params"):
-        namm_server.client.completions.create(model=namm_server.model, prompt="abc", max_tokens=2,
-                                              extra_body={"vllm_xargs": {"namm_params": [0.0] * (n - 1)}})
+        namm_server.client.completions.create(
+            model=namm_server.model,
+            prompt="abc",
+            max_tokens=2,
+            extra_body={"vllm_xargs": {"namm_params": [0.0] * (n - 1)}},
+        )
     with pytest.raises(openai.BadRequestError, match="namm_threshold"):
-        namm_server.client.completions.create(model=namm_server.model, prompt="abc", max_tokens=2,
-                                              extra_body={"vllm_xargs": {"namm_threshold": "nan"}})
+        namm_server.client.completions.create(
+            model=namm_server.model,
+            prompt="abc",
+            max_tokens=2,
+            extra_body={"vllm_xargs": {"namm_threshold": "nan"}},
+        )
     assert namm_server.healthy()
     # A zero candidate scores every token 0: with threshold 0 it keeps everything, with 1 it evicts
     # everything it may (only sink/recent pages stay).
-    keep = complete(namm_server, text(2100, 61), max_tokens=4, ignore_eos=True,
-                    vllm_xargs={"namm_params": [0.0] * n, "namm_threshold": 0.0})
-    drop = complete(namm_server, text(2100, 62), max_tokens=4, ignore_eos=True,
-                    vllm_xargs={"namm_params": [0.0] * n, "namm_threshold": 1.0})
+    keep = complete(
+        namm_server,
+        text(2100, 61),
+        max_tokens=4,
+        ignore_eos=True,
+        vllm_xargs={"namm_params": [0.0] * n, "namm_threshold": 0.0},
+    )
+    drop = complete(
+        namm_server,
+        text(2100, 62),
+        max_tokens=4,
+        ignore_eos=True,
+        vllm_xargs={"namm_params": [0.0] * n, "namm_threshold": 1.0},
+    )
     sk = (keep.get("kv_transfer_params") or {}).get("namm")
     assert sk is None or sk["evicted_blocks"] == 0, sk
     sd = namm_summary(drop)
@@ -491,8 +608,9 @@ def all_negative_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def namm_negative_server(server_pool: ServerPool, tiny_model: Path, all_negative_weights: Path) -> VllmServer:
-    return server_pool.get("namm_negative", tiny_model,
-                           ["--kv-eviction", "namm", "--namm-weights", str(all_negative_weights)])
+    return server_pool.get(
+        "namm_negative", tiny_model, ["--kv-eviction", "namm", "--namm-weights", str(all_negative_weights)]
+    )
 
 
 def test_namm_all_negative_scores_keep_sink_and_recent(namm_negative_server: VllmServer):

@@ -43,7 +43,9 @@ def _run(cfg: EvictionConfig, n_tokens: int, layers: int = 2, seed: int = 0) -> 
 
 
 def test_streaming_keeps_budget_pages_and_protects_first_and_last_page() -> None:
-    cfg = EvictionConfig(policy="streaming", interval=512, budget=BudgetConfig(tokens=256, streaming_sinks=32))
+    cfg = EvictionConfig(
+        policy="streaming", interval=512, budget=BudgetConfig(tokens=256, streaming_sinks=32)
+    )
     mem = _run(cfg, 3000)
     live = mem.live_pages
     assert 0 in live, "the first page (attention sink) is always kept"
@@ -153,8 +155,11 @@ def test_flags_map_to_eviction_config() -> None:
     parser = argparse.ArgumentParser()
     add_flags(parser)
     assert config_from_args(parser.parse_args([])) is None
-    cfg = config_from_args(parser.parse_args(["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.25",
-                                              "--kv-eviction-recent-tokens", "8"]))
+    cfg = config_from_args(
+        parser.parse_args(
+            ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.25", "--kv-eviction-recent-tokens", "8"]
+        )
+    )
     assert cfg["policy"] == "h2o" and cfg["budget"]["ratio"] == 0.25 and cfg["protect"]["recent_tokens"] == 8
     with pytest.raises(NammConfigError, match="budget"):
         config_from_args(parser.parse_args(["--kv-eviction", "streaming"]))

@@ -30,13 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @contextlib.contextmanager
 def vllm_server(model: Path, *args: str, log: Path) -> Iterator[str]:
     """``vllm serve`` on the tiny model (the shared launcher); yields the OpenAI base URL."""
-    with VllmServer(model, ["--max-model-len", "4096", *args], log_path=log, base_flags=CPU_DEFAULTS) as server:
+    with VllmServer(
+        model, ["--max-model-len", "4096", *args], log_path=log, base_flags=CPU_DEFAULTS
+    ) as server:
         yield server.base_url
 
 
 def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "evolve", "--no-progress", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "evolve", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
 
 
 def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
@@ -50,7 +57,9 @@ def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
     out = tmp_path / "run"
     cfg = str(ROOT / "evolve" / "configs" / "ci_smoke.json")
 
-    with vllm_server(model, "--kv-eviction", "namm", "--namm-weights", str(start), log=tmp_path / "server1.log") as url:
+    with vllm_server(
+        model, "--kv-eviction", "namm", "--namm-weights", str(start), log=tmp_path / "server1.log"
+    ) as url:
         r = _evolve("--config", cfg, "--base-url", url, "--weights", str(start), "--out", str(out))
         assert r.returncode == 0, r.stderr[-4000:]
         log1 = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -79,6 +88,7 @@ def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
     w = load_weights(best)
     assert w.provenance is not None and w.provenance.generations == 3
     assert (out / "curve.png").stat().st_size > 0
-    with vllm_server(model, "--kv-eviction", "namm", "--namm-weights", str(best), log=tmp_path / "server2.log"):
+    with vllm_server(
+        model, "--kv-eviction", "namm", "--namm-weights", str(best), log=tmp_path / "server2.log"
+    ):
         pass  # healthy = loaded
-

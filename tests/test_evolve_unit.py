@@ -73,15 +73,23 @@ def test_classification_score():
     # "Manner" is a strict substring of the truth, so naming the truth is not penalised for it
     assert m.classification_score("Manner of an action", "Manner of an action", all_classes=classes) == 1.0
     # trec is scored on the first line only, best over answers
-    assert m.score_prediction("trec", "classification_score", "\nLocation\nNumber", ["Location"], classes) == 1.0
+    assert (
+        m.score_prediction("trec", "classification_score", "\nLocation\nNumber", ["Location"], classes) == 1.0
+    )
     assert m.score_prediction("hotpotqa", "qa_f1_score", "Paris", ["London", "paris"]) == 1.0
 
 
 def test_longbench_loader(tmp_path: Path):
     rows = [
-        {"input": "An abstract {with braces}.", "context": "Paragraph 1: a {x}.\n\nParagraph 2: b.",
-         "answers": ["Paragraph 2"], "length": 10, "all_classes": None, "dataset": "passage_retrieval_en",
-         "_id": "abc"},
+        {
+            "input": "An abstract {with braces}.",
+            "context": "Paragraph 1: a {x}.\n\nParagraph 2: b.",
+            "answers": ["Paragraph 2"],
+            "length": 10,
+            "all_classes": None,
+            "dataset": "passage_retrieval_en",
+            "_id": "abc",
+        },
     ]
     path = tmp_path / "pr.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -206,15 +214,29 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match=r"server\.bogus"):
         validate_config({**base, "server": {"bogus": 1}})
     with pytest.raises(ConfigError, match="dataset"):
-        validate_config({"stages": [{"generations": 1, "tasks": [{"kind": "longbench", "dataset": "nope",
-                                                                  "path": "x.jsonl"}]}]})
+        validate_config(
+            {
+                "stages": [
+                    {"generations": 1, "tasks": [{"kind": "longbench", "dataset": "nope", "path": "x.jsonl"}]}
+                ]
+            }
+        )
 
 
 def test_config_file_and_overrides(tmp_path: Path):
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"stages": [{"generations": 1, "tasks": [{"kind": "needle", "target_tokens": [600]}]}]}))
-    cfg = load_config(p, ["cma.popsize=8", "stages.0.generations=5", "server.base_url=http://h:1/v1",
-                          'cma.options={"CMA_diagonal": true}'])
+    p.write_text(
+        json.dumps({"stages": [{"generations": 1, "tasks": [{"kind": "needle", "target_tokens": [600]}]}]})
+    )
+    cfg = load_config(
+        p,
+        [
+            "cma.popsize=8",
+            "stages.0.generations=5",
+            "server.base_url=http://h:1/v1",
+            'cma.options={"CMA_diagonal": true}',
+        ],
+    )
     assert cfg.cma.popsize == 8 and cfg.stages[0].generations == 5 and cfg.server.base_url == "http://h:1/v1"
     assert cfg.cma.options == {"CMA_diagonal": True}
     with pytest.raises(ConfigError, match="index 3 out of range"):
@@ -233,7 +255,9 @@ def test_cli_help_and_bad_config(capsys, tmp_path: Path):
     assert e.value.code == 0
     assert "--resume" in capsys.readouterr().out
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"stages": [{"generations": 0, "tasks": [{"kind": "passkey", "target_tokens": [600]}]}]}))
+    p.write_text(
+        json.dumps({"stages": [{"generations": 0, "tasks": [{"kind": "passkey", "target_tokens": [600]}]}]})
+    )
     assert main(["--config", str(p)]) == 2
     assert "stages.0.generations" in capsys.readouterr().err
 
@@ -257,26 +281,43 @@ class FakeServer:
         self.bodies.append(await request.json())
         status = self.statuses.pop(0) if self.statuses else 200
         if status != 200:
-            return web.json_response({"error": {"message": f"scripted {status}: namm_params has wrong length",
-                                                "type": "x", "code": status}}, status=status)
-        return web.json_response({
-            "id": "c", "object": "text_completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "text": " 12345", "finish_reason": "length", "logprobs": None}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            "kv_transfer_params": {"namm": {"retained_fraction": 0.25, "evicted_blocks": 3, "logical_blocks": 4}},
-        })
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"scripted {status}: namm_params has wrong length",
+                        "type": "x",
+                        "code": status,
+                    }
+                },
+                status=status,
+            )
+        return web.json_response(
+            {
+                "id": "c",
+                "object": "text_completion",
+                "created": 0,
+                "model": "tiny",
+                "choices": [{"index": 0, "text": " 12345", "finish_reason": "length", "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "kv_transfer_params": {
+                    "namm": {"retained_fraction": 0.25, "evicted_blocks": 3, "logical_blocks": 4}
+                },
+            }
+        )
 
     async def __aenter__(self) -> str:
         from aiohttp import web
 
         app = web.Application()
         app.router.add_post("/v1/completions", self.completions)
+
         async def health(_request):
             return web.Response(text="")
 
         async def models(_request):
             return web.json_response(
-                {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "t"}]})
+                {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "t"}]}
+            )
 
         app.router.add_get("/health", health)
         app.router.add_get("/v1/models", models)
@@ -291,8 +332,9 @@ class FakeServer:
 
 
 def _server_cfg(url: str, **kw: Any) -> ServerConfig:
-    return ServerConfig(base_url=url, retries=2, backoff_s=0.01, backoff_max_s=0.05, timeout_s=10,
-                        health_timeout_s=0.2, **kw)
+    return ServerConfig(
+        base_url=url, retries=2, backoff_s=0.01, backoff_max_s=0.05, timeout_s=10, health_timeout_s=0.2, **kw
+    )
 
 
 def test_client_unreachable_is_one_clear_error():
@@ -376,8 +418,9 @@ class FakeClient:
     async def truncate_middle(self, prompt: str, max_tokens: int) -> str:
         return prompt
 
-    async def complete(self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
-                       ) -> GenerationResult:
+    async def complete(
+        self, prompt: str, max_tokens: int, xargs: dict[str, Any], temperature: float = 0.0
+    ) -> GenerationResult:
         self.requests += 1
         key = re.search(r"The pass key is (\d+)", prompt).group(1)  # type: ignore[union-attr]
         if xargs["kv_eviction"] == "none":
@@ -397,13 +440,21 @@ def _fake_run_config(tmp_path: Path, generations: int, out: str = "run") -> Any:
         start = NammWeights.zeros(ScorerConfig(kind="mlp", hidden=4, mlp_layers=1))  # small: fast CMA
         assert start.params.numel() > 16
         save_weights(wpath, start)
-    return validate_config({
-        "cma": {"popsize": 4, "sigma0": 0.1, "seed": 5},
-        "stages": [{"generations": generations,
-                    "tasks": [{"kind": "passkey", "target_tokens": [300], "max_tokens": 8, "pool_size": 6}]}],
-        "samples_per_task": 2, "retained_penalty": 0.1,
-        "start_weights": str(wpath), "out_dir": str(tmp_path / out),
-    })
+    return validate_config(
+        {
+            "cma": {"popsize": 4, "sigma0": 0.1, "seed": 5},
+            "stages": [
+                {
+                    "generations": generations,
+                    "tasks": [{"kind": "passkey", "target_tokens": [300], "max_tokens": 8, "pool_size": 6}],
+                }
+            ],
+            "samples_per_task": 2,
+            "retained_penalty": 0.1,
+            "start_weights": str(wpath),
+            "out_dir": str(tmp_path / out),
+        }
+    )
 
 
 def _run(cfg: Any, resume: bool = False) -> dict[str, Any]:
@@ -445,7 +496,11 @@ def test_loop_checkpoint_resume_is_bit_identical(tmp_path: Path):
     assert json.loads((split / "summary.json").read_text())["generations"] == 3
     assert len(BaselineCache(split / "baseline_cache.json")) > 0
     rec = b[-1]
-    assert rec["requests"] >= 2 * (4 + 1) and rec["retained_fraction"] is not None and rec["mean_candidate"] is not None
+    assert (
+        rec["requests"] >= 2 * (4 + 1)
+        and rec["retained_fraction"] is not None
+        and rec["mean_candidate"] is not None
+    )
 
 
 def test_loop_refuses_to_overwrite_and_checks_resume_config(tmp_path: Path):
@@ -459,15 +514,22 @@ def test_loop_refuses_to_overwrite_and_checks_resume_config(tmp_path: Path):
     with pytest.raises(ConfigError, match="samples_per_task"):
         _run(changed, resume=True)
     default = Evolution(cfg.model_copy(update={"start_weights": None}), FakeClient())
-    assert default.cfg.start_weights is not None and default.cfg.start_weights.name == "initial_weights.safetensors"
+    assert (
+        default.cfg.start_weights is not None
+        and default.cfg.start_weights.name == "initial_weights.safetensors"
+    )
     assert not default.space.x0(zeros=True).any() and default.space.dim == default.space.x0().size
 
 
 def test_answer_mean_logprob_reads_the_answer_tokens():
     from evolve.client import ServerRequestError, answer_mean_logprob
 
-    lps = [None, {"5": {"logprob": -9.0}}, {"7": {"logprob": -1.0}, "3": {"logprob": -0.1, "rank": 1}},
-           {"8": {"logprob": -3.0}}]
+    lps = [
+        None,
+        {"5": {"logprob": -9.0}},
+        {"7": {"logprob": -1.0}, "3": {"logprob": -0.1, "rank": 1}},
+        {"8": {"logprob": -3.0}},
+    ]
     assert answer_mean_logprob(lps, [7, 8]) == pytest.approx(-2.0)
     with pytest.raises(ServerRequestError, match="lack the answer token"):
         answer_mean_logprob(lps, [4, 8])
@@ -491,8 +553,9 @@ class FakeLogprobClient(FakeClient):
 def test_loglik_fitness_is_graded_and_normalised(tmp_path: Path):
     from evolve.loop import Evolution
 
-    cfg = _fake_run_config(tmp_path, 2).model_copy(update={"fitness": "loglik", "budget_ratio": 0.3,
-                                                           "retained_penalty": 0.0})
+    cfg = _fake_run_config(tmp_path, 2).model_copy(
+        update={"fitness": "loglik", "budget_ratio": 0.3, "retained_penalty": 0.0}
+    )
     client = FakeLogprobClient()
     summary = asyncio.run(Evolution(cfg, client, progress=False).run())
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -40,14 +40,25 @@ def request(hq=4, hkv=2, d=64, bs=16, n_q=48, n_live=90, seed=0, newest=True):
     pos = torch.sort(torch.randperm(3 * n_live, generator=g)[:n_live]).values.to(DEVICE)
     qpos = pos[-n_q:].clone() if newest else torch.sort(pos[torch.randperm(n_live, generator=g)[:n_q]]).values
     q = torch.randn(n_q, hq, d, generator=g).to(DEVICE)
-    return dict(q=q, key_cache=kv, layout=nk.PagedKeyLayout.flash(kv), block_table=bt, positions=pos,
-                query_positions=qpos, scale=d**-0.5)
+    return dict(
+        q=q,
+        key_cache=kv,
+        layout=nk.PagedKeyLayout.flash(kv),
+        block_table=bt,
+        positions=pos,
+        query_positions=qpos,
+        scale=d**-0.5,
+    )
 
 
 # ----------------------------------------------------------------------------- attention columns
 
-SHAPES = [(4, 2, 64, 16, 48, 90, True), (8, 2, 32, 32, 64, 300, False), (4, 4, 16, 16, 16, 40, True),
-          (6, 3, 32, 16, 32, 130, False)]
+SHAPES = [
+    (4, 2, 64, 16, 48, 90, True),
+    (8, 2, 32, 32, 64, 300, False),
+    (4, 4, 16, 16, 16, 40, True),
+    (6, 3, 32, 16, 32, 130, False),
+]
 
 
 @pytest.mark.parametrize("hq,hkv,d,bs,n_q,n_live,newest", SHAPES)
@@ -69,8 +80,10 @@ def test_attention_columns_blocks_do_not_matter():
 # ----------------------------------------------------------------------------- STFT + EMA
 
 
-@pytest.mark.parametrize("n_fft,hop,n_q,n,per_head", [(32, 16, 48, 37, False), (32, 16, 64, 300, True),
-                                                      (64, 16, 64, 20, False), (16, 8, 24, 9, True)])
+@pytest.mark.parametrize(
+    "n_fft,hop,n_q,n,per_head",
+    [(32, 16, 48, 37, False), (32, 16, 64, 300, True), (64, 16, 64, 20, False), (16, 8, 24, 9, True)],
+)
 def test_matmul_stft_equals_reference(n_fft, hop, n_q, n, per_head):
     g = torch.Generator().manual_seed(n)
     hkv = 2
@@ -229,8 +242,9 @@ def run_steps(cfg, n_tokens=1300, n_requests=3, seed=0):
             mem.add_queries([queries[r, layer, start : start + n] for layer in range(L)], start)
             if mem.due(cfg.interval, n_tokens):
                 blocks = tables[r, mem.live_pages].long()
-                reader = PagedCacheReader([(cache, layout)] * L, blocks, D**-0.5, backend=cfg.kernels,
-                                          fused=cfg.kernels == "triton")
+                reader = PagedCacheReader(
+                    [(cache, layout)] * L, blocks, D**-0.5, backend=cfg.kernels, fused=cfg.kernels == "triton"
+                )
                 jobs.append(begin_step(mem, reader))
         for result in compute_steps(jobs, cfg, D**-0.5, KV):
             result.job.mem.evicted_pages.update(result.plan.free_pages)

@@ -19,8 +19,15 @@ def test_stft_matches_torch_stft():
     cols, pad = torch.rand(3, 5, 64), torch.rand(3, 5, 16)
     ours = stft_magnitudes(cols, pad)
     x = torch.cat([pad, cols], dim=-1).reshape(-1, 80)
-    ref = torch.stft(x, n_fft=32, hop_length=16, window=torch.hann_window(32, periodic=True),
-                     center=False, onesided=True, return_complex=True).abs()
+    ref = torch.stft(
+        x,
+        n_fft=32,
+        hop_length=16,
+        window=torch.hann_window(32, periodic=True),
+        center=False,
+        onesided=True,
+        return_complex=True,
+    ).abs()
     assert ours.shape == (3, 5, 4, 17)
     torch.testing.assert_close(ours, ref.transpose(-1, -2).reshape(3, 5, 4, 17), atol=1e-5, rtol=0)
 
@@ -31,8 +38,17 @@ def test_stft_matches_scipy():
     x = torch.cat([pad, cols], dim=-1).double().numpy()
     win = scipy.signal.get_window("hann", 32)  # periodic (fftbins=True)
     np.testing.assert_allclose(win, hann_window(32).double().numpy(), atol=1e-7)
-    _, _, z = scipy.signal.stft(x, window=win, nperseg=32, noverlap=16, boundary=None, padded=False,
-                                detrend=False, return_onesided=True, scaling="spectrum")
+    _, _, z = scipy.signal.stft(
+        x,
+        window=win,
+        nperseg=32,
+        noverlap=16,
+        boundary=None,
+        padded=False,
+        detrend=False,
+        return_onesided=True,
+        scaling="spectrum",
+    )
     ref = np.abs(z) * win.sum()  # scipy 'spectrum' scaling divides by sum(window)
     np.testing.assert_allclose(ours.numpy(), ref.transpose(0, 2, 1), atol=1e-5)
 
@@ -70,7 +86,9 @@ def test_ema_direction_newest_frame_weighs_most():
     frames = torch.zeros(1, 1, 4, 1)
     frames[..., 0, 0] = 1.0
     assert ema_reduce(frames, None, None, gamma).item() == pytest.approx((1 - gamma) * gamma**3)
-    assert ema_reduce(torch.zeros(1, 1, 4, 1), torch.ones(1, 1, 1), None, gamma).item() == pytest.approx(gamma**4)
+    assert ema_reduce(torch.zeros(1, 1, 4, 1), torch.ones(1, 1, 1), None, gamma).item() == pytest.approx(
+        gamma**4
+    )
 
 
 def _causal_attn(kv, n_q, n_k, q_start):

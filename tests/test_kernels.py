@@ -55,8 +55,13 @@ def make_request(kind, hq, hkv, d, block_size, n_q, n_live, dtype, seed=0):
     pos = torch.sort(torch.randperm(3 * n_live, generator=g)[:n_live]).values
     q = torch.randn(n_q, hq, d, generator=g).to(dtype)
     return dict(
-        q=q.to(DEVICE), key_cache=kv, layout=layout, block_table=live.to(torch.int32).to(DEVICE),
-        positions=pos.to(DEVICE), query_positions=pos[-n_q:].clone().to(DEVICE), scale=d**-0.5,
+        q=q.to(DEVICE),
+        key_cache=kv,
+        layout=layout,
+        block_table=live.to(torch.int32).to(DEVICE),
+        positions=pos.to(DEVICE),
+        query_positions=pos[-n_q:].clone().to(DEVICE),
+        scale=d**-0.5,
     )
 
 
@@ -76,7 +81,10 @@ GPU_CASES = [
     for bs, n in ((16, 4133), (32, 9001))
     for dt in (torch.float32, torch.bfloat16)
 ]
-ALL = [pytest.param(*c, id=f"{c[0]}-{c[1]}x{c[2]}-d{c[3]}-bs{c[4]}-q{c[5]}-n{c[6]}-{str(c[7])[6:]}") for c in CASES]
+ALL = [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}x{c[2]}-d{c[3]}-bs{c[4]}-q{c[5]}-n{c[6]}-{str(c[7])[6:]}")
+    for c in CASES
+]
 ALL += GPU_CASES
 
 
@@ -184,7 +192,9 @@ def test_spectrogram_ema_kernel_matches_reference(n_q, n_tok):
     torch.testing.assert_close(got_state, ref_state, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_pad, ref_pad, rtol=0, atol=0)
     # strided (transposed) columns are read through their strides
-    t_state, _ = nk.spectrogram_ema_triton(cols.transpose(1, 2).contiguous().transpose(1, 2), pad, state, first, 0.9)
+    t_state, _ = nk.spectrogram_ema_triton(
+        cols.transpose(1, 2).contiguous().transpose(1, 2), pad, state, first, 0.9
+    )
     torch.testing.assert_close(t_state, ref_state, rtol=1e-5, atol=1e-6)
 
 
@@ -235,8 +245,9 @@ def test_fused_paged_spectrogram_matches_reference(kind, hq, hkv, d, bs, n_q, n_
     close(got_state, ref_state, dtype, "ema state")
     close(got_pad, ref_pad, dtype, "carried pad")
     # the state must depend on the attention, not only on the carried state
-    bare, _ = nk.paged_spectrogram_ema_triton(**req, prev_pad=prev_pad, prev_state=torch.zeros_like(prev_state),
-                                              first_frame=first, block_n=32)
+    bare, _ = nk.paged_spectrogram_ema_triton(
+        **req, prev_pad=prev_pad, prev_state=torch.zeros_like(prev_state), first_frame=first, block_n=32
+    )
     assert bare.abs().amax() > 0
 
 

@@ -39,7 +39,9 @@ def _keys_reader(keys: torch.Tensor):
     return read
 
 
-def _serve(cfg: EvictionConfig, prompt: int, prefix: int = 0, decode: int = 0, seed: int = 0) -> tuple[RequestMemory, list[dict]]:
+def _serve(
+    cfg: EvictionConfig, prompt: int, prefix: int = 0, decode: int = 0, seed: int = 0
+) -> tuple[RequestMemory, list[dict]]:
     """Feed a prompt (after a ``prefix``-token cache hit) and ``decode`` single tokens through
     the eviction steps as the runner does; after each step record what the bound allows."""
     g = torch.Generator().manual_seed(seed)
@@ -58,19 +60,33 @@ def _serve(cfg: EvictionConfig, prompt: int, prefix: int = 0, decode: int = 0, s
         eviction_step(mem, cfg, _keys_reader(keys), D**-0.5, kv_heads=KV)
         # the step ranks the tokens its queries have seen (positions < scored_tokens)
         keep = mem.policy.budget.size(int((live_before < mem.scored_tokens).sum()), mem.num_tokens)
-        first_unscored = int(torch.cat(mem.query_positions).min()) if mem.query_positions else mem.num_tokens - 1
+        first_unscored = (
+            int(torch.cat(mem.query_positions).min()) if mem.query_positions else mem.num_tokens - 1
+        )
         protect_from = min(first_unscored, mem.num_tokens - 1) // BS
         protected = {0} | {p for p in mem.live_pages if p >= protect_from}
         # pages holding only tokens no query has seen yet stay outside the step (and its budget)
         unseen = {p for p in mem.live_pages if p * BS >= mem.scored_tokens}
-        steps.append({"live": len(mem.live_pages), "before": pages_before, "budget": budget_pages(keep, BS),
-                      "protected": len(protected), "unseen": len(unseen), "live_pages": list(mem.live_pages)})
+        steps.append(
+            {
+                "live": len(mem.live_pages),
+                "before": pages_before,
+                "budget": budget_pages(keep, BS),
+                "protected": len(protected),
+                "unseen": len(unseen),
+                "live_pages": list(mem.live_pages),
+            }
+        )
     return mem, steps
 
 
 @pytest.mark.parametrize("policy", RANKED_UNDER_BUDGET)
-@pytest.mark.parametrize("budget", [BudgetConfig(tokens=300), BudgetConfig(ratio=0.25)], ids=["tokens300", "ratio0.25"])
-@pytest.mark.parametrize("prompt, prefix", [(2000, 0), (1300, 0), (2017, 704)], ids=["2000", "1300", "2017-hit704"])
+@pytest.mark.parametrize(
+    "budget", [BudgetConfig(tokens=300), BudgetConfig(ratio=0.25)], ids=["tokens300", "ratio0.25"]
+)
+@pytest.mark.parametrize(
+    "prompt, prefix", [(2000, 0), (1300, 0), (2017, 704)], ids=["2000", "1300", "2017-hit704"]
+)
 def test_page_selection_holds_the_budget_after_every_step(policy, budget, prompt, prefix):
     cfg = EvictionConfig(policy=policy, interval=512, budget=budget)
     assert cfg.selection == "page"

@@ -30,7 +30,9 @@ NEW = 4  # decode tokens (no eviction step after the prompt's last one)
 
 @pytest.fixture(scope="module")
 def budget_server(server_pool: ServerPool, tiny_model: Path) -> VllmServer:
-    return server_pool.get("budget_pages", tiny_model, ["--kv-eviction", "streaming", "--kv-eviction-budget", "512"])
+    return server_pool.get(
+        "budget_pages", tiny_model, ["--kv-eviction", "streaming", "--kv-eviction-budget", "512"]
+    )
 
 
 def _bound(prompt_len: int, summary: dict) -> int:
@@ -50,8 +52,9 @@ def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):
     summaries = []
     for i, (policy, kind, hit) in enumerate(CASES):
         prompt_len = 2017 + 32 * i  # 2017 % 32 = 1: never a whole number of pages
-        xargs = {"kv_eviction": policy} | ({"kv_eviction_budget": 300} if kind == "budget" else
-                                           {"kv_eviction_ratio": 0.25})
+        xargs = {"kv_eviction": policy} | (
+            {"kv_eviction_budget": 300} if kind == "budget" else {"kv_eviction_ratio": 0.25}
+        )
         prompt = text(prompt_len, 1000 + i)
         hits = metric_sum(server.metrics(), "vllm:prefix_cache_hits_total")
         if hit:  # cache the first 1200 tokens with a request that evicts nothing
@@ -73,11 +76,16 @@ def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):
         if kind == "ratio":
             assert s["retained_fraction"] <= 0.35, case
         summaries.append(s)
-        print(f"{policy:9} {kind:6} hit={hit!s:5} prompt {prompt_len}: held {s['held_blocks']}/{s['logical_blocks']} "
-              f"(budget {s['budget_blocks']} blocks, bound {_bound(prompt_len, s)})")
+        print(
+            f"{policy:9} {kind:6} hit={hit!s:5} prompt {prompt_len}: held {s['held_blocks']}/{s['logical_blocks']} "
+            f"(budget {s['budget_blocks']} blocks, bound {_bound(prompt_len, s)})"
+        )
     after = server.metrics()
-    for name, key in [("vllm_namm:budget_tokens_total", "budget_tokens"), ("vllm_namm:held_blocks_total", "held_blocks"),
-                      ("vllm_namm:budget_blocks_total", "budget_blocks")]:
+    for name, key in [
+        ("vllm_namm:budget_tokens_total", "budget_tokens"),
+        ("vllm_namm:held_blocks_total", "held_blocks"),
+        ("vllm_namm:budget_blocks_total", "budget_blocks"),
+    ]:
         assert metric_sum(after, name) - metric_sum(before, name) == sum(s[key] for s in summaries), name
     assert settled_usage(server) == pytest.approx(start, abs=0.5 / server.num_blocks())
     assert not engine_errors(server), engine_errors(server)[:20]
@@ -85,7 +93,8 @@ def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):
 
 def test_policy_without_a_budget_reports_none(budget_server: VllmServer):
     """namm (threshold, no budget) on the same server: its summary has no budget fields."""
-    resp = complete(budget_server, text(1400, 3000), max_tokens=2, ignore_eos=True,
-                    vllm_xargs={"kv_eviction": "namm"})
+    resp = complete(
+        budget_server, text(1400, 3000), max_tokens=2, ignore_eos=True, vllm_xargs={"kv_eviction": "namm"}
+    )
     s = (resp.get("kv_transfer_params") or {}).get("namm")
     assert s is None or "budget_tokens" not in s, s

@@ -137,7 +137,10 @@ def test_select_pages_is_scale_free_per_head_and_layer():
     scores = _scores(n, seed=4)
     scaled = [scores[0] * 1e4, scores[1] - 7.0, scores[2] * 1e-3]
     for agg in AGGREGATES:
-        assert select_pages(scores, pos, BS, 20, agg).free_pages == select_pages(scaled, pos, BS, 20, agg).free_pages
+        assert (
+            select_pages(scores, pos, BS, 20, agg).free_pages
+            == select_pages(scaled, pos, BS, 20, agg).free_pages
+        )
 
 
 def test_select_pages_agrees_with_token_selection_when_heads_agree():

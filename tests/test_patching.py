@@ -57,7 +57,9 @@ def test_patch_wraps_each_kind_once_and_keeps_the_original() -> None:
     assert (t.method(1), Target.static(1), Child.klass(1), t.prop) == (20, 102, "Child:1!", 8)
     assert calls == ["method", "static", "klass", "prop"]
     assert all(is_patched(Target, n) for n in ("method", "static", "klass", "prop"))
-    assert isinstance(Target.__dict__["static"], staticmethod) and isinstance(Target.__dict__["prop"], property)
+    assert isinstance(Target.__dict__["static"], staticmethod) and isinstance(
+        Target.__dict__["prop"], property
+    )
     assert Target.method.__name__ == "method"  # functools.wraps: vLLM's introspection still sees the name
 
 

@@ -142,7 +142,9 @@ def test_h2o_accumulates_and_filters():
     keep = torch.ones(10, dtype=torch.bool)
     keep[0] = False
     state.filter(keep)
-    view2 = LayerView(torch.zeros(KV, 2, 11), None, torch.arange(1, 12).expand(KV, -1), torch.arange(10, 12), 2)
+    view2 = LayerView(
+        torch.zeros(KV, 2, 11), None, torch.arange(1, 12).expand(KV, -1), torch.arange(10, 12), 2
+    )
     s2 = pol.score(view2, state)
     assert s2.shape == (KV, 11) and s2[0, 2] == 4
 
@@ -177,7 +179,9 @@ def test_equalize_head_drops_same_count_lowest_first():
     keep = scores >= 0
     out = equalize_head_drops(keep, scores)
     assert out.tolist() == [[False, True, True, True, True], [True, False, True, True, True]]
-    assert torch.equal(equalize_head_drops(torch.ones(2, 5, dtype=torch.bool), scores), torch.ones(2, 5, dtype=torch.bool))
+    assert torch.equal(
+        equalize_head_drops(torch.ones(2, 5, dtype=torch.bool), scores), torch.ones(2, 5, dtype=torch.bool)
+    )
 
 
 def test_initial_weights_keep_attended_and_evict_ignored_tokens():

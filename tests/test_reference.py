@@ -16,8 +16,14 @@ from vllm_namm.weights import NammWeights  # noqa: E402
 def model():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=256, max_position_embeddings=4096, attn_implementation="eager",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        attn_implementation="eager",
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -28,8 +34,12 @@ def _prompt(n, seed=1):
 
 def test_none_is_token_identical_to_generate(model):
     prompt = _prompt(40)
-    ref = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, 40, dtype=torch.long),
-                         do_sample=False, max_new_tokens=24)[0, 40:].tolist()
+    ref = model.generate(
+        prompt.view(1, -1),
+        attention_mask=torch.ones(1, 40, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=24,
+    )[0, 40:].tolist()
     cfg = EvictionConfig(interval=16)  # 16-token chunks: exercises chunking and decode buffering
     out = generate(model, None, prompt, make_policy(cfg), 24, cfg)
     assert out.tokens == ref

@@ -74,7 +74,9 @@ class FlagCase:
     @property
     def flag(self) -> str:
         """The flag this case is about (a file path subject: the flag that took it)."""
-        return self.subject if self.subject.startswith("--") else self.flags[self.flags.index(self.subject) - 1]
+        return (
+            self.subject if self.subject.startswith("--") else self.flags[self.flags.index(self.subject) - 1]
+        )
 
 
 def _c(id_: str, flags: list[str], subject: str, category: str, needle: str, **kw: Any) -> FlagCase:
@@ -88,120 +90,394 @@ ONLY_WITH_POLICY = "no effect without --kv-eviction POLICY"
 
 FLAG_CASES: list[FlagCase] = [
     # --kv-eviction
-    _c("policy-bogus", ["--kv-eviction", "bogus"], "--kv-eviction", "choice", "invalid choice", kind="argparse"),
-    _c("policy-case", ["--kv-eviction", "NAMM"], "--kv-eviction", "choice", "invalid choice", kind="argparse"),
+    _c(
+        "policy-bogus",
+        ["--kv-eviction", "bogus"],
+        "--kv-eviction",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
+    _c(
+        "policy-case", ["--kv-eviction", "NAMM"], "--kv-eviction", "choice", "invalid choice", kind="argparse"
+    ),
     _c("streaming-without-budget", STREAM, "--kv-eviction", "conflict", "needs --kv-eviction-budget"),
-    _c("pipeline-lag-0", [*NAMM, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"], "--kv-eviction-lag",
-       "conflict", "cannot work with --pipeline-parallel-size"),
-    _c("context-parallel", [*NAMM, "--decode-context-parallel-size", "2"], "--decode-context-parallel-size",
-       "conflict", "split each request's tokens"),
-    _c("scheduler-cls", [*NAMM, "--scheduler-cls", "my.Scheduler"], "--scheduler-cls", "conflict",
-       "replaces the scheduler"),
+    _c(
+        "pipeline-lag-0",
+        [*NAMM, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"],
+        "--kv-eviction-lag",
+        "conflict",
+        "cannot work with --pipeline-parallel-size",
+    ),
+    _c(
+        "context-parallel",
+        [*NAMM, "--decode-context-parallel-size", "2"],
+        "--decode-context-parallel-size",
+        "conflict",
+        "split each request's tokens",
+    ),
+    _c(
+        "scheduler-cls",
+        [*NAMM, "--scheduler-cls", "my.Scheduler"],
+        "--scheduler-cls",
+        "conflict",
+        "replaces the scheduler",
+    ),
     # --namm-weights
-    _c("weights-missing", [*NAMM, "--namm-weights", "{missing}"], "{missing}", "file", "no such weights file"),
-    _c("weights-directory", [*NAMM, "--namm-weights", "{directory}"], "{directory}", "file", "no such weights file"),
-    _c("weights-corrupt", [*NAMM, "--namm-weights", "{corrupt}"], "{corrupt}", "file", "not a safetensors file"),
-    _c("weights-model-file", [*NAMM, "--namm-weights", "{model_file}"], "{model_file}", "file",
-       "not a NAMM weights file"),
-    _c("weights-nan-threshold", [*NAMM, "--namm-weights", "{nan_threshold}"], "{nan_threshold}", "nonfinite",
-       "finite number"),
-    _c("weights-with-streaming", [*STREAM_B, "--namm-weights", "{missing}"], "--namm-weights", "conflict",
-       "only applies to --kv-eviction namm"),
+    _c(
+        "weights-missing", [*NAMM, "--namm-weights", "{missing}"], "{missing}", "file", "no such weights file"
+    ),
+    _c(
+        "weights-directory",
+        [*NAMM, "--namm-weights", "{directory}"],
+        "{directory}",
+        "file",
+        "no such weights file",
+    ),
+    _c(
+        "weights-corrupt",
+        [*NAMM, "--namm-weights", "{corrupt}"],
+        "{corrupt}",
+        "file",
+        "not a safetensors file",
+    ),
+    _c(
+        "weights-model-file",
+        [*NAMM, "--namm-weights", "{model_file}"],
+        "{model_file}",
+        "file",
+        "not a NAMM weights file",
+    ),
+    _c(
+        "weights-nan-threshold",
+        [*NAMM, "--namm-weights", "{nan_threshold}"],
+        "{nan_threshold}",
+        "nonfinite",
+        "finite number",
+    ),
+    _c(
+        "weights-with-streaming",
+        [*STREAM_B, "--namm-weights", "{missing}"],
+        "--namm-weights",
+        "conflict",
+        "only applies to --kv-eviction namm",
+    ),
     # --namm-threshold
     _c("threshold-nan", [*NAMM, "--namm-threshold", "nan"], "--namm-threshold", "nonfinite", "finite number"),
     _c("threshold-inf", [*NAMM, "--namm-threshold", "inf"], "--namm-threshold", "nonfinite", "finite number"),
-    _c("threshold-minus-inf", [*NAMM, "--namm-threshold=-inf"], "--namm-threshold", "nonfinite", "finite number"),
-    _c("threshold-abc", [*NAMM, "--namm-threshold", "abc"], "--namm-threshold", "type", "invalid float value",
-       kind="argparse"),
-    _c("threshold-with-streaming", [*STREAM_B, "--namm-threshold", "0.5"], "--namm-threshold", "conflict",
-       "only applies to --kv-eviction namm"),
+    _c(
+        "threshold-minus-inf",
+        [*NAMM, "--namm-threshold=-inf"],
+        "--namm-threshold",
+        "nonfinite",
+        "finite number",
+    ),
+    _c(
+        "threshold-abc",
+        [*NAMM, "--namm-threshold", "abc"],
+        "--namm-threshold",
+        "type",
+        "invalid float value",
+        kind="argparse",
+    ),
+    _c(
+        "threshold-with-streaming",
+        [*STREAM_B, "--namm-threshold", "0.5"],
+        "--namm-threshold",
+        "conflict",
+        "only applies to --kv-eviction namm",
+    ),
     # --kv-eviction-interval
-    _c("interval-abc", [*NAMM, "--kv-eviction-interval", "abc"], "--kv-eviction-interval", "type",
-       "invalid int value", kind="argparse"),
-    _c("interval-fraction", [*NAMM, "--kv-eviction-interval", "512.5"], "--kv-eviction-interval", "type",
-       "invalid int value", kind="argparse"),
-    _c("interval-0", [*NAMM, "--kv-eviction-interval", "0"], "--kv-eviction-interval", "range", "greater than 0"),
-    _c("interval-negative", [*NAMM, "--kv-eviction-interval", "-16"], "--kv-eviction-interval", "range",
-       "greater than 0"),
-    _c("interval-not-hop", [*NAMM, "--kv-eviction-interval", "500"], "--kv-eviction-interval", "range",
-       "multiple of 16"),
+    _c(
+        "interval-abc",
+        [*NAMM, "--kv-eviction-interval", "abc"],
+        "--kv-eviction-interval",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
+    _c(
+        "interval-fraction",
+        [*NAMM, "--kv-eviction-interval", "512.5"],
+        "--kv-eviction-interval",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
+    _c(
+        "interval-0",
+        [*NAMM, "--kv-eviction-interval", "0"],
+        "--kv-eviction-interval",
+        "range",
+        "greater than 0",
+    ),
+    _c(
+        "interval-negative",
+        [*NAMM, "--kv-eviction-interval", "-16"],
+        "--kv-eviction-interval",
+        "range",
+        "greater than 0",
+    ),
+    _c(
+        "interval-not-hop",
+        [*NAMM, "--kv-eviction-interval", "500"],
+        "--kv-eviction-interval",
+        "range",
+        "multiple of 16",
+    ),
     # --kv-eviction-budget
-    _c("budget-abc", [*STREAM, "--kv-eviction-budget", "abc"], "--kv-eviction-budget", "type", "invalid int value",
-       kind="argparse"),
-    _c("budget-fraction", [*STREAM, "--kv-eviction-budget", "1.5"], "--kv-eviction-budget", "type",
-       "invalid int value", kind="argparse"),
+    _c(
+        "budget-abc",
+        [*STREAM, "--kv-eviction-budget", "abc"],
+        "--kv-eviction-budget",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
+    _c(
+        "budget-fraction",
+        [*STREAM, "--kv-eviction-budget", "1.5"],
+        "--kv-eviction-budget",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
     _c("budget-0", [*STREAM, "--kv-eviction-budget", "0"], "--kv-eviction-budget", "range", "greater than 0"),
-    _c("budget-negative", [*STREAM, "--kv-eviction-budget", "-5"], "--kv-eviction-budget", "range",
-       "greater than 0"),
-    _c("budget-below-sinks", [*STREAM, "--kv-eviction-budget", "3"], "--kv-eviction-budget", "range",
-       "must exceed streaming_sinks"),
-    _c("threshold-with-budget", [*NAMM, "--kv-eviction-budget", "256", "--namm-threshold", "0.5"],
-       "--namm-threshold", "conflict", "a threshold does not apply"),
-    _c("budget-and-ratio", [*STREAM_B, "--kv-eviction-ratio", "0.5"], "--kv-eviction-budget", "conflict",
-       "not both"),
+    _c(
+        "budget-negative",
+        [*STREAM, "--kv-eviction-budget", "-5"],
+        "--kv-eviction-budget",
+        "range",
+        "greater than 0",
+    ),
+    _c(
+        "budget-below-sinks",
+        [*STREAM, "--kv-eviction-budget", "3"],
+        "--kv-eviction-budget",
+        "range",
+        "must exceed streaming_sinks",
+    ),
+    _c(
+        "threshold-with-budget",
+        [*NAMM, "--kv-eviction-budget", "256", "--namm-threshold", "0.5"],
+        "--namm-threshold",
+        "conflict",
+        "a threshold does not apply",
+    ),
+    _c(
+        "budget-and-ratio",
+        [*STREAM_B, "--kv-eviction-ratio", "0.5"],
+        "--kv-eviction-budget",
+        "conflict",
+        "not both",
+    ),
     # --kv-eviction-ratio
-    _c("ratio-abc", [*STREAM, "--kv-eviction-ratio", "abc"], "--kv-eviction-ratio", "type", "invalid float value",
-       kind="argparse"),
+    _c(
+        "ratio-abc",
+        [*STREAM, "--kv-eviction-ratio", "abc"],
+        "--kv-eviction-ratio",
+        "type",
+        "invalid float value",
+        kind="argparse",
+    ),
     _c("ratio-0", [*STREAM, "--kv-eviction-ratio", "0"], "--kv-eviction-ratio", "range", "greater than 0"),
-    _c("ratio-1.5", [*STREAM, "--kv-eviction-ratio", "1.5"], "--kv-eviction-ratio", "range",
-       "less than or equal to 1"),
-    _c("ratio-negative", [*STREAM, "--kv-eviction-ratio=-0.5"], "--kv-eviction-ratio", "range", "greater than 0"),
-    _c("ratio-nan", [*STREAM, "--kv-eviction-ratio", "nan"], "--kv-eviction-ratio", "nonfinite", "finite number"),
-    _c("ratio-inf", [*STREAM, "--kv-eviction-ratio", "inf"], "--kv-eviction-ratio", "nonfinite", "finite number"),
-    _c("ratio-with-l2-and-budget", ["--kv-eviction", "l2", "--kv-eviction-budget", "256", "--kv-eviction-ratio", "0.5"],
-       "--kv-eviction-budget", "conflict", "not both"),
-    _c("ratio-with-none", ["--kv-eviction-ratio", "0.5"], "--kv-eviction-ratio", "conflict", "no effect without"),
+    _c(
+        "ratio-1.5",
+        [*STREAM, "--kv-eviction-ratio", "1.5"],
+        "--kv-eviction-ratio",
+        "range",
+        "less than or equal to 1",
+    ),
+    _c(
+        "ratio-negative",
+        [*STREAM, "--kv-eviction-ratio=-0.5"],
+        "--kv-eviction-ratio",
+        "range",
+        "greater than 0",
+    ),
+    _c(
+        "ratio-nan",
+        [*STREAM, "--kv-eviction-ratio", "nan"],
+        "--kv-eviction-ratio",
+        "nonfinite",
+        "finite number",
+    ),
+    _c(
+        "ratio-inf",
+        [*STREAM, "--kv-eviction-ratio", "inf"],
+        "--kv-eviction-ratio",
+        "nonfinite",
+        "finite number",
+    ),
+    _c(
+        "ratio-with-l2-and-budget",
+        ["--kv-eviction", "l2", "--kv-eviction-budget", "256", "--kv-eviction-ratio", "0.5"],
+        "--kv-eviction-budget",
+        "conflict",
+        "not both",
+    ),
+    _c(
+        "ratio-with-none",
+        ["--kv-eviction-ratio", "0.5"],
+        "--kv-eviction-ratio",
+        "conflict",
+        "no effect without",
+    ),
     # --kv-eviction-sink-tokens
-    _c("sinks-abc", [*STREAM_B, "--kv-eviction-sink-tokens", "abc"], "--kv-eviction-sink-tokens", "type",
-       "invalid int value", kind="argparse"),
-    _c("sinks-negative", [*STREAM_B, "--kv-eviction-sink-tokens", "-1"], "--kv-eviction-sink-tokens", "range",
-       "greater than or equal to 0"),
+    _c(
+        "sinks-abc",
+        [*STREAM_B, "--kv-eviction-sink-tokens", "abc"],
+        "--kv-eviction-sink-tokens",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
+    _c(
+        "sinks-negative",
+        [*STREAM_B, "--kv-eviction-sink-tokens", "-1"],
+        "--kv-eviction-sink-tokens",
+        "range",
+        "greater than or equal to 0",
+    ),
     # --kv-eviction-recent-tokens
-    _c("recent-abc", [*NAMM, "--kv-eviction-recent-tokens", "abc"], "--kv-eviction-recent-tokens", "type",
-       "invalid int value", kind="argparse"),
-    _c("recent-0", [*NAMM, "--kv-eviction-recent-tokens", "0"], "--kv-eviction-recent-tokens", "range",
-       "greater than or equal to 1"),
-    _c("recent-negative", [*NAMM, "--kv-eviction-recent-tokens", "-4"], "--kv-eviction-recent-tokens", "range",
-       "greater than or equal to 1"),
+    _c(
+        "recent-abc",
+        [*NAMM, "--kv-eviction-recent-tokens", "abc"],
+        "--kv-eviction-recent-tokens",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
+    _c(
+        "recent-0",
+        [*NAMM, "--kv-eviction-recent-tokens", "0"],
+        "--kv-eviction-recent-tokens",
+        "range",
+        "greater than or equal to 1",
+    ),
+    _c(
+        "recent-negative",
+        [*NAMM, "--kv-eviction-recent-tokens", "-4"],
+        "--kv-eviction-recent-tokens",
+        "range",
+        "greater than or equal to 1",
+    ),
     # --kv-eviction-page-rule
-    _c("page-rule-bogus", [*NAMM, "--kv-eviction-page-rule", "most"], "--kv-eviction-page-rule", "choice",
-       "invalid choice", kind="argparse"),
+    _c(
+        "page-rule-bogus",
+        [*NAMM, "--kv-eviction-page-rule", "most"],
+        "--kv-eviction-page-rule",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
     # --namm-kernels
-    _c("kernels-bogus", [*NAMM, "--namm-kernels", "cuda"], "--namm-kernels", "choice", "invalid choice",
-       kind="argparse"),
-    _c("kernels-triton-on-cpu", [*NAMM, "--namm-kernels", "triton"], "--namm-kernels", "platform",
-       "needs a CUDA or ROCm GPU", cpu_only=True),
+    _c(
+        "kernels-bogus",
+        [*NAMM, "--namm-kernels", "cuda"],
+        "--namm-kernels",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
+    _c(
+        "kernels-triton-on-cpu",
+        [*NAMM, "--namm-kernels", "triton"],
+        "--namm-kernels",
+        "platform",
+        "needs a CUDA or ROCm GPU",
+        cpu_only=True,
+    ),
     # --kv-eviction-selection, --kv-eviction-page-score
-    _c("selection-bogus", [*STREAM_B, "--kv-eviction-selection", "pages"], "--kv-eviction-selection", "choice",
-       "invalid choice", kind="argparse"),
-    _c("page-score-bogus", [*STREAM_B, "--kv-eviction-page-score", "min"], "--kv-eviction-page-score", "choice",
-       "invalid choice", kind="argparse"),
+    _c(
+        "selection-bogus",
+        [*STREAM_B, "--kv-eviction-selection", "pages"],
+        "--kv-eviction-selection",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
+    _c(
+        "page-score-bogus",
+        [*STREAM_B, "--kv-eviction-page-score", "min"],
+        "--kv-eviction-page-score",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
     # --kv-eviction-lag
-    _c("lag-negative", [*NAMM, "--kv-eviction-lag", "-1"], "--kv-eviction-lag", "range",
-       "greater than or equal to 0"),
-    _c("lag-huge", [*NAMM, "--kv-eviction-lag", "65"], "--kv-eviction-lag", "range", "less than or equal to 64"),
-    _c("lag-abc", [*NAMM, "--kv-eviction-lag", "abc"], "--kv-eviction-lag", "type", "invalid int value",
-       kind="argparse"),
+    _c(
+        "lag-negative",
+        [*NAMM, "--kv-eviction-lag", "-1"],
+        "--kv-eviction-lag",
+        "range",
+        "greater than or equal to 0",
+    ),
+    _c(
+        "lag-huge",
+        [*NAMM, "--kv-eviction-lag", "65"],
+        "--kv-eviction-lag",
+        "range",
+        "less than or equal to 64",
+    ),
+    _c(
+        "lag-abc",
+        [*NAMM, "--kv-eviction-lag", "abc"],
+        "--kv-eviction-lag",
+        "type",
+        "invalid int value",
+        kind="argparse",
+    ),
 ]
 
 # A valid value of each flag: given without a policy (--kv-eviction none), each is a conflict.
 VALID_VALUE = {
-    "--namm-weights": "{missing}", "--namm-threshold": "0.5", "--kv-eviction-interval": "1024",
-    "--kv-eviction-budget": "256", "--kv-eviction-ratio": "0.5", "--kv-eviction-sink-tokens": "4",
-    "--kv-eviction-recent-tokens": "8", "--kv-eviction-page-rule": "any", "--namm-kernels": "torch",
-    "--kv-eviction-lag": "0", "--kv-eviction-selection": "token", "--kv-eviction-page-score": "mean",
+    "--namm-weights": "{missing}",
+    "--namm-threshold": "0.5",
+    "--kv-eviction-interval": "1024",
+    "--kv-eviction-budget": "256",
+    "--kv-eviction-ratio": "0.5",
+    "--kv-eviction-sink-tokens": "4",
+    "--kv-eviction-recent-tokens": "8",
+    "--kv-eviction-page-rule": "any",
+    "--namm-kernels": "torch",
+    "--kv-eviction-lag": "0",
+    "--kv-eviction-selection": "token",
+    "--kv-eviction-page-score": "mean",
 }
-FLAG_CASES += [_c(f"{flag.lstrip('-')}-without-policy", [flag, value], flag, "conflict", ONLY_WITH_POLICY)
-               for flag, value in VALID_VALUE.items()]
+FLAG_CASES += [
+    _c(f"{flag.lstrip('-')}-without-policy", [flag, value], flag, "conflict", ONLY_WITH_POLICY)
+    for flag, value in VALID_VALUE.items()
+]
 
 # The same flags must pass when a policy is given (so the cases above fail for the stated reason).
 GOOD_FLAGS: dict[str, list[str]] = {
-    "namm-all-flags": [*NAMM, "--namm-threshold", "0.5", "--kv-eviction-interval", "1024",
-                       "--kv-eviction-recent-tokens", "8", "--kv-eviction-sink-tokens", "4",
-                       "--kv-eviction-page-rule", "any", "--namm-kernels", "torch", "--kv-eviction-lag", "0"],
+    "namm-all-flags": [
+        *NAMM,
+        "--namm-threshold",
+        "0.5",
+        "--kv-eviction-interval",
+        "1024",
+        "--kv-eviction-recent-tokens",
+        "8",
+        "--kv-eviction-sink-tokens",
+        "4",
+        "--kv-eviction-page-rule",
+        "any",
+        "--namm-kernels",
+        "torch",
+        "--kv-eviction-lag",
+        "0",
+    ],
     "streaming-budget": STREAM_B,
     "namm-budget": [*NAMM, "--kv-eviction-ratio", "0.3"],
-    "streaming-token-selection": [*STREAM_B, "--kv-eviction-selection", "token", "--kv-eviction-page-score", "vote"],
+    "streaming-token-selection": [
+        *STREAM_B,
+        "--kv-eviction-selection",
+        "token",
+        "--kv-eviction-page-score",
+        "vote",
+    ],
     "h2o-ratio": ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.5"],
     "one-shot": [*NAMM, "--max-model-len", "4096", "--kv-eviction-interval", "8192"],
     "one-shot-derived-len": [*NAMM, "--kv-eviction-interval", str(1 << 24)],  # length from the model
@@ -223,7 +499,8 @@ def bounded(field: FieldInfo) -> bool:
     """Whether a pydantic field has a numeric range (gt/ge/lt/le) or a fixed set of values."""
     return "Literal" in str(field.annotation) or any(
         isinstance(m, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le))
-        for m in field.metadata)
+        for m in field.metadata
+    )
 
 
 def config_field(path: str) -> FieldInfo:
@@ -232,7 +509,9 @@ def config_field(path: str) -> FieldInfo:
     *parents, leaf = path.split(".")
     for name in parents:
         ann = model.model_fields[name].annotation
-        model = next(a for a in typing.get_args(ann) or (ann,) if isinstance(a, type) and issubclass(a, BaseModel))
+        model = next(
+            a for a in typing.get_args(ann) or (ann,) if isinstance(a, type) and issubclass(a, BaseModel)
+        )
     return model.model_fields[leaf]
 
 
@@ -270,14 +549,24 @@ def bad_files(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     corrupt = d / "corrupt.safetensors"
     corrupt.write_bytes(random.Random(0).randbytes(4096))
     w = NammWeights.zeros()
-    meta = WeightsMeta(format_version=FORMAT_VERSION, scorer=w.scorer, features=w.features, num_params=int(w.params.numel()))
+    meta = WeightsMeta(
+        format_version=FORMAT_VERSION, scorer=w.scorer, features=w.features, num_params=int(w.params.numel())
+    )
     raw = json.loads(meta.model_dump_json())
     raw["threshold"] = float("nan")
     nan_threshold = d / "nan_threshold.safetensors"
-    save_file({"params": w.params, "norm_mean": w.norm_mean, "norm_std": w.norm_std}, str(nan_threshold),
-              metadata={META_KEY: json.dumps(raw)})  # NaN in the JSON, as a hand-edited file could have
-    return {"missing": str(d / "does-not-exist.safetensors"), "directory": str(d), "corrupt": str(corrupt),
-            "model_file": str(tiny_model / "model.safetensors"), "nan_threshold": str(nan_threshold)}
+    save_file(
+        {"params": w.params, "norm_mean": w.norm_mean, "norm_std": w.norm_std},
+        str(nan_threshold),
+        metadata={META_KEY: json.dumps(raw)},
+    )  # NaN in the JSON, as a hand-edited file could have
+    return {
+        "missing": str(d / "does-not-exist.safetensors"),
+        "directory": str(d),
+        "corrupt": str(corrupt),
+        "model_file": str(tiny_model / "model.safetensors"),
+        "nan_threshold": str(nan_threshold),
+    }
 
 
 def _fill(s: str, files: dict[str, str]) -> str:
@@ -285,8 +574,9 @@ def _fill(s: str, files: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def harness_results(tiny_model: Path, bad_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-                    ) -> dict[str, dict[str, Any]]:
+def harness_results(
+    tiny_model: Path, bad_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
     """Every FLAG_CASES and GOOD_FLAGS entry through vLLM's parser and config, in one process."""
     import os
 
@@ -297,9 +587,14 @@ def harness_results(tiny_model: Path, bad_files: dict[str, str], tmp_path_factor
     d = tmp_path_factory.mktemp("harness")
     named = {c.id: [_fill(f, bad_files) for f in c.flags] for c in FLAG_CASES} | GOOD_FLAGS
     (d / "cases.json").write_text(json.dumps([[str(tiny_model), *flags] for flags in named.values()]))
-    proc = subprocess.run([sys.executable, str(HERE / "serve_cli_harness.py"), str(d / "cases.json"),
-                           str(d / "results.json")], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=dict(os.environ) | DEFAULT_ENV)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "serve_cli_harness.py"), str(d / "cases.json"), str(d / "results.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ) | DEFAULT_ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((d / "results.json").read_text())
     return dict(zip(named, results, strict=True))
@@ -364,9 +659,16 @@ def test_real_vllm_serve_prints_the_same_line(tiny_model: Path, harness_results,
     """``vllm serve`` itself, for a few cases: same single line as the harness, exit 2, no traceback."""
     cases = {c.id: c for c in FLAG_CASES}
     with cf.ThreadPoolExecutor(2) as ex:
-        runs = dict(zip(REAL_RUNS, ex.map(lambda i: run_vllm_fail(tiny_model, [_fill(f, bad_files) for f in
-                                                                               cases[i].flags]), REAL_RUNS),
-                        strict=True))
+        runs = dict(
+            zip(
+                REAL_RUNS,
+                ex.map(
+                    lambda i: run_vllm_fail(tiny_model, [_fill(f, bad_files) for f in cases[i].flags]),
+                    REAL_RUNS,
+                ),
+                strict=True,
+            )
+        )
     for case_id, run in runs.items():
         assert run.returncode is not None, f"{case_id}: vllm serve did not exit\n{run.output[-3000:]}"
         assert "Traceback" not in run.output, f"{case_id}:\n{run.output[-4000:]}"
@@ -412,20 +714,73 @@ XARGS_CASES: list[XargsCase] = [
     _x("policy-null", '{"kv_eviction": null}', "vllm_xargs.kv_eviction", "type", vllm_own=True),
     # kv_eviction_budget
     _x("budget-0", '{"kv_eviction": "streaming", "kv_eviction_budget": 0}', "kv_eviction_budget", "range"),
-    _x("budget-negative", '{"kv_eviction": "streaming", "kv_eviction_budget": -3}', "kv_eviction_budget", "range"),
-    _x("budget-below-sinks", '{"kv_eviction": "streaming", "kv_eviction_budget": 3}', "kv_eviction_budget", "range"),
-    _x("budget-abc", '{"kv_eviction": "streaming", "kv_eviction_budget": "abc"}', "kv_eviction_budget", "type"),
-    _x("budget-fraction", '{"kv_eviction": "streaming", "kv_eviction_budget": 1.5}', "kv_eviction_budget", "type"),
-    _x("budget-list", '{"kv_eviction": "streaming", "kv_eviction_budget": [256]}', "kv_eviction_budget", "type"),
-    _x("budget-nan", '{"kv_eviction": "streaming", "kv_eviction_budget": NaN}', "kv_eviction_budget", "nonfinite"),
-    _x("budget-inf", '{"kv_eviction": "streaming", "kv_eviction_budget": Infinity}', "kv_eviction_budget",
-       "nonfinite"),
-    _x("threshold-with-budget", '{"kv_eviction_ratio": 0.3, "namm_threshold": 0.5}', "namm_threshold", "conflict"),
-    _x("budget-with-none", '{"kv_eviction": "none", "kv_eviction_budget": 256}', "kv_eviction_budget", "conflict"),
-    _x("budget-and-ratio", '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "kv_eviction_ratio": 0.5}',
-       "kv_eviction_budget", "conflict"),
-    _x("budget-object", '{"kv_eviction": "streaming", "kv_eviction_budget": {"tokens": 256}}',
-       "vllm_xargs.kv_eviction_budget", "type", vllm_own=True),
+    _x(
+        "budget-negative",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": -3}',
+        "kv_eviction_budget",
+        "range",
+    ),
+    _x(
+        "budget-below-sinks",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 3}',
+        "kv_eviction_budget",
+        "range",
+    ),
+    _x(
+        "budget-abc",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": "abc"}',
+        "kv_eviction_budget",
+        "type",
+    ),
+    _x(
+        "budget-fraction",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 1.5}',
+        "kv_eviction_budget",
+        "type",
+    ),
+    _x(
+        "budget-list",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": [256]}',
+        "kv_eviction_budget",
+        "type",
+    ),
+    _x(
+        "budget-nan",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": NaN}',
+        "kv_eviction_budget",
+        "nonfinite",
+    ),
+    _x(
+        "budget-inf",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": Infinity}',
+        "kv_eviction_budget",
+        "nonfinite",
+    ),
+    _x(
+        "threshold-with-budget",
+        '{"kv_eviction_ratio": 0.3, "namm_threshold": 0.5}',
+        "namm_threshold",
+        "conflict",
+    ),
+    _x(
+        "budget-with-none",
+        '{"kv_eviction": "none", "kv_eviction_budget": 256}',
+        "kv_eviction_budget",
+        "conflict",
+    ),
+    _x(
+        "budget-and-ratio",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "kv_eviction_ratio": 0.5}',
+        "kv_eviction_budget",
+        "conflict",
+    ),
+    _x(
+        "budget-object",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": {"tokens": 256}}',
+        "vllm_xargs.kv_eviction_budget",
+        "type",
+        vllm_own=True,
+    ),
     # kv_eviction_ratio
     _x("ratio-0", '{"kv_eviction": "h2o", "kv_eviction_ratio": 0}', "kv_eviction_ratio", "range"),
     _x("ratio-1.5", '{"kv_eviction": "h2o", "kv_eviction_ratio": 1.5}', "kv_eviction_ratio", "range"),
@@ -433,10 +788,21 @@ XARGS_CASES: list[XargsCase] = [
     _x("ratio-abc", '{"kv_eviction": "h2o", "kv_eviction_ratio": "abc"}', "kv_eviction_ratio", "type"),
     _x("ratio-list", '{"kv_eviction": "h2o", "kv_eviction_ratio": [0.5]}', "kv_eviction_ratio", "type"),
     _x("ratio-nan", '{"kv_eviction": "h2o", "kv_eviction_ratio": NaN}', "kv_eviction_ratio", "nonfinite"),
-    _x("ratio-inf", '{"kv_eviction": "h2o", "kv_eviction_ratio": Infinity}', "kv_eviction_ratio", "nonfinite"),
-    _x("ratio-minus-inf", '{"kv_eviction": "h2o", "kv_eviction_ratio": -Infinity}', "kv_eviction_ratio",
-       "nonfinite"),
-    _x("ratio-with-none", '{"kv_eviction": "none", "kv_eviction_ratio": 0.5}', "kv_eviction_ratio", "conflict"),
+    _x(
+        "ratio-inf", '{"kv_eviction": "h2o", "kv_eviction_ratio": Infinity}', "kv_eviction_ratio", "nonfinite"
+    ),
+    _x(
+        "ratio-minus-inf",
+        '{"kv_eviction": "h2o", "kv_eviction_ratio": -Infinity}',
+        "kv_eviction_ratio",
+        "nonfinite",
+    ),
+    _x(
+        "ratio-with-none",
+        '{"kv_eviction": "none", "kv_eviction_ratio": 0.5}',
+        "kv_eviction_ratio",
+        "conflict",
+    ),
     # namm_params
     _x("params-wrong-length", '{"namm_params": [0.0, 1.0]}', "namm_params", "range"),
     _x("params-string", '{"namm_params": "abc"}', "namm_params", "type"),
@@ -445,8 +811,12 @@ XARGS_CASES: list[XargsCase] = [
     _x("params-nan", '{"namm_params": [NaN]}', "namm_params", "nonfinite"),
     _x("params-full-length-inf", _zeros_with("Infinity"), "namm_params", "nonfinite"),
     _x("params-full-length-nan", _zeros_with("NaN"), "namm_params", "nonfinite"),
-    _x("params-with-streaming", '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_params": [0.0]}',
-       "namm_params", "conflict"),
+    _x(
+        "params-with-streaming",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_params": [0.0]}',
+        "namm_params",
+        "conflict",
+    ),
     _x("params-with-none", '{"kv_eviction": "none", "namm_params": [0.0]}', "namm_params", "conflict"),
     # namm_threshold
     _x("threshold-nan", '{"namm_threshold": NaN}', "namm_threshold", "nonfinite"),
@@ -456,16 +826,24 @@ XARGS_CASES: list[XargsCase] = [
     _x("threshold-huge", '{"namm_threshold": 1e400}', "namm_threshold", "nonfinite"),
     _x("threshold-abc", '{"namm_threshold": "abc"}', "namm_threshold", "type"),
     _x("threshold-list", '{"namm_threshold": [0.5]}', "namm_threshold", "type"),
-    _x("threshold-with-streaming", '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_threshold": 0.5}',
-       "namm_threshold", "conflict"),
+    _x(
+        "threshold-with-streaming",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_threshold": 0.5}',
+        "namm_threshold",
+        "conflict",
+    ),
     # namm_ema_coeff_per_step
     _x("ema-0", '{"namm_ema_coeff_per_step": 0}', "namm_ema_coeff_per_step", "range"),
     _x("ema-1", '{"namm_ema_coeff_per_step": 1}', "namm_ema_coeff_per_step", "range"),
     _x("ema-negative", '{"namm_ema_coeff_per_step": -0.5}', "namm_ema_coeff_per_step", "range"),
     _x("ema-nan", '{"namm_ema_coeff_per_step": NaN}', "namm_ema_coeff_per_step", "nonfinite"),
     _x("ema-abc", '{"namm_ema_coeff_per_step": "abc"}', "namm_ema_coeff_per_step", "type"),
-    _x("ema-with-streaming", '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_ema_coeff_per_step": 0.9}',
-       "namm_ema_coeff_per_step", "conflict"),
+    _x(
+        "ema-with-streaming",
+        '{"kv_eviction": "streaming", "kv_eviction_budget": 256, "namm_ema_coeff_per_step": 0.9}',
+        "namm_ema_coeff_per_step",
+        "conflict",
+    ),
     # keys we do not have
     _x("unknown-namm-key", '{"namm_thresold": 0.5}', "namm_thresold", "unknown"),
     _x("unknown-eviction-key", '{"kv_eviction_budgte": 256}', "kv_eviction_budgte", "unknown"),
@@ -504,8 +882,9 @@ def _xargs_text(case: XargsCase, n: int) -> str:
     return case.xargs.replace("ZEROS", "0.0, " * (n - 1))
 
 
-@pytest.mark.parametrize("case", [c for c in XARGS_CASES if not c.vllm_own],
-                         ids=[c.id for c in XARGS_CASES if not c.vllm_own])
+@pytest.mark.parametrize(
+    "case", [c for c in XARGS_CASES if not c.vllm_own], ids=[c.id for c in XARGS_CASES if not c.vllm_own]
+)
 def test_bad_xargs_rejected_without_server(case: XargsCase) -> None:
     n = _num_params()
     server = EvictionConfig(policy="namm", interval=8192)
@@ -518,8 +897,16 @@ def test_bad_xargs_rejected_without_server(case: XargsCase) -> None:
 # ---------------------------------------------------------------------------------------------
 # one server: --kv-eviction namm, interval 8192 > --max-model-len 4096 (one-shot)
 # ---------------------------------------------------------------------------------------------
-ONE_SHOT_FLAGS = ["--kv-eviction", "namm", "--max-model-len", "4096", "--kv-eviction-interval", "8192",
-                  "--max-num-batched-tokens", "1024"]
+ONE_SHOT_FLAGS = [
+    "--kv-eviction",
+    "namm",
+    "--max-model-len",
+    "4096",
+    "--kv-eviction-interval",
+    "8192",
+    "--max-num-batched-tokens",
+    "1024",
+]
 
 
 @pytest.fixture(scope="module")
@@ -534,8 +921,13 @@ def test_one_shot_single_step_at_prompt_end(one_shot_server: VllmServer) -> None
     server = one_shot_server
     prompt_len, new = 3000, 24
     for xargs in (None, {"kv_eviction": "streaming", "kv_eviction_budget": 512}):
-        resp = complete(server, text(prompt_len, 90 if xargs is None else 91), max_tokens=new, ignore_eos=True,
-                        **({"vllm_xargs": xargs} if xargs else {}))
+        resp = complete(
+            server,
+            text(prompt_len, 90 if xargs is None else 91),
+            max_tokens=new,
+            ignore_eos=True,
+            **({"vllm_xargs": xargs} if xargs else {}),
+        )
         assert resp["usage"]["completion_tokens"] == new
         s = namm_summary(resp)
         assert s["eviction_steps"] == 1, s
@@ -553,10 +945,16 @@ def test_bad_xargs_are_400_naming_the_key_and_server_stays_healthy(one_shot_serv
     n = _num_params()
     failures = []
     for case in XARGS_CASES:
-        body = f'{{"model": {json.dumps(server.model)}, "prompt": "abc", "max_tokens": 2, ' \
-               f'"vllm_xargs": {_xargs_text(case, n)}}}'
-        r = requests.post(server.base_url + "/completions", data=body, headers={"Content-Type": "application/json"},
-                          timeout=120)
+        body = (
+            f'{{"model": {json.dumps(server.model)}, "prompt": "abc", "max_tokens": 2, '
+            f'"vllm_xargs": {_xargs_text(case, n)}}}'
+        )
+        r = requests.post(
+            server.base_url + "/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=120,
+        )
         message = r.text if r.status_code != 400 else r.json().get("error", {}).get("message", r.text)
         print(f"{case.id:28s} HTTP {r.status_code}  {message[:200]}")
         one_line = case.vllm_own or "\n" not in message.strip()  # vLLM's own 400s list every union member

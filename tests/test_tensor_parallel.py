@@ -68,12 +68,18 @@ def serve_all(server: VllmServer) -> dict[str, dict[str, Any]]:
     for name, xargs in POLICIES.items():
         r = complete(server, PROMPT, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1, vllm_xargs=xargs)
         choice = r["choices"][0]
-        out[name] = {"ids": choice["token_ids"], "logprobs": choice["logprobs"]["token_logprobs"],
-                     "summary": None if name == "none" else namm_summary(r)}
+        out[name] = {
+            "ids": choice["token_ids"],
+            "logprobs": choice["logprobs"]["token_logprobs"],
+            "summary": None if name == "none" else namm_summary(r),
+        }
     for i, n in enumerate((5, 700)):
         r = complete(server, text(n, 10 + i), max_tokens=32, logprobs=1)
-        out[f"short-{n}"] = {"ids": r["choices"][0]["token_ids"],
-                             "logprobs": r["choices"][0]["logprobs"]["token_logprobs"], "summary": None}
+        out[f"short-{n}"] = {
+            "ids": r["choices"][0]["token_ids"],
+            "logprobs": r["choices"][0]["logprobs"]["token_logprobs"],
+            "summary": None,
+        }
     return out
 
 
@@ -118,7 +124,9 @@ def check_saving(server: VllmServer) -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tp2_server(server_pool: ServerPool, tiny_model: Path, reference) -> VllmServer:
-    return server_pool.get("tp2", tiny_model, [*FLAGS, "--tensor-parallel-size", "2"], base_flags=COMPILED_FLAGS)
+    return server_pool.get(
+        "tp2", tiny_model, [*FLAGS, "--tensor-parallel-size", "2"], base_flags=COMPILED_FLAGS
+    )
 
 
 def test_tp2_starts_compiled_with_votes_over_two_ranks(tp2_server: VllmServer):
@@ -147,13 +155,17 @@ def test_pp_with_lag_0_is_refused_clearly(tiny_model: Path):
     run = run_vllm_fail(tiny_model, [*FLAGS, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"])
     assert run.returncode == 2, run.output[-3000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("vllm-namm: error:")]
-    assert len(lines) == 1 and "--kv-eviction-lag 0" in lines[0] and "pipeline" in lines[0], run.stderr[-3000:]
+    assert len(lines) == 1 and "--kv-eviction-lag 0" in lines[0] and "pipeline" in lines[0], run.stderr[
+        -3000:
+    ]
     assert "Traceback" not in run.output
 
 
 @pytest.fixture(scope="module")
 def pp2_server(server_pool: ServerPool, tiny_model: Path, reference) -> VllmServer:
-    return server_pool.get("pp2", tiny_model, [*FLAGS, "--pipeline-parallel-size", "2"], base_flags=COMPILED_FLAGS)
+    return server_pool.get(
+        "pp2", tiny_model, [*FLAGS, "--pipeline-parallel-size", "2"], base_flags=COMPILED_FLAGS
+    )
 
 
 def test_pp2_frees_the_same_pages_and_tokens_as_tp1(pp2_server: VllmServer, reference):
@@ -174,12 +186,16 @@ def test_pp2_concurrent_requests_with_aborts_return_every_block(pp2_server: Vllm
 # ---------------------------------------------------------------------------------------------
 # tensor parallel 2 with --kv-eviction none: vLLM's own engine, the plugin dormant
 # ---------------------------------------------------------------------------------------------
-def test_tp2_with_eviction_off_is_token_identical_to_tp1(server_pool: ServerPool, tiny_model: Path, reference):
+def test_tp2_with_eviction_off_is_token_identical_to_tp1(
+    server_pool: ServerPool, tiny_model: Path, reference
+):
     server = server_pool.get("tp2-none", tiny_model, ["--kv-eviction", "none", "--tensor-parallel-size", "2"])
     assert "NammScheduler" not in server.log_text()
     got = {"none": complete(server, PROMPT, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)["choices"][0]}
     for n in (5, 700):
-        got[f"short-{n}"] = complete(server, text(n, 10 + (n == 700)), max_tokens=32, logprobs=1)["choices"][0]
+        got[f"short-{n}"] = complete(server, text(n, 10 + (n == 700)), max_tokens=32, logprobs=1)["choices"][
+            0
+        ]
     for name, choice in got.items():
         assert choice["token_ids"] == reference[name]["ids"], name
         lps = choice["logprobs"]["token_logprobs"]

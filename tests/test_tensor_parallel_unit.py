@@ -37,8 +37,9 @@ class FakeGroup:
             self.slots[rank] = t.detach().clone()
             self.barrier.wait()
             parts = list(self.slots)
-            assert all(p is not None and p.shape == t.shape and p.dtype == t.dtype for p in parts), \
+            assert all(p is not None and p.shape == t.shape and p.dtype == t.dtype for p in parts), (
                 "workers disagree on a collective's shape: their batches differ"
+            )
             out = parts[0].clone()
             for p in parts[1:]:
                 out = out + p if op == "sum" else torch.maximum(out, p)
@@ -82,15 +83,32 @@ def test_plan_pages_split_over_workers_equals_unsplit(rule, workers):
     masks = [torch.rand(kv, n, generator=g) >= p_evict[layer] ** 0.3 for layer in range(layers)]
     want = plan_pages(masks, pos, 16, rule=rule, protect_from_position=int(pos.max()) - 20)
     group = FakeGroup(workers)
-    got = group.run(lambda r, reduce: plan_pages([heads(m, r, workers) for m in masks], pos, 16, rule=rule,
-                                                 protect_from_position=int(pos.max()) - 20, reduce=reduce))
+    got = group.run(
+        lambda r, reduce: plan_pages(
+            [heads(m, r, workers) for m in masks],
+            pos,
+            16,
+            rule=rule,
+            protect_from_position=int(pos.max()) - 20,
+            reduce=reduce,
+        )
+    )
     for plan in got:
         same_plan(plan, want)
     assert group.calls == [["sum"]] * workers  # one collective per call
-    alone = [plan_pages([heads(m, r, workers) for m in masks], pos, 16, rule=rule,
-                        protect_from_position=int(pos.max()) - 20) for r in range(workers)]
-    assert any(a.free_pages != want.free_pages or a.requested != want.requested for a in alone), \
+    alone = [
+        plan_pages(
+            [heads(m, r, workers) for m in masks],
+            pos,
+            16,
+            rule=rule,
+            protect_from_position=int(pos.max()) - 20,
+        )
+        for r in range(workers)
+    ]
+    assert any(a.free_pages != want.free_pages or a.requested != want.requested for a in alone), (
         "the check is empty: one worker alone already decides like all of them"
+    )
     assert want.free_pages or rule == "all"
 
 
@@ -106,28 +124,47 @@ def test_select_pages_split_over_workers_equals_unsplit(aggregate):
     kwargs = dict(keep_tokens=96, aggregate=aggregate, protected_token_mask=protected)
     want = select_pages(scores, pos, 16, keep_masks=masks, **kwargs)
     group = FakeGroup(workers)
-    got = group.run(lambda r, reduce: select_pages([heads(s, r, workers) for s in scores], pos, 16,
-                                                   keep_masks=[heads(m, r, workers) for m in masks],
-                                                   reduce=reduce, **kwargs))
+    got = group.run(
+        lambda r, reduce: select_pages(
+            [heads(s, r, workers) for s in scores],
+            pos,
+            16,
+            keep_masks=[heads(m, r, workers) for m in masks],
+            reduce=reduce,
+            **kwargs,
+        )
+    )
     for plan in got:
         same_plan(plan, want)
     assert group.calls == [["sum", "max"]] * workers
     assert want.free_pages
-    alone = [select_pages([heads(s, r, workers) for s in scores], pos, 16, keep_masks=[heads(m, r, workers)
-                                                                                      for m in masks], **kwargs)
-             for r in range(workers)]
+    alone = [
+        select_pages(
+            [heads(s, r, workers) for s in scores],
+            pos,
+            16,
+            keep_masks=[heads(m, r, workers) for m in masks],
+            **kwargs,
+        )
+        for r in range(workers)
+    ]
     assert any(a.free_pages != want.free_pages or a.requested != want.requested for a in alone)
     # without keep masks the statistics are the freed entries, over every worker's heads
     plain = select_pages(scores, pos, 16, **kwargs)
-    split = FakeGroup(workers).run(lambda r, reduce: select_pages([heads(s, r, workers) for s in scores], pos, 16,
-                                                                  reduce=reduce, **kwargs))
+    split = FakeGroup(workers).run(
+        lambda r, reduce: select_pages(
+            [heads(s, r, workers) for s in scores], pos, 16, reduce=reduce, **kwargs
+        )
+    )
     for plan in split:
         same_plan(plan, plain)
 
 
 def test_select_pages_split_with_no_tokens():
     pos = torch.zeros(0, dtype=torch.long)
-    got = FakeGroup(2).run(lambda r, reduce: select_pages([torch.zeros(1, 0)], pos, 16, keep_tokens=8, reduce=reduce))
+    got = FakeGroup(2).run(
+        lambda r, reduce: select_pages([torch.zeros(1, 0)], pos, 16, keep_tokens=8, reduce=reduce)
+    )
     assert all(p.free_pages == [] and p.token_keep.numel() == 0 for p in got)
 
 
@@ -148,8 +185,15 @@ def random_weights(tmp_path) -> Any:
     return path
 
 
-def run_sharded(cfg: EvictionConfig, tp: int, pp: int, reduce: Callable | None, rank: int, n_tokens: int = 1300,
-                n_requests: int = 3) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
+def run_sharded(
+    cfg: EvictionConfig,
+    tp: int,
+    pp: int,
+    reduce: Callable | None,
+    rank: int,
+    n_tokens: int = 1300,
+    n_requests: int = 3,
+) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
     """Worker ``rank`` of ``tp x pp`` (vLLM's layout: stage-major) through every step of a toy
     paged cache: per request its freed pages and the per-step requested/realised statistics.
     A tensor-parallel rank holds ``KV / tp`` KV heads, a pipeline stage ``L / pp`` layers."""
@@ -161,8 +205,12 @@ def run_sharded(cfg: EvictionConfig, tp: int, pp: int, reduce: Callable | None, 
     stage, t = divmod(rank, tp)
     kv, hq, n_layers = KV // tp, H // tp, L // pp
     first = stage * n_layers
-    caches = caches[first : first + n_layers, :, t * kv : (t + 1) * kv].contiguous()  # this worker's layers and heads
-    queries = queries[:, first : first + n_layers, :, t * hq : (t + 1) * hq]  # and the query heads that read them
+    caches = caches[
+        first : first + n_layers, :, t * kv : (t + 1) * kv
+    ].contiguous()  # this worker's layers and heads
+    queries = queries[
+        :, first : first + n_layers, :, t * hq : (t + 1) * hq
+    ]  # and the query heads that read them
     import namm_kernels as nk
 
     layers = [(c, nk.PagedKeyLayout.flash(c)) for c in caches]
@@ -175,9 +223,13 @@ def run_sharded(cfg: EvictionConfig, tp: int, pp: int, reduce: Callable | None, 
         for r, mem in enumerate(mems):
             mem.add_queries([queries[r, layer, start : start + n] for layer in range(n_layers)], start)
             if mem.due(cfg.interval, n_tokens):
-                reader = PagedCacheReader(layers, tables[r, mem.live_pages].long(), D**-0.5, backend=cfg.kernels)
+                reader = PagedCacheReader(
+                    layers, tables[r, mem.live_pages].long(), D**-0.5, backend=cfg.kernels
+                )
                 jobs.append(begin_step(mem, reader, req_id=str(r)))
-        for result in compute_steps(jobs, cfg, D**-0.5, kv, reduce=reduce, layers=(first, L) if pp > 1 else None):
+        for result in compute_steps(
+            jobs, cfg, D**-0.5, kv, reduce=reduce, layers=(first, L) if pp > 1 else None
+        ):
             mem = result.job.mem
             mem.evicted_pages.update(result.plan.free_pages)
             mem.pending = False
@@ -225,8 +277,13 @@ def test_a_failure_on_one_worker_drops_the_batch_everywhere(tmp_path):
         import namm_kernels as nk
 
         mem.add_queries([torch.randn(512, 2, D, generator=g) for _ in range(L)], 0)
-        reader = Broken() if rank == 1 else PagedCacheReader(
-            [(cache, nk.PagedKeyLayout.flash(cache))] * L, torch.arange(32), D**-0.5, backend="torch")
+        reader = (
+            Broken()
+            if rank == 1
+            else PagedCacheReader(
+                [(cache, nk.PagedKeyLayout.flash(cache))] * L, torch.arange(32), D**-0.5, backend="torch"
+            )
+        )
         try:
             compute_steps([begin_step(mem, reader)], cfg, D**-0.5, 1, reduce=reduce)
         except BaseException as e:  # noqa: BLE001
@@ -252,11 +309,15 @@ def test_parallelism_checks():
 
     cfg = EvictionConfig(policy="streaming", budget={"tokens": 512})
     check_parallelism(engine_args(tensor_parallel_size=2, pipeline_parallel_size=2), cfg)  # supported
-    with pytest.raises(NammConfigError, match="--kv-eviction-lag 0 cannot work with --pipeline-parallel-size"):
+    with pytest.raises(
+        NammConfigError, match="--kv-eviction-lag 0 cannot work with --pipeline-parallel-size"
+    ):
         check_parallelism(engine_args(pipeline_parallel_size=2), cfg.model_copy(update={"lag": 0}))
     check_parallelism(engine_args(tensor_parallel_size=2), cfg.model_copy(update={"lag": 0}))
-    for attr, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
-                       ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
+    for attr, flag in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size"),
+    ):
         with pytest.raises(NammConfigError, match=flag):
             check_parallelism(engine_args(tensor_parallel_size=2, **{attr: 2}), cfg)
 
@@ -281,8 +342,12 @@ def test_gpu_cuda_graphs_become_piecewise():
     args = engine_args(enforce_eager=True)
     piecewise_cuda_graphs(args)
     assert args.compilation_config.cudagraph_mode is None  # eager: vLLM turns graphs off itself
-    args = engine_args(compilation_config={"mode": CompilationMode.STOCK_TORCH_COMPILE,
-                                           "cudagraph_mode": "FULL_AND_PIECEWISE"})
+    args = engine_args(
+        compilation_config={
+            "mode": CompilationMode.STOCK_TORCH_COMPILE,
+            "cudagraph_mode": "FULL_AND_PIECEWISE",
+        }
+    )
     piecewise_cuda_graphs(args)  # no piecewise graphs without vLLM's compiler: no graphs at all
     assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
     with pytest.raises(NammConfigError, match="splitting_ops"):

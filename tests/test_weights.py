@@ -94,12 +94,20 @@ def test_nan_values(tmp_path):
 
 
 def test_inspect_cli_on_shipped_file():
-    r = subprocess.run([sys.executable, "-m", "vllm_namm.weights", "inspect", str(DEFAULT_WEIGHTS)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "vllm_namm.weights", "inspect", str(DEFAULT_WEIGHTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "BAM" in r.stdout and "4172" in r.stdout and "n_up 512" in r.stdout
-    bad = subprocess.run([sys.executable, "-m", "vllm_namm.weights", "inspect", "/nonexistent"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vllm_namm.weights", "inspect", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "no such weights file" in bad.stderr
 
 

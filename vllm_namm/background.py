@@ -61,8 +61,13 @@ class LaggedExecutor(Generic[J, R]):
     submission order. ``lag = 0`` computes inline, on the caller's thread.
     """
 
-    def __init__(self, compute: Callable[[list[J]], list[R]], lag: int, device: torch.device | None = None,
-                 cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        compute: Callable[[list[J]], list[R]],
+        lag: int,
+        device: torch.device | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.compute = compute
         self.lag = lag
         self.now = 0
@@ -72,8 +77,9 @@ class LaggedExecutor(Generic[J, R]):
         if lag > 0:
             if device is not None and device.type == "cuda":
                 self._stream = torch.cuda.Stream(device=device)
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="namm-evict",
-                                                initializer=self._init_thread, initargs=(cpus, device))
+            self._executor = ThreadPoolExecutor(
+                1, thread_name_prefix="namm-evict", initializer=self._init_thread, initargs=(cpus, device)
+            )
 
     @staticmethod
     def _init_thread(cpus: set[int] | None, device: torch.device | None) -> None:

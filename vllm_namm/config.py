@@ -38,7 +38,8 @@ class FeatureConfig(_Strict):
     pos_dims: int = Field(8, ge=0, description="sinusoidal oldness embedding size (even)")
     pos_max_freq: float = Field(50000.0, gt=1.0)
     start_oldness_from: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="oldness of the newest token: 0 as evo-memory's stage configs ran (base_bam.yaml "
         "start_recency_from: 0 overrides the legacy 1 of attn_spec_norm.yaml); recorded in weights files",
     )
@@ -142,22 +143,26 @@ class EvictionConfig(_Strict):
     protect: ProtectConfig = ProtectConfig()
     weights: Path | None = Field(None, description="NAMM weights file; None = shipped default")
     threshold: float | None = Field(
-        None, allow_inf_nan=False,
+        None,
+        allow_inf_nan=False,
         description="NAMM keep threshold (keep score >= threshold); None = the weights file's "
         "(NaN would evict every unprotected token: score >= nan is always false)",
     )
     page_rule: PageRule = Field(
-        "all", description="token-level selection (and namm): free a page when all / most / any of its "
-        "(layer, head, token) entries are evicted"
+        "all",
+        description="token-level selection (and namm): free a page when all / most / any of its "
+        "(layer, head, token) entries are evicted",
     )
     selection: Selection = Field(
-        "page", description="budget policies: 'page' keeps the best whole pages within the budget "
-        "(page_plan.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule"
+        "page",
+        description="budget policies: 'page' keeps the best whole pages within the budget "
+        "(page_plan.select_pages); 'token' keeps each head's best tokens, then frees pages by page_rule",
     )
     page_score: PageScore = Field(
-        "max", description="page-level selection: a page's score from its tokens' per-head normalised "
+        "max",
+        description="page-level selection: a page's score from its tokens' per-head normalised "
         "ranks over every layer and KV head (max, mean, or the share the token-level budget would keep); "
-        "max measured best (README, Measured results)"
+        "max measured best (README, Measured results)",
     )
     kernels: Literal["auto", "triton", "torch", "reference"] = Field(
         "auto",
@@ -165,7 +170,9 @@ class EvictionConfig(_Strict):
         "CPU; reference = the slow plain-torch definitions (for checking the fast paths)",
     )
     lag: int = Field(
-        2, ge=0, le=64,
+        2,
+        ge=0,
+        le=64,
         description="engine steps between a step's start and its freed pages: the decision is computed "
         "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )

@@ -42,7 +42,14 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
             model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
             print(f"(no trained model at {TRAINED}; using a random tiny Llama: answers are noise)")
     sample = make_sample("passkey", 10**9 + 7, tokens)
-    args = [*CPU_DEFAULTS, "--block-size", str(block_size), "--max-model-len", str(tokens + 256), *policy_args]
+    args = [
+        *CPU_DEFAULTS,
+        "--block-size",
+        str(block_size),
+        "--max-model-len",
+        str(tokens + 256),
+        *policy_args,
+    ]
     print(f"starting: vllm serve {model} {' '.join(args)}")
     with VllmServer(model, args) as server:
         total = server.num_blocks()
@@ -54,8 +61,13 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
             sampler = threading.Thread(target=_peak_blocks, args=(server, total, stop, samples), daemon=True)
             sampler.start()
             t0 = time.monotonic()
-            resp = client.completions.create(model=model, prompt=sample.prompt, max_tokens=12, temperature=0,
-                                             extra_body={"vllm_xargs": xargs} if xargs else None)
+            resp = client.completions.create(
+                model=model,
+                prompt=sample.prompt,
+                max_tokens=12,
+                temperature=0,
+                extra_body={"vllm_xargs": xargs} if xargs else None,
+            )
             elapsed = time.monotonic() - t0
             stop.set()
             sampler.join()
@@ -64,16 +76,29 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
             answer = resp.choices[0].text.strip()
             logical = -(-(resp.usage.prompt_tokens + resp.usage.completion_tokens - 1) // block_size)
             held = stats.get("held_blocks", logical)
-            rows.append((label, answer, score_answer(answer, sample.answer), max([*samples, held]),
-                         held, logical, elapsed))
+            rows.append(
+                (
+                    label,
+                    answer,
+                    score_answer(answer, sample.answer),
+                    max([*samples, held]),
+                    held,
+                    logical,
+                    elapsed,
+                )
+            )
     print(f"\npasskey prompt: {resp.usage.prompt_tokens} tokens, expected answer {sample.answer}")
-    print(f"{'mode':6} {'answer':14} {'correct':7} {'peak KV blocks':>14} {'held at end':>11} {'of':>4} {'seconds':>7}")
+    print(
+        f"{'mode':6} {'answer':14} {'correct':7} {'peak KV blocks':>14} {'held at end':>11} {'of':>4} {'seconds':>7}"
+    )
     for label, answer, ok, peak, held, logical, secs in rows:
         print(f"{label:6} {answer[:14]!r:14} {bool(ok)!s:7} {peak:14.0f} {held:11d} {logical:4d} {secs:7.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="local model path (default: our trained tiny Llama)")
     p.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
     p.add_argument("--block-size", type=int, default=32)

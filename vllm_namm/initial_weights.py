@@ -37,7 +37,9 @@ from vllm_namm.weights import NammWeights, Provenance, save_weights
 MIN_MEAN_ATTENTION = 2.0**-15
 
 
-def calibration_stats(features: FeatureConfig, seq_len: int = 2048, heads: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+def calibration_stats(
+    features: FeatureConfig, seq_len: int = 2048, heads: int = 4, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Per-bin mean/std of the EMA'd spectrogram on synthetic causal attention (see module doc)."""
     gen = torch.Generator().manual_seed(seed)
     state = NammFeatureState(features)

@@ -49,7 +49,9 @@ def numa_nodes() -> int:
     return max(len(glob.glob("/sys/devices/system/node/node[0-9]*")), 1)
 
 
-def omp_threads_bind(world_size: int, cpus: Sequence[int] | None = None, nodes: int | None = None) -> str | None:
+def omp_threads_bind(
+    world_size: int, cpus: Sequence[int] | None = None, nodes: int | None = None
+) -> str | None:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``world_size`` CPU workers, or None when vLLM's default works.
 
     Why: vLLM's CPU build binds each worker's OpenMP threads to its own NUMA node by default
@@ -63,8 +65,10 @@ def omp_threads_bind(world_size: int, cpus: Sequence[int] | None = None, nodes: 
         return None
     allowed = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
     if len(allowed) < world_size:
-        raise ValueError(f"{world_size} CPU workers need at least {world_size} CPUs; this process may use "
-                         f"{len(allowed)} ({allowed})")
+        raise ValueError(
+            f"{world_size} CPU workers need at least {world_size} CPUs; this process may use "
+            f"{len(allowed)} ({allowed})"
+        )
     per = len(allowed) // world_size
     return "|".join(",".join(str(c) for c in allowed[r * per : (r + 1) * per]) for r in range(world_size))
 
@@ -121,9 +125,18 @@ class VllmServer:
     thread binding is set unless ``env`` or the environment already sets it.
     """
 
-    def __init__(self, model: str | Path, flags: Sequence[str] = (), *, log_path: str | Path | None = None,
-                 env: Mapping[str, str] | None = None, base_flags: Sequence[str] = CPU_DEFAULTS,
-                 timeout_s: float = 300.0, kv_space_gib: int = 1, tensor_parallel_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        flags: Sequence[str] = (),
+        *,
+        log_path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        base_flags: Sequence[str] = CPU_DEFAULTS,
+        timeout_s: float = 300.0,
+        kv_space_gib: int = 1,
+        tensor_parallel_size: int = 1,
+    ) -> None:
         self.model = str(model)
         self.flags = list(flags)
         if tensor_parallel_size > 1:
@@ -155,20 +168,37 @@ class VllmServer:
 
     @property
     def command(self) -> list[str]:
-        return [vllm_bin(), "serve", self.model, *self.base_flags, "--host", self.host, "--port", str(self.port),
-                *self.flags]
+        return [
+            vllm_bin(),
+            "serve",
+            self.model,
+            *self.base_flags,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *self.flags,
+        ]
 
     def start(self) -> VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             log.write(("$ " + " ".join(self.command) + "\n").encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + self.timeout_s
         while not self.healthy():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before /health:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with {self.proc.returncode} before /health:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"vllm serve not healthy after {self.timeout_s:.0f}s:\n{self.log_tail()}")
@@ -260,7 +290,9 @@ class VllmServer:
         block_size = int(metric_label(metrics, "vllm:cache_config_info", "block_size") or 16)
         m = re.search(r"KV cache size: ([\d,]+) tokens", self.log_text())
         if m is None:
-            raise RuntimeError("cannot tell the number of KV blocks (no cache_config_info, no start-up log line)")
+            raise RuntimeError(
+                "cannot tell the number of KV blocks (no cache_config_info, no start-up log line)"
+            )
         return int(m.group(1).replace(",", "")) // block_size
 
     def log_text(self) -> str:

@@ -89,8 +89,9 @@ def plan_pages(
     ``reduce(t, "sum")`` must return the sum of ``t`` over the workers (the same on every
     worker), so that all of them free the same pages; see :func:`reduce_votes`.
     """
-    votes = rule_votes(keep_masks, positions, block_size, rule, protected_pages, protect_first_page,
-                       protect_from_position)
+    votes = rule_votes(
+        keep_masks, positions, block_size, rule, protected_pages, protect_first_page, protect_from_position
+    )
     if reduce is not None:
         reduce_votes([votes], reduce)
     return votes.decide()
@@ -138,8 +139,12 @@ class PageVotes:
             return
         if offset < 0 or offset + n_layers > total:
             raise ValueError(f"layers [{offset}, {offset + n_layers}) do not fit in {total}")
-        rows = torch.zeros(2 * total + self.sums.shape[0] - 2 * n_layers, self.sums.shape[1], dtype=self.sums.dtype,
-                           device=self.sums.device)
+        rows = torch.zeros(
+            2 * total + self.sums.shape[0] - 2 * n_layers,
+            self.sums.shape[1],
+            dtype=self.sums.dtype,
+            device=self.sums.device,
+        )
         rows[offset : offset + n_layers] = self.sums[:n_layers]
         rows[total + offset : total + offset + n_layers] = self.sums[n_layers : 2 * n_layers]
         rows[2 * total :] = self.sums[2 * n_layers :]
@@ -192,8 +197,13 @@ class PageVotes:
         forced = [int(v) for v in ((entries - evicted) * freed).sum(1).tolist()]
         if not self.stats_from_masks:
             requested = list(realised)
-        return PagePlan(free_pages=self.pages[free].tolist(), token_keep=~token_freed, requested=requested,
-                        realised=realised, forced=forced)
+        return PagePlan(
+            free_pages=self.pages[free].tolist(),
+            token_keep=~token_freed,
+            requested=requested,
+            realised=realised,
+            forced=forced,
+        )
 
 
 def reduce_votes(votes: Sequence[PageVotes], reduce: Reduce) -> None:
@@ -218,8 +228,14 @@ def _page_index(positions: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     return torch.unique(positions.long() // block_size, return_inverse=True)
 
 
-def _fixed_protection(pages: Tensor, positions: Tensor, block_size: int, protected_pages: Iterable[int],
-                      protect_first_page: bool, protect_from_position: int | None) -> Tensor:
+def _fixed_protection(
+    pages: Tensor,
+    positions: Tensor,
+    block_size: int,
+    protected_pages: Iterable[int],
+    protect_first_page: bool,
+    protect_from_position: int | None,
+) -> Tensor:
     newest = int(positions.max().item()) if protect_from_position is None else protect_from_position
     protected = pages >= newest // block_size
     if protect_first_page:
@@ -237,8 +253,9 @@ def _mask_tallies(masks: Sequence[Tensor], inverse: Tensor, n_pages: int) -> tup
     entries = torch.zeros_like(evicted)
     for layer, m in enumerate(masks):
         evicted[layer].index_add_(0, inverse, (~m).sum(dim=0).double())
-        entries[layer].index_add_(0, inverse, torch.full((m.shape[-1],), float(m.shape[0]), dtype=torch.float64,
-                                                         device=device))
+        entries[layer].index_add_(
+            0, inverse, torch.full((m.shape[-1],), float(m.shape[0]), dtype=torch.float64, device=device)
+        )
     return evicted, entries
 
 
@@ -274,18 +291,27 @@ def rule_votes(
         return _empty_votes("rule", len(masks), device)
     pages, inverse = _page_index(positions, block_size)
     evicted, entries = _mask_tallies(masks, inverse, pages.numel())
-    fixed = _fixed_protection(pages, positions, block_size, protected_pages, protect_first_page,
-                              protect_from_position)
-    return PageVotes("rule", pages, inverse, len(masks), fixed, torch.cat([evicted, entries]), rule=rule, n_tokens=n)
+    fixed = _fixed_protection(
+        pages, positions, block_size, protected_pages, protect_first_page, protect_from_position
+    )
+    return PageVotes(
+        "rule", pages, inverse, len(masks), fixed, torch.cat([evicted, entries]), rule=rule, n_tokens=n
+    )
 
 
 def _empty_votes(kind: Literal["rule", "budget"], n_layers: int, device: torch.device | str) -> PageVotes:
     """No token: nothing to free (still takes part in a reduce, with zero-size tallies)."""
     empty = torch.zeros(0, dtype=torch.long, device=device)
     rows = 2 * n_layers + (3 if kind == "budget" else 0)
-    return PageVotes(kind, empty, empty, n_layers, torch.zeros(0, dtype=torch.bool, device=device),
-                     torch.zeros(rows, 0, dtype=torch.float64, device=device),
-                     torch.zeros(2, 0, dtype=torch.float64, device=device) if kind == "budget" else None)
+    return PageVotes(
+        kind,
+        empty,
+        empty,
+        n_layers,
+        torch.zeros(0, dtype=torch.bool, device=device),
+        torch.zeros(rows, 0, dtype=torch.float64, device=device),
+        torch.zeros(2, 0, dtype=torch.float64, device=device) if kind == "budget" else None,
+    )
 
 
 def token_ranks(scores: Tensor) -> Tensor:
@@ -352,8 +378,18 @@ def select_pages(
     ``reduce(t, op)`` combines ``t`` over the workers (:data:`Reduce`), so that every worker
     keeps the same pages: what :func:`select_pages` of all heads on one worker keeps.
     """
-    votes = budget_votes(scores_per_layer, positions, block_size, keep_tokens, aggregate, protected_token_mask,
-                         protect_first_page, protect_from_position, protected_pages, keep_masks)
+    votes = budget_votes(
+        scores_per_layer,
+        positions,
+        block_size,
+        keep_tokens,
+        aggregate,
+        protected_token_mask,
+        protect_first_page,
+        protect_from_position,
+        protected_pages,
+        keep_masks,
+    )
     if reduce is not None:
         reduce_votes([votes], reduce)
     return votes.decide()
@@ -402,10 +438,14 @@ def budget_votes(
     evicted, entries = _mask_tallies(masks, inverse, n_pages)
     rank = token_ranks(torch.cat(rows))  # [layers * heads, n]
     scored = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(
-        0, inverse, torch.full((n,), float(rank.shape[0]), dtype=torch.float64, device=device))
-    rank_sum = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(0, inverse, rank.sum(0).double())
+        0, inverse, torch.full((n,), float(rank.shape[0]), dtype=torch.float64, device=device)
+    )
+    rank_sum = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(
+        0, inverse, rank.sum(0).double()
+    )
     best = torch.zeros(n_pages, dtype=torch.float64, device=device).scatter_reduce_(
-        0, inverse, rank.amax(0).double() / max(n - 1, 1), "amax")
+        0, inverse, rank.amax(0).double() / max(n - 1, 1), "amax"
+    )
     kept = (rank >= n - min(keep_tokens, n)).double().sum(0)
     votes_kept = torch.zeros(n_pages, dtype=torch.float64, device=device).index_add_(0, inverse, kept)
     protected = torch.zeros(n_pages, dtype=torch.float64, device=device)
@@ -414,10 +454,19 @@ def budget_votes(
         if ptm.numel() != n:
             raise ValueError(f"protected_token_mask covers {ptm.numel()} tokens, positions has {n}")
         protected.index_add_(0, inverse, ptm.double()).clamp_(max=1.0)
-    fixed = _fixed_protection(pages, pos, block_size, protected_pages, protect_first_page, protect_from_position)
+    fixed = _fixed_protection(
+        pages, pos, block_size, protected_pages, protect_first_page, protect_from_position
+    )
     return PageVotes(
-        "budget", pages, inverse, len(masks), fixed,
+        "budget",
+        pages,
+        inverse,
+        len(masks),
+        fixed,
         torch.cat([evicted, entries, torch.stack([scored, rank_sum, votes_kept])]),
-        torch.stack([best, protected]), n_tokens=n, keep_pages=budget_pages(keep_tokens, block_size),
-        aggregate=aggregate, stats_from_masks=keep_masks is not None,
+        torch.stack([best, protected]),
+        n_tokens=n,
+        keep_pages=budget_pages(keep_tokens, block_size),
+        aggregate=aggregate,
+        stats_from_masks=keep_masks is not None,
     )

@@ -82,8 +82,16 @@ class _Run:
 _ACTIVE: list[_Run] = []
 
 
-def _attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-               scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def _attention(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Any,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
     """HF ``eager_attention_forward`` with the causal mask taken from logical positions."""
     run = _ACTIVE[-1]
     layer = module.layer_idx
@@ -180,8 +188,11 @@ def generate(
             run.query_positions = pos
             buffered_q.append(pos)
             logits = model(
-                input_ids=chunk.view(1, -1), position_ids=pos.view(1, -1), cache_position=pos,
-                past_key_values=cache, use_cache=True,
+                input_ids=chunk.view(1, -1),
+                position_ids=pos.view(1, -1),
+                cache_position=pos,
+                past_key_values=cache,
+                use_cache=True,
             ).logits
             if (start + chunk.numel()) % n_up == 0:
                 qpos = torch.cat(buffered_q)
@@ -235,8 +246,15 @@ def _view(layer_idx: int, layer: Any, run: _Run, policy: EvictionPolicy, qpos: T
     )
 
 
-def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
-                 config: EvictionConfig, qpos: Tensor, page_size: int) -> ReferenceStep:
+def _evict_pages(
+    cache: Any,
+    run: _Run,
+    states: list[Any],
+    policy: BudgetPolicy,
+    config: EvictionConfig,
+    qpos: Tensor,
+    page_size: int,
+) -> ReferenceStep:
     """Page-level selection: every layer's scores, one set of whole pages kept by all layers and
     heads (:func:`~vllm_namm.page_plan.select_pages`, the paged engine's rule), gathered."""
     views = [_view(i, layer, run, policy, qpos) for i, layer in enumerate(cache.layers)]
@@ -247,8 +265,11 @@ def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
             raise RuntimeError("page-level selection needs one token set for every layer and head")
     n = positions.numel()
     plan = select_pages(
-        scores, positions, page_size,
-        keep_tokens=policy.budget.size(n, int(positions.max()) + 1), aggregate=config.page_score,
+        scores,
+        positions,
+        page_size,
+        keep_tokens=policy.budget.size(n, int(positions.max()) + 1),
+        aggregate=config.page_score,
         protected_token_mask=protected_mask(views[0], config.protect).any(dim=0),
     )
     keep = plan.token_keep.to(positions.device)
@@ -264,8 +285,15 @@ def _evict_pages(cache: Any, run: _Run, states: list[Any], policy: BudgetPolicy,
     return ReferenceStep(seq_len=int(qpos[-1].item()) + 1, before=[n] * len(views), after=after)
 
 
-def _evict(cache: Any, run: _Run, states: list[Any], policy: EvictionPolicy,
-           config: EvictionConfig, qpos: Tensor, page_size: int = 16) -> ReferenceStep:
+def _evict(
+    cache: Any,
+    run: _Run,
+    states: list[Any],
+    policy: EvictionPolicy,
+    config: EvictionConfig,
+    qpos: Tensor,
+    page_size: int = 16,
+) -> ReferenceStep:
     """One eviction step on every layer: score, select, protect, equalise heads, gather."""
     if config.selection == "page" and isinstance(policy, BudgetPolicy):
         return _evict_pages(cache, run, states, policy, config, qpos, page_size)

@@ -59,12 +59,15 @@ class CacheReader(Protocol):
         """Cached keys of the live pages, [n_live_tokens (+ padding of the last page), kv_heads, d]."""
         ...
 
-    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+    def columns(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
         """Attention columns [kv_heads, n_q, n] straight from the cache, or None (then: from keys)."""
         ...
 
-    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
-                       positions: Tensor) -> PagedFeatures | None:
+    def paged_features(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> PagedFeatures | None:
         """The fused STFT+EMA source for NAMM (GPU), or None."""
         ...
 
@@ -78,11 +81,14 @@ class KeysReader:
     def keys(self, layer: int) -> Tensor:
         return self.read_keys(layer)
 
-    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+    def columns(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
         return None
 
-    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
-                       positions: Tensor) -> PagedFeatures | None:
+    def paged_features(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> PagedFeatures | None:
         return None
 
 
@@ -109,24 +115,55 @@ class PagedCacheReader:
         cache, layout = self.layers[layer]
         return kernels.gather_keys(cache, layout, self._blocks(cache))
 
-    def columns(self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor) -> Tensor | None:
+    def columns(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
         cache, layout = self.layers[layer]
         dev = cache.device
-        return kernels.attention_columns_paged(queries.to(dev), cache, layout, self._blocks(cache), positions.to(dev),
-                                               query_positions.to(dev), self.scale, backend=self.backend)
+        return kernels.attention_columns_paged(
+            queries.to(dev),
+            cache,
+            layout,
+            self._blocks(cache),
+            positions.to(dev),
+            query_positions.to(dev),
+            self.scale,
+            backend=self.backend,
+        )
 
-    def paged_features(self, layer: int, queries: Tensor, query_positions: Tensor,
-                       positions: Tensor) -> PagedFeatures | None:
+    def paged_features(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> PagedFeatures | None:
         if not self.fused:
             return None
         cache, layout = self.layers[layer]
         dev = cache.device
-        q, qpos, pos, blocks = queries.to(dev), query_positions.to(dev), positions.to(dev), self._blocks(cache)
+        q, qpos, pos, blocks = (
+            queries.to(dev),
+            query_positions.to(dev),
+            positions.to(dev),
+            self._blocks(cache),
+        )
 
-        def features(prev_pad: Tensor, prev_ema: Tensor, first: Tensor, cfg: FeatureConfig) -> tuple[Tensor, Tensor]:
-            return kernels.paged_spectrogram_ema(q, cache, layout, blocks, pos, qpos, self.scale, prev_pad, prev_ema,
-                                                 first.to(dev), cfg.gamma, backend=self.backend, n_fft=cfg.n_w,
-                                                 hop=cfg.s_w)
+        def features(
+            prev_pad: Tensor, prev_ema: Tensor, first: Tensor, cfg: FeatureConfig
+        ) -> tuple[Tensor, Tensor]:
+            return kernels.paged_spectrogram_ema(
+                q,
+                cache,
+                layout,
+                blocks,
+                pos,
+                qpos,
+                self.scale,
+                prev_pad,
+                prev_ema,
+                first.to(dev),
+                cfg.gamma,
+                backend=self.backend,
+                n_fft=cfg.n_w,
+                hop=cfg.s_w,
+            )
 
         return features
 
@@ -245,17 +282,24 @@ def begin_step(mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: s
     positions = mem.live_positions()
     positions = positions[positions <= last]
     job = StepJob(
-        mem=mem, reader=reader, req_id=req_id, queries=queries, query_positions=qpos, positions=positions,
+        mem=mem,
+        reader=reader,
+        req_id=req_id,
+        queries=queries,
+        query_positions=qpos,
+        positions=positions,
         num_new_tokens=last + 1 - mem.scored_tokens,
-        protect_from_position=min(last + 1, mem.num_tokens - 1), num_tokens=mem.num_tokens,
+        protect_from_position=min(last + 1, mem.num_tokens - 1),
+        num_tokens=mem.num_tokens,
     )
     mem.scored_tokens = last + 1
     mem.pending = True
     return job
 
 
-def _layer_view(job: StepJob, layer: int, policy: EvictionPolicy, scale: float, kv_heads: int,
-                device: torch.device | str) -> LayerView:
+def _layer_view(
+    job: StepJob, layer: int, policy: EvictionPolicy, scale: float, kv_heads: int, device: torch.device | str
+) -> LayerView:
     """One layer's view: columns from the reader (or from its keys), or the fused feature source."""
     reader, positions, qpos = job.reader, job.positions, job.query_positions
     n = positions.numel()
@@ -268,8 +312,9 @@ def _layer_view(job: StepJob, layer: int, policy: EvictionPolicy, scale: float, 
             attn = reader.columns(layer, job.queries[layer], qpos, positions)
             if attn is None:
                 k = keys if keys is not None else reader.keys(layer)[:n]
-                attn = attention_columns(job.queries[layer].to(k.device), k, qpos.to(k.device),
-                                         positions.to(k.device), scale)
+                attn = attention_columns(
+                    job.queries[layer].to(k.device), k, qpos.to(k.device), positions.to(k.device), scale
+                )
             attn = attn[..., :n]
     return LayerView(
         attn=attn,
@@ -286,9 +331,15 @@ class PeerStepError(RuntimeError):
 
 
 @torch.no_grad()
-def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
-                  device: torch.device | str = "cpu", reduce: Reduce | None = None,
-                  layers: tuple[int, int] | None = None) -> list[StepResult]:
+def compute_steps(
+    jobs: list[StepJob],
+    config: EvictionConfig,
+    scale: float,
+    kv_heads: int,
+    device: torch.device | str = "cpu",
+    reduce: Reduce | None = None,
+    layers: tuple[int, int] | None = None,
+) -> list[StepResult]:
     """Score every scored token of every layer of every job; plan each request's freed pages.
 
     Per layer, the attention columns are computed, handed to the policy's ``prepare`` and
@@ -332,8 +383,9 @@ def compute_steps(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_
     return results
 
 
-def _local_votes(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int,
-                 device: torch.device | str) -> list[PageVotes]:
+def _local_votes(
+    jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int, device: torch.device | str
+) -> list[PageVotes]:
     """This worker's per-page tallies of every job (its own KV heads only)."""
     by_policy: dict[int, tuple[EvictionPolicy, list[Any], list[tuple[int, int]]]] = {}
     views: dict[tuple[int, int], LayerView] = {}
@@ -361,15 +413,28 @@ def _local_votes(jobs: list[StepJob], config: EvictionConfig, scale: float, kv_h
         policy = mem.policy
         budget = getattr(policy, "budget", None)  # budget policies, and namm ranked under a budget
         if config.selection == "page" and budget is not None:  # whole pages within the budget
-            votes.append(budget_votes(
-                [scores_of[j, layer] for layer in layers], job.positions, mem.block_size,
-                keep_tokens=budget.size(job.positions.numel(), job.num_tokens), aggregate=config.page_score,
-                protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
-                protect_from_position=job.protect_from_position, keep_masks=masks,
-            ))
+            votes.append(
+                budget_votes(
+                    [scores_of[j, layer] for layer in layers],
+                    job.positions,
+                    mem.block_size,
+                    keep_tokens=budget.size(job.positions.numel(), job.num_tokens),
+                    aggregate=config.page_score,
+                    protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
+                    protect_from_position=job.protect_from_position,
+                    keep_masks=masks,
+                )
+            )
         else:
-            votes.append(rule_votes(masks, job.positions, mem.block_size, rule=config.page_rule,
-                                    protect_from_position=job.protect_from_position))
+            votes.append(
+                rule_votes(
+                    masks,
+                    job.positions,
+                    mem.block_size,
+                    rule=config.page_rule,
+                    protect_from_position=job.protect_from_position,
+                )
+            )
     return votes
 
 

@@ -31,7 +31,8 @@ class ScorerConfig(BaseModel):
     bias: bool = True
     mlp_layers: int = Field(2, ge=1, description="MLP hidden layers")
     window: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="BAM only: a token attends to itself and its `window` newer neighbours "
         "(cost linear in the cache); None = every newer token (evo-memory's BAM, cost n^2)",
     )
@@ -116,7 +117,9 @@ class BAMScorer(FlatScorer):
     caches of different lengths into one call.
     """
 
-    def __init__(self, input_dim: int = 25, hidden: int = 32, bias: bool = True, window: int | None = None) -> None:
+    def __init__(
+        self, input_dim: int = 25, hidden: int = 32, bias: bool = True, window: int | None = None
+    ) -> None:
         super().__init__([(input_dim, 3 * hidden), (hidden, 2 * input_dim), (input_dim, 1)], bias)
         self.input_dim = input_dim
         self.hidden = hidden
@@ -173,7 +176,9 @@ class BAMScorer(FlatScorer):
         if valid is not None:
             return bam_attention_masked(q, k, v, valid.flip(-1), self.window).flip(-2)
         if self.window is None or self.window + 1 >= x.shape[-2]:
-            out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True
+            )
             return out.squeeze(1).flip(-2)
         return bam_attention_windowed(q, k, v, self.window).flip(-2)
 
@@ -186,8 +191,9 @@ def bam_attention_masked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, window:
     if window is not None:
         allowed &= i[None, :] >= i[:, None] - window
     allowed = allowed & valid.unsqueeze(-2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                                         attn_mask=allowed.unsqueeze(1))
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=allowed.unsqueeze(1)
+    )
     return out.squeeze(1).nan_to_num(nan=0.0)
 
 
@@ -288,7 +294,11 @@ def score_ragged(
                 f = scorer.flat if flats[i] is None else flats[i]
                 flat_rows.append(f.to(batch).expand(x.shape[0], -1))
             r += x.shape[0]
-        flat = (None if flats[group[0]] is None else flats[group[0]].to(batch)) if shared else torch.cat(flat_rows)
+        flat = (
+            (None if flats[group[0]] is None else flats[group[0]].to(batch))
+            if shared
+            else torch.cat(flat_rows)
+        )
         scores = scorer(batch, flat)
         r = 0
         for i in group:

@@ -22,15 +22,77 @@ TASK_KINDS: tuple[str, ...] = ("passkey", "kv_retrieval", "needle")
 
 # A small closed vocabulary for filler: "grass is green"-style noise, as in the
 # passkey literature, but varied so that a model cannot memorise one sentence.
-_SUBJECTS = ["The grass", "The sky", "The river", "A cat", "The old man", "The city", "A bird", "The sun",
-             "The road", "A tree", "The wind", "The sea", "The child", "A dog", "The moon", "The hill"]
+_SUBJECTS = [
+    "The grass",
+    "The sky",
+    "The river",
+    "A cat",
+    "The old man",
+    "The city",
+    "A bird",
+    "The sun",
+    "The road",
+    "A tree",
+    "The wind",
+    "The sea",
+    "The child",
+    "A dog",
+    "The moon",
+    "The hill",
+]
 _VERBS = ["is", "was", "looks", "seems", "stays", "feels", "became", "remains"]
-_ADJS = ["green", "blue", "quiet", "warm", "bright", "calm", "tall", "slow", "cold", "soft", "old", "wide",
-         "dark", "clear", "loud", "small"]
-_TAILS = ["today", "again", "as always", "in the morning", "at night", "here", "there", "for now", "once more",
-          "all day"]
-_NAMES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Delhi", "Rome", "Accra", "Hanoi", "Dakar",
-          "Minsk", "Sofia", "Doha", "Riga", "Bern", "Kyiv", "Suva", "Male", "Baku"]
+_ADJS = [
+    "green",
+    "blue",
+    "quiet",
+    "warm",
+    "bright",
+    "calm",
+    "tall",
+    "slow",
+    "cold",
+    "soft",
+    "old",
+    "wide",
+    "dark",
+    "clear",
+    "loud",
+    "small",
+]
+_TAILS = [
+    "today",
+    "again",
+    "as always",
+    "in the morning",
+    "at night",
+    "here",
+    "there",
+    "for now",
+    "once more",
+    "all day",
+]
+_NAMES = [
+    "Paris",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Tokyo",
+    "Quito",
+    "Delhi",
+    "Rome",
+    "Accra",
+    "Hanoi",
+    "Dakar",
+    "Minsk",
+    "Sofia",
+    "Doha",
+    "Riga",
+    "Bern",
+    "Kyiv",
+    "Suva",
+    "Male",
+    "Baku",
+]
 
 
 class TaskSample(BaseModel):
@@ -176,8 +238,15 @@ def make_sample(
         budget_chars = int(budget_chars * 0.97) - 1
         text = assemble(budget_chars)
     assert answer in text and key_needle in text
-    return TaskSample(kind=kind, seed=seed, prompt=text, answer=answer, target_tokens=target_tokens,
-                      needle_depth=depth, facts=facts)
+    return TaskSample(
+        kind=kind,
+        seed=seed,
+        prompt=text,
+        answer=answer,
+        target_tokens=target_tokens,
+        needle_depth=depth,
+        facts=facts,
+    )
 
 
 def rng_needle_positions(n_spans: int, n_needles: int, depth: float, seed: int) -> list[int]:

@@ -60,7 +60,9 @@ class WeightsMeta(BaseModel):
     num_params: int
     threshold: float = Field(0.0, allow_inf_nan=False)
     budget_ratio: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="weights evolved to rank under a memory budget: the budget (fraction of the context) "
         "`--kv-eviction namm` uses when no budget or threshold is given; None = the threshold rule",
     )
@@ -102,11 +104,16 @@ def _check(w: NammWeights, where: str) -> None:
             f"({w.features.pos_dims} oldness + {w.features.bins} bins)"
         )
     n = make_scorer(w.scorer).num_params
-    shapes = {"params": (w.params, (n,)), "norm_mean": (w.norm_mean, (w.features.bins,)),
-              "norm_std": (w.norm_std, (w.features.bins,))}
+    shapes = {
+        "params": (w.params, (n,)),
+        "norm_mean": (w.norm_mean, (w.features.bins,)),
+        "norm_std": (w.norm_std, (w.features.bins,)),
+    }
     for name, (t, shape) in shapes.items():
         if tuple(t.shape) != shape:
-            raise WeightsError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata implies {shape}")
+            raise WeightsError(
+                f"{where}: tensor '{name}' has shape {tuple(t.shape)}, metadata implies {shape}"
+            )
         if not bool(torch.isfinite(t).all()):
             raise WeightsError(f"{where}: tensor '{name}' contains NaN or inf")
     if bool((w.norm_std < 0).any()):
@@ -137,7 +144,9 @@ def save_weights(path: str | Path, weights: NammWeights) -> None:
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+    return f"{loc}: {err['msg']}" + (
+        f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    )
 
 
 def load_weights(path: str | Path) -> NammWeights:
@@ -153,7 +162,9 @@ def load_weights(path: str | Path) -> NammWeights:
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{where}: not a safetensors file ({e})") from e
     if META_KEY not in header:
-        raise WeightsError(f"{where}: no '{META_KEY}' metadata in the safetensors header (not a NAMM weights file)")
+        raise WeightsError(
+            f"{where}: no '{META_KEY}' metadata in the safetensors header (not a NAMM weights file)"
+        )
     try:
         raw = json.loads(header[META_KEY])
     except json.JSONDecodeError as e:
@@ -162,7 +173,9 @@ def load_weights(path: str | Path) -> NammWeights:
         raise WeightsError(f"{where}: metadata must be a JSON object")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise WeightsError(f"{where}: unknown format_version {version!r} (this vllm-namm reads {FORMAT_VERSION})")
+        raise WeightsError(
+            f"{where}: unknown format_version {version!r} (this vllm-namm reads {FORMAT_VERSION})"
+        )
     kind = (raw.get("scorer") or {}).get("kind") if isinstance(raw.get("scorer"), dict) else None
     if kind not in ("bam", "mlp"):
         raise WeightsError(f"{where}: unknown scorer kind {kind!r} (expected 'bam' or 'mlp')")
@@ -195,14 +208,17 @@ def describe(w: NammWeights) -> str:
     f = w.features
     lines = [
         f"scorer: {w.scorer.kind.upper()} (input {w.scorer.input_dim}, hidden {w.scorer.hidden}, "
-        f"bias {w.scorer.bias}" + (f", {w.scorer.mlp_layers} layers" if w.scorer.kind == "mlp" else "")
-        + (f", window {w.scorer.window}" if w.scorer.window is not None else "") + ")",
+        f"bias {w.scorer.bias}"
+        + (f", {w.scorer.mlp_layers} layers" if w.scorer.kind == "mlp" else "")
+        + (f", window {w.scorer.window}" if w.scorer.window is not None else "")
+        + ")",
         f"parameters: {w.params.numel()} (|p|max {w.params.abs().max().item():.4g})",
         f"features: n_up {f.n_up}, n_w {f.n_w}, s_w {f.s_w}, bins {f.bins}, "
         f"ema {f.ema_coeff_per_step}/step (gamma {f.gamma:.4f}/frame), oldness {f.pos_dims} dims "
         f"(max freq {f.pos_max_freq:g}, oldness from {f.start_oldness_from})",
-        f"threshold: keep score >= {w.threshold}" if w.budget_ratio is None else
-        f"rule: rank under a budget of {w.budget_ratio:g} of the context (the default of --kv-eviction namm; "
+        f"threshold: keep score >= {w.threshold}"
+        if w.budget_ratio is None
+        else f"rule: rank under a budget of {w.budget_ratio:g} of the context (the default of --kv-eviction namm; "
         f"--namm-threshold switches to the threshold rule, keep score >= {w.threshold})",
         f"normalisation mean: {[round(x, 5) for x in w.norm_mean.tolist()]}",
         f"normalisation std: {[round(x, 5) for x in w.norm_std.tolist()]}",

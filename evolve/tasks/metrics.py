@@ -24,9 +24,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 _EN_PUNCT = set(string.punctuation)
-_ZH_PUNCT = set(
-    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
-) | _EN_PUNCT
+_ZH_PUNCT = (
+    set(
+        "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+    )
+    | _EN_PUNCT
+)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _ZH_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
 
@@ -98,8 +101,9 @@ def count_score(prediction: str, ground_truth: str, **_: object) -> float:
     return _id_score(prediction, str(ground_truth))
 
 
-def classification_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None,
-                         **_: object) -> float:
+def classification_score(
+    prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None, **_: object
+) -> float:
     """trec/lsht: classes named in the prediction; 1/k when the truth is one of the k named."""
     if not all_classes:
         raise ValueError("classification_score needs all_classes")
@@ -154,8 +158,13 @@ METRICS: dict[str, Metric] = {
 FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
 
-def score_prediction(dataset: str, metric: str, prediction: str, answers: Sequence[str],
-                     all_classes: Sequence[str] | None = None) -> float:
+def score_prediction(
+    dataset: str,
+    metric: str,
+    prediction: str,
+    answers: Sequence[str],
+    all_classes: Sequence[str] | None = None,
+) -> float:
     """LongBench's per-sample score in [0, 1]: best metric value over the reference answers."""
     if dataset in FIRST_LINE_DATASETS:
         prediction = prediction.lstrip("\n").split("\n")[0]

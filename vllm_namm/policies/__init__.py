@@ -57,8 +57,13 @@ def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> E
             raise ValueError(
                 f"interval {config.interval} is not a multiple of the weights' STFT hop {weights.features.s_w}"
             )
-        return NammPolicy(weights, threshold=config.threshold, kernels=config.kernels,
-                          budget=namm_budget(config, weights), protect=config.protect)
+        return NammPolicy(
+            weights,
+            threshold=config.threshold,
+            kernels=config.kernels,
+            budget=namm_budget(config, weights),
+            protect=config.protect,
+        )
     if issubclass(cls, BudgetPolicy):
         assert config.budget is not None
         return cls(config.budget, config.protect)

@@ -149,7 +149,9 @@ def equalize_head_drops(keep: Tensor, scores: Tensor) -> Tensor:
         return torch.ones_like(keep)
     s = sanitize_scores(scores)
     order = torch.argsort(s, dim=-1, stable=True)
-    order = torch.gather(order, -1, torch.argsort(torch.gather(keep, -1, order).to(torch.int8), dim=-1, stable=True))
+    order = torch.gather(
+        order, -1, torch.argsort(torch.gather(keep, -1, order).to(torch.int8), dim=-1, stable=True)
+    )
     out = torch.ones_like(keep)
     out.scatter_(-1, order[:, :d], False)
     return out

@@ -32,7 +32,9 @@ class BudgetPolicy(EvictionPolicy):
         return keep_within_budget(scores, view, self.budget, self.protect_cfg)
 
 
-def keep_within_budget(scores: Tensor, view: LayerView, budget: BudgetConfig, protect: ProtectConfig) -> Tensor:
+def keep_within_budget(
+    scores: Tensor, view: LayerView, budget: BudgetConfig, protect: ProtectConfig
+) -> Tensor:
     """Each KV head's ``budget.size`` best-scored tokens, protected tokens ranked first (token level)."""
     prot = protected_mask(view, protect)
     ranked = scores.float().masked_fill(prot, float("inf"))

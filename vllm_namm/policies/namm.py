@@ -100,7 +100,9 @@ def spectral_features(
     shared = positions.stride(0) == 0 or kv_heads == 1  # one token set for every head (the engine)
     first = kernels.first_valid_frame(positions[0] if shared else positions, query_positions, cfg.s_w)
     if attn is not None:
-        ema, new_pad = kernels.spectrogram_ema(attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w)
+        ema, new_pad = kernels.spectrogram_ema(
+            attn, prev_pad, prev_ema, first, cfg.gamma, backend, cfg.n_w, cfg.s_w
+        )
     elif paged is not None:
         ema, new_pad = paged(prev_pad, prev_ema, first, cfg)
     else:
@@ -115,7 +117,6 @@ def spectral_features(
     return ema, bad
 
 
-
 class NammPolicy(EvictionPolicy):
     """NAMM with one shared scorer for every layer and KV head (evo-memory ``per_layer: false,
     per_head: false``).
@@ -128,8 +129,14 @@ class NammPolicy(EvictionPolicy):
     accepts_paged_features = True
     budget_rule = "optional"
 
-    def __init__(self, weights: NammWeights, threshold: float | None = None, kernels: Backend = "auto",
-                 budget: BudgetConfig | None = None, protect: ProtectConfig | None = None) -> None:
+    def __init__(
+        self,
+        weights: NammWeights,
+        threshold: float | None = None,
+        kernels: Backend = "auto",
+        budget: BudgetConfig | None = None,
+        protect: ProtectConfig | None = None,
+    ) -> None:
         self.weights = weights
         self.features = weights.features
         self.scorer = weights.build_scorer()
@@ -160,8 +167,13 @@ class NammPolicy(EvictionPolicy):
         if view.attn is None and view.paged_features is None:
             raise ValueError("namm needs the attention of the latest queries (view.attn is None)")
         ema, bad = spectral_features(
-            view.attn, view.positions, view.query_positions, view.num_new_tokens, state,
-            paged=view.paged_features, backend=self.kernels,
+            view.attn,
+            view.positions,
+            view.query_positions,
+            view.num_new_tokens,
+            state,
+            paged=view.paged_features,
+            backend=self.kernels,
         )
         newest = view.query_positions.max() if view.query_positions.numel() else view.positions.max()
         x = token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)

@@ -28,20 +28,32 @@ class _Metrics:
 
         self.requests = Counter("vllm_namm:evicting_requests", "Finished requests that had KV pages evicted")
         self.evicted = Counter("vllm_namm:evicted_blocks", "KV blocks freed by eviction before request end")
-        self.requested = Counter("vllm_namm:token_evictions_requested",
-                                 "(layer, head, token) evictions the policy asked for")
-        self.realised = Counter("vllm_namm:token_evictions_realised",
-                                "Token-level evictions realised by freeing whole pages")
-        self.retained = Histogram("vllm_namm:retained_fraction",
-                                  "Fraction of a request's KV blocks still held when it finished",
-                                  buckets=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-        self.budget_tokens = Counter("vllm_namm:budget_tokens", "Budgets (tokens) of finished budget-policy "
-                                     "requests, at their final context")
-        self.budget_blocks = Counter("vllm_namm:budget_blocks", "Budgets of finished budget-policy requests, "
-                                     "in KV blocks (ceil(budget / block size))")
-        self.held_blocks = Counter("vllm_namm:held_blocks", "KV blocks finished evicting requests held at the end")
-        self.held = Gauge("vllm_namm:blocks_held_by_evicting_requests",
-                          "KV blocks held by running requests that evict (sampled at each request finish)")
+        self.requested = Counter(
+            "vllm_namm:token_evictions_requested", "(layer, head, token) evictions the policy asked for"
+        )
+        self.realised = Counter(
+            "vllm_namm:token_evictions_realised", "Token-level evictions realised by freeing whole pages"
+        )
+        self.retained = Histogram(
+            "vllm_namm:retained_fraction",
+            "Fraction of a request's KV blocks still held when it finished",
+            buckets=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        )
+        self.budget_tokens = Counter(
+            "vllm_namm:budget_tokens",
+            "Budgets (tokens) of finished budget-policy requests, at their final context",
+        )
+        self.budget_blocks = Counter(
+            "vllm_namm:budget_blocks",
+            "Budgets of finished budget-policy requests, in KV blocks (ceil(budget / block size))",
+        )
+        self.held_blocks = Counter(
+            "vllm_namm:held_blocks", "KV blocks finished evicting requests held at the end"
+        )
+        self.held = Gauge(
+            "vllm_namm:blocks_held_by_evicting_requests",
+            "KV blocks held by running requests that evict (sampled at each request finish)",
+        )
 
     def observe(self, s: dict[str, Any]) -> None:
         self.requests.inc()
@@ -88,7 +100,8 @@ def install() -> None:
                 settings = parse_request_settings(extra)
                 if not settings.is_default:
                     validate_for_server(
-                        settings, _server_config(self),
+                        settings,
+                        _server_config(self),
                         lambda cfg: _num_params(str(cfg.weights) if cfg.weights else None),
                     )
             except RequestSettingsError as e:

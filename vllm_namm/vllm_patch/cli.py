@@ -21,51 +21,115 @@ from vllm_namm.vllm_patch.patching import patch
 # flag -> (EvictionConfig field path, argparse options). One table drives the parser, the
 # config mapping and the error messages, so every message names the flag the user typed.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--kv-eviction": ("policy", dict(
-        choices=list(POLICY_NAMES), default="none",
-        help="Eviction policy. 'none' leaves vLLM unchanged.")),
-    "--namm-weights": ("weights", dict(
-        default=None, metavar="PATH",
-        help="NAMM weights (.safetensors). Default: the shipped initial weights.")),
-    "--namm-threshold": ("threshold", dict(
-        type=float, default=None,
-        help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).")),
-    "--kv-eviction-interval": ("interval", dict(
-        type=int, default=512, metavar="N",
-        help="n_up: tokens between two eviction steps (a multiple of 16); prompts are chunked at "
-             "these boundaries. Longer than --max-model-len: one step at the end of each prompt.")),
-    "--kv-eviction-budget": ("budget.tokens", dict(
-        type=int, default=None, metavar="TOKENS",
-        help="Cache budget in tokens for h2o/l2/streaming/snapkv.")),
-    "--kv-eviction-ratio": ("budget.ratio", dict(
-        type=float, default=None, metavar="R",
-        help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.")),
-    "--kv-eviction-sink-tokens": ("protect.sink_tokens", dict(
-        type=int, default=None, metavar="N",
-        help="Oldest tokens never evicted (the first page is always kept).")),
-    "--kv-eviction-recent-tokens": ("protect.recent_tokens", dict(
-        type=int, default=None, metavar="N",
-        help="Newest tokens never evicted (default 1).")),
-    "--kv-eviction-page-rule": ("page_rule", dict(
-        choices=["all", "majority", "any"], default="all",
-        help="Token-level selection and namm: free a page when all / most / any of its (layer, head, token) "
-             "entries are evicted.")),
-    "--kv-eviction-selection": ("selection", dict(
-        choices=["page", "token"], default=None,
-        help="Budget policies: keep the best whole pages within the budget (page, default), or each head's best "
-             "tokens, then free pages by --kv-eviction-page-rule (token).")),
-    "--kv-eviction-page-score": ("page_score", dict(
-        choices=["max", "mean", "vote"], default=None,
-        help="Page-level selection: a page's score from its tokens' per-head normalised ranks over all layers and "
-             "KV heads (max, default; mean; or the share a per-head token budget keeps).")),
-    "--namm-kernels": ("kernels", dict(
-        choices=["auto", "triton", "torch", "reference"], default="auto",
-        help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
-             "reference = the slow plain-torch definitions, for checking.")),
-    "--kv-eviction-lag": ("lag", dict(
-        type=int, default=None, metavar="STEPS",
-        help="Engine steps between an eviction step's start and its freed pages; the decision is "
-             "computed off the critical path meanwhile (default 2; 0 = synchronous).")),
+    "--kv-eviction": (
+        "policy",
+        dict(
+            choices=list(POLICY_NAMES), default="none", help="Eviction policy. 'none' leaves vLLM unchanged."
+        ),
+    ),
+    "--namm-weights": (
+        "weights",
+        dict(
+            default=None,
+            metavar="PATH",
+            help="NAMM weights (.safetensors). Default: the shipped initial weights.",
+        ),
+    ),
+    "--namm-threshold": (
+        "threshold",
+        dict(
+            type=float,
+            default=None,
+            help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).",
+        ),
+    ),
+    "--kv-eviction-interval": (
+        "interval",
+        dict(
+            type=int,
+            default=512,
+            metavar="N",
+            help="n_up: tokens between two eviction steps (a multiple of 16); prompts are chunked at "
+            "these boundaries. Longer than --max-model-len: one step at the end of each prompt.",
+        ),
+    ),
+    "--kv-eviction-budget": (
+        "budget.tokens",
+        dict(
+            type=int,
+            default=None,
+            metavar="TOKENS",
+            help="Cache budget in tokens for h2o/l2/streaming/snapkv.",
+        ),
+    ),
+    "--kv-eviction-ratio": (
+        "budget.ratio",
+        dict(
+            type=float,
+            default=None,
+            metavar="R",
+            help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.",
+        ),
+    ),
+    "--kv-eviction-sink-tokens": (
+        "protect.sink_tokens",
+        dict(
+            type=int,
+            default=None,
+            metavar="N",
+            help="Oldest tokens never evicted (the first page is always kept).",
+        ),
+    ),
+    "--kv-eviction-recent-tokens": (
+        "protect.recent_tokens",
+        dict(type=int, default=None, metavar="N", help="Newest tokens never evicted (default 1)."),
+    ),
+    "--kv-eviction-page-rule": (
+        "page_rule",
+        dict(
+            choices=["all", "majority", "any"],
+            default="all",
+            help="Token-level selection and namm: free a page when all / most / any of its (layer, head, token) "
+            "entries are evicted.",
+        ),
+    ),
+    "--kv-eviction-selection": (
+        "selection",
+        dict(
+            choices=["page", "token"],
+            default=None,
+            help="Budget policies: keep the best whole pages within the budget (page, default), or each head's best "
+            "tokens, then free pages by --kv-eviction-page-rule (token).",
+        ),
+    ),
+    "--kv-eviction-page-score": (
+        "page_score",
+        dict(
+            choices=["max", "mean", "vote"],
+            default=None,
+            help="Page-level selection: a page's score from its tokens' per-head normalised ranks over all layers and "
+            "KV heads (max, default; mean; or the share a per-head token budget keeps).",
+        ),
+    ),
+    "--namm-kernels": (
+        "kernels",
+        dict(
+            choices=["auto", "triton", "torch", "reference"],
+            default="auto",
+            help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
+            "reference = the slow plain-torch definitions, for checking.",
+        ),
+    ),
+    "--kv-eviction-lag": (
+        "lag",
+        dict(
+            type=int,
+            default=None,
+            metavar="STEPS",
+            help="Engine steps between an eviction step's start and its freed pages; the decision is "
+            "computed off the critical path meanwhile (default 2; 0 = synchronous).",
+        ),
+    ),
 }
 
 
@@ -90,28 +154,37 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises :class:`NammConfigError` with a message naming the offending flag(s).
     """
     value = {flag: getattr(args, _dest(flag), options.get("default")) for flag, (_, options) in FLAGS.items()}
-    given = [f for f, (_, options) in FLAGS.items() if f != "--kv-eviction" and value[f] != options.get("default")]
+    given = [
+        f for f, (_, options) in FLAGS.items() if f != "--kv-eviction" and value[f] != options.get("default")
+    ]
     policy = value["--kv-eviction"]
     if policy == "none":
         if given:
-            raise NammConfigError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
-                                  "--kv-eviction POLICY (the default, none, leaves vLLM unchanged)")
+            raise NammConfigError(
+                f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                "--kv-eviction POLICY (the default, none, leaves vLLM unchanged)"
+            )
         return None
     budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
     if len(budget_flags) == 2:
         raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
     budget_policies = budget_takers()
     if needs_budget(policy) and not budget_flags:
-        raise NammConfigError(f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R")
+        raise NammConfigError(
+            f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R"
+        )
     if not takes_budget(policy) and budget_flags:
-        raise NammConfigError(f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, "
-                              f"not {policy}")
+        raise NammConfigError(
+            f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, not {policy}"
+        )
     namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
     if policy != "namm" and namm_flags:
         raise NammConfigError(f"{namm_flags[0]} only applies to --kv-eviction namm, not {policy}")
     if budget_flags and value["--namm-threshold"] is not None:
-        raise NammConfigError(f"--namm-threshold with {budget_flags[0]}: namm ranked under a budget keeps its "
-                              "best-scored tokens; a threshold does not apply")
+        raise NammConfigError(
+            f"--namm-threshold with {budget_flags[0]}: namm ranked under a budget keeps its "
+            "best-scored tokens; a threshold does not apply"
+        )
     raw: dict[str, Any] = {}
     for flag, (path, _) in FLAGS.items():
         if value[flag] is not None:

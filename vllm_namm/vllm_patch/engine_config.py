@@ -36,7 +36,9 @@ def parse_eviction_config(raw: Any) -> EvictionConfig:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise NammConfigError(f"invalid eviction setting {where}: {msg}" if where else f"invalid eviction setting: {msg}") from None
+        raise NammConfigError(
+            f"invalid eviction setting {where}: {msg}" if where else f"invalid eviction setting: {msg}"
+        ) from None
 
 
 def eviction_config_from(vllm_config: Any) -> EvictionConfig | None:
@@ -75,10 +77,16 @@ def prepare_engine_args(args: Any) -> None:
     from vllm.config import SchedulerConfig
 
     if args.scheduler_cls not in (None, SCHEDULER_CLS, SchedulerConfig.scheduler_cls):
-        raise NammConfigError(f"--kv-eviction replaces the scheduler; drop --scheduler-cls {args.scheduler_cls}")
+        raise NammConfigError(
+            f"--kv-eviction replaces the scheduler; drop --scheduler-cls {args.scheduler_cls}"
+        )
     from vllm.platforms import current_platform
 
-    if cfg.kernels == "triton" and not current_platform.is_cuda_alike() and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        cfg.kernels == "triton"
+        and not current_platform.is_cuda_alike()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         raise NammConfigError(
             f"--namm-kernels triton needs a CUDA or ROCm GPU (this platform: {current_platform.device_type}); "
             "use auto or torch"
@@ -91,9 +99,14 @@ def prepare_engine_args(args: Any) -> None:
         piecewise_cuda_graphs(args)
     args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
     tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
-    logger.info("vllm-namm: KV eviction %s, interval %d%s", cfg.policy, cfg.interval,
-                f", {tp * pp} workers (tensor parallel {tp}, pipeline {pp}; page plans agreed over a gloo group)"
-                if tp * pp > 1 else "")
+    logger.info(
+        "vllm-namm: KV eviction %s, interval %d%s",
+        cfg.policy,
+        cfg.interval,
+        f", {tp * pp} workers (tensor parallel {tp}, pipeline {pp}; page plans agreed over a gloo group)"
+        if tp * pp > 1
+        else "",
+    )
 
 
 def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
@@ -111,8 +124,10 @@ def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
             "and a synchronous step would wait for the next stage before handing it its activations; use a lag "
             ">= 1 (the default is 2)"
         )
-    for flag, attr in (("--decode-context-parallel-size", "decode_context_parallel_size"),
-                       ("--prefill-context-parallel-size", "prefill_context_parallel_size")):
+    for flag, attr in (
+        ("--decode-context-parallel-size", "decode_context_parallel_size"),
+        ("--prefill-context-parallel-size", "prefill_context_parallel_size"),
+    ):
         if (getattr(args, attr, 1) or 1) > 1:
             raise NammConfigError(
                 f"--kv-eviction does not support {flag} > 1: the ranks would split each request's tokens, "
@@ -145,10 +160,16 @@ def piecewise_cuda_graphs(args: Any) -> None:
     asked = cc.cudagraph_mode
     if asked == CUDAGraphMode.NONE:
         return
-    if cc.mode not in (None, CompilationMode.VLLM_COMPILE):  # no piecewise graphs: only full ones are possible
+    if cc.mode not in (
+        None,
+        CompilationMode.VLLM_COMPILE,
+    ):  # no piecewise graphs: only full ones are possible
         cc.cudagraph_mode = CUDAGraphMode.NONE
-        logger.warning("vllm-namm: --kv-eviction turns CUDA graphs off under compilation mode %s (it has no "
-                       "piecewise graphs, and full ones would skip the eviction hooks)", cc.mode.name)
+        logger.warning(
+            "vllm-namm: --kv-eviction turns CUDA graphs off under compilation mode %s (it has no "
+            "piecewise graphs, and full ones would skip the eviction hooks)",
+            cc.mode.name,
+        )
         return
     if cc.pass_config.fuse_attn_quant and not cc.use_inductor_graph_partition:
         raise NammConfigError(
@@ -162,10 +183,15 @@ def piecewise_cuda_graphs(args: Any) -> None:
         )
     cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
     if asked is not None and asked != CUDAGraphMode.PIECEWISE:
-        logger.warning("vllm-namm: --kv-eviction replaces cudagraph_mode %s by PIECEWISE (full CUDA graphs would "
-                       "replay attention without the eviction hooks)", asked.name)
-    logger.info("vllm-namm: --kv-eviction on GPU: piecewise CUDA graphs, attention outside them (full CUDA graphs "
-                "off: they would skip the eviction hooks); untested on a GPU")
+        logger.warning(
+            "vllm-namm: --kv-eviction replaces cudagraph_mode %s by PIECEWISE (full CUDA graphs would "
+            "replay attention without the eviction hooks)",
+            asked.name,
+        )
+    logger.info(
+        "vllm-namm: --kv-eviction on GPU: piecewise CUDA graphs, attention outside them (full CUDA graphs "
+        "off: they would skip the eviction hooks); untested on a GPU"
+    )
 
 
 def cap_prefill_chunk(args: Any, max_model_len: int | None) -> None:
@@ -185,7 +211,9 @@ def cap_prefill_chunk(args: Any, max_model_len: int | None) -> None:
         args.long_prefill_token_threshold = max_model_len
         logger.info(
             "vllm-namm: eviction interval %d exceeds max_model_len %d: one eviction step at the end of "
-            "each prompt (one-shot)", threshold, max_model_len,
+            "each prompt (one-shot)",
+            threshold,
+            max_model_len,
         )
 
 

@@ -69,7 +69,9 @@ class RequestSettings(BaseModel):
             }
             data["budget"] = BudgetConfig(**extra).model_dump()
         own_budget = self.kv_eviction_budget is not None or self.kv_eviction_ratio is not None
-        if not takes_budget(policy) or (not needs_budget(policy) and policy != server.policy and not own_budget):
+        if not takes_budget(policy) or (
+            not needs_budget(policy) and policy != server.policy and not own_budget
+        ):
             data["budget"] = None  # namm asked for on a baseline's server keeps its threshold rule
         if policy != "namm":
             data["weights"] = None
@@ -113,7 +115,9 @@ def validate_for_server(
             "to evict per request"
         )
     policy = settings.kv_eviction or server.policy
-    given = [k for k in type(settings).model_fields if k != "kv_eviction" and getattr(settings, k) is not None]
+    given = [
+        k for k in type(settings).model_fields if k != "kv_eviction" and getattr(settings, k) is not None
+    ]
     budget_keys = [k for k in ("kv_eviction_budget", "kv_eviction_ratio") if k in given]
     if len(budget_keys) == 2:
         raise RequestSettingsError("vllm_xargs: give exactly one of kv_eviction_budget or kv_eviction_ratio")
@@ -123,11 +127,15 @@ def validate_for_server(
             f"this request runs {policy}"
         )
     if "namm_threshold" in given and (budget_keys or (server.budget is not None and policy == server.policy)):
-        raise RequestSettingsError("vllm_xargs.namm_threshold: namm ranked under a budget keeps its best-scored "
-                                   "tokens; a threshold does not apply")
+        raise RequestSettingsError(
+            "vllm_xargs.namm_threshold: namm ranked under a budget keeps its best-scored "
+            "tokens; a threshold does not apply"
+        )
     for key in ("namm_params", "namm_threshold", "namm_ema_coeff_per_step"):
         if key in given and policy != "namm":
-            raise RequestSettingsError(f"vllm_xargs.{key}: only valid with kv_eviction=namm, this request runs {policy}")
+            raise RequestSettingsError(
+                f"vllm_xargs.{key}: only valid with kv_eviction=namm, this request runs {policy}"
+            )
     if needs_budget(policy) and not budget_keys and server.budget is None:
         raise RequestSettingsError(
             f"vllm_xargs.kv_eviction: {policy} needs kv_eviction_budget or kv_eviction_ratio "

@@ -80,12 +80,15 @@ class NammRunnerState:
         self.layers = [mod for _, mod in layers]
         self.layer_ids = [extract_layer_index(name) for name in self.layer_names]
         if self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[0] + len(self.layer_ids))):
-            raise RuntimeError(f"vllm-namm: this worker's attention layers are not consecutive: {self.layer_ids}")
+            raise RuntimeError(
+                f"vllm-namm: this worker's attention layers are not consecutive: {self.layer_ids}"
+            )
         first = self.layers[0]
         for mod in self.layers:
-            if getattr(mod.impl, "sliding_window", None) not in (None, -1) or getattr(
-                mod.impl, "alibi_slopes", None
-            ) is not None:
+            if (
+                getattr(mod.impl, "sliding_window", None) not in (None, -1)
+                or getattr(mod.impl, "alibi_slopes", None) is not None
+            ):
                 raise RuntimeError(
                     "vllm-namm: models with sliding-window or ALiBi attention are not supported with "
                     "--kv-eviction (compacting the cache would change in-kernel distances)"
@@ -105,7 +108,9 @@ class NammRunnerState:
         self.hop = self.weights.features.s_w
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
         # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
-        self.fused_features = side == "triton" and kernels.triton_stft_supported(self.weights.features.n_w, self.hop)
+        self.fused_features = side == "triton" and kernels.triton_stft_supported(
+            self.weights.features.n_w, self.hop
+        )
         self.votes = VoteGroup.create()
         self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
@@ -120,20 +125,30 @@ class NammRunnerState:
             self.hole_delay = self.votes.stages - 1
         cpus = eviction_cpus(worker_cpus) if self.device.type == "cpu" else None
         self.executor: LaggedExecutor[StepJob, StepResult] = LaggedExecutor(
-            self._compute, config.lag, device=self.device, cpus=cpus)
+            self._compute, config.lag, device=self.device, cpus=cpus
+        )
         for idx, mod in enumerate(self.layers):
             _wrap_impl_forward(mod, idx, self)
         logger.info(
             "vllm-namm: %s eviction on %d layers (block %d, interval %d, attention backend %s, feature kernels %s%s; "
             "decisions applied %d engine steps later%s%s)",
-            config.policy, len(self.layers), self.block_size, config.interval, self.backend, side,
-            ", fused paged STFT" if self.fused_features else "", config.lag,
+            config.policy,
+            len(self.layers),
+            self.block_size,
+            config.interval,
+            self.backend,
+            side,
+            ", fused paged STFT" if self.fused_features else "",
+            config.lag,
             f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
-            if config.lag and cpus else "",
+            if config.lag and cpus
+            else "",
             f"; {self.votes.size} workers (tensor parallel {self.votes.size // self.votes.stages}, pipeline "
             f"{self.votes.stages}): rank {self.votes.rank} holds {self.num_kv_heads} KV heads of layers "
             f"{self.layer_ids[0]}-{self.layer_ids[-1]} of {self.total_layers}, page plans agreed over a gloo group"
-            f"{', reports freed blocks' if self.reporter else ''}" if self.votes is not None else "",
+            f"{', reports freed blocks' if self.reporter else ''}"
+            if self.votes is not None
+            else "",
         )
 
     # ---- per-request policies -------------------------------------------------------------
@@ -151,7 +166,9 @@ class NammRunnerState:
                 self._policies.clear()
             weights = self.weights
             if settings.namm_ema_coeff_per_step is not None:
-                features = weights.features.model_copy(update={"ema_coeff_per_step": settings.namm_ema_coeff_per_step})
+                features = weights.features.model_copy(
+                    update={"ema_coeff_per_step": settings.namm_ema_coeff_per_step}
+                )
                 weights = dataclasses.replace(weights, features=features)
             self._policies[key] = make_policy(settings.apply(self.config), weights)
         return self._policies[key]
@@ -183,9 +200,13 @@ class NammRunnerState:
                 return
             params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
             self.requests[req_id] = RequestMemory(
-                policy, len(self.layers), self.block_size, params=params,
+                policy,
+                len(self.layers),
+                self.block_size,
+                params=params,
                 # A prefix-cache hit brings tokens no policy has seen: they are all "new" to it.
-                num_tokens=num_computed_tokens, scored_tokens=0,
+                num_tokens=num_computed_tokens,
+                scored_tokens=0,
             )
         except ValueError as e:  # validated at the API server already; never kill the engine
             logger.error("vllm-namm: request %s runs without eviction: %s", req_id, e)
@@ -233,13 +254,25 @@ class NammRunnerState:
         """Read access to a request's live pages, fixed now (the batch row may move later)."""
         table = self.runner.input_batch.block_table[0].block_table.np
         blocks = torch.from_numpy(table[row, mem.live_pages].astype("int64"))
-        return PagedCacheReader([key_layout(mod, self.backend) for mod in self.layers], blocks, self.scale,
-                                backend=self.config.kernels, fused=self.fused_features)
+        return PagedCacheReader(
+            [key_layout(mod, self.backend) for mod in self.layers],
+            blocks,
+            self.scale,
+            backend=self.config.kernels,
+            fused=self.fused_features,
+        )
 
     def _compute(self, jobs: list[StepJob]) -> list[StepResult]:
         reduce = self.votes.reduce if self.votes is not None else None
-        return compute_steps(jobs, self.config, self.scale, self.num_kv_heads, self.device, reduce=reduce,
-                             layers=(self.layer_ids[0], self.total_layers))
+        return compute_steps(
+            jobs,
+            self.config,
+            self.scale,
+            self.num_kv_heads,
+            self.device,
+            reduce=reduce,
+            layers=(self.layer_ids[0], self.total_layers),
+        )
 
     def _apply(self, future: Any) -> None:
         """Report computed decisions and turn them into holes (engine thread).
@@ -249,7 +282,9 @@ class NammRunnerState:
         """
         error = future.exception()
         if error is not None:  # never take the engine down: those requests stop evicting
-            logger.error("vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error)
+            logger.error(
+                "vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error
+            )
             return
         for result in future.result():
             req_id = result.job.req_id
@@ -299,7 +334,9 @@ class NammRunnerState:
         block_ids = self.runner.requests[req_id].block_ids[0]
         for page, block_id in freed:
             if block_ids[page] != block_id or (row is not None and int(table[row, page]) != block_id):
-                raise RuntimeError(f"vllm-namm: page {page} of {req_id} changed blocks before its hole was made")
+                raise RuntimeError(
+                    f"vllm-namm: page {page} of {req_id} changed blocks before its hole was made"
+                )
             block_ids[page] = NULL_BLOCK_ID
             if row is not None:
                 table[row, page] = NULL_BLOCK_ID
@@ -341,8 +378,9 @@ class VoteGroup:
             return None
         # vLLM lays ranks out as [..., PP, TP]: stage s's TP ranks are s's PP-group rank's TP neighbours
         ranks = sorted(p - tp.rank_in_group + j for p in pp.ranks for j in range(tp.world_size))
-        group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True,
-                               group_desc="vllm_namm_page_votes")
+        group = dist.new_group(
+            ranks, backend="gloo", use_local_synchronization=True, group_desc="vllm_namm_page_votes"
+        )
         return cls(group, ranks.index(dist.get_rank()), len(ranks), pp.world_size)
 
     def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
@@ -481,4 +519,3 @@ def install() -> None:
         if _active_compaction is not None:
             common_attn_metadata = compact_metadata(common_attn_metadata, *_active_compaction)
         return original(self, common_attn_metadata, *args, **kwargs)
-

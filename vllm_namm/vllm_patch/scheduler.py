@@ -122,7 +122,9 @@ class NammScheduler(Scheduler):
         try:
             server = eviction_config_from(self.vllm_config)
             params = getattr(request, "sampling_params", None)
-            cfg = parse_request_settings(getattr(params, "extra_args", None)).apply(server) if server else None
+            cfg = (
+                parse_request_settings(getattr(params, "extra_args", None)).apply(server) if server else None
+            )
         except ValueError:  # validated at the API server already; a summary must not fail
             return {}
         if cfg is None:
@@ -158,7 +160,11 @@ class NammScheduler(Scheduler):
             summary |= self._namm_budget(request)
             logger.info(
                 "vllm-namm: request %s finished holding %d of %d KV blocks (retained %.1f%%, %d evicted)",
-                request.request_id, held, logical, 100 * summary["retained_fraction"], stats.evicted_blocks,
+                request.request_id,
+                held,
+                logical,
+                100 * summary["retained_fraction"],
+                stats.evicted_blocks,
             )
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         if summary is not None and kv_params is None:
