@@ -436,7 +436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=TRAINED_MODEL)
     p.add_argument("--policies", nargs="+", default=list(BASELINES), choices=BASELINES)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
-    p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped initial weights")
+    p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped evolved weights")
     p.add_argument(
         "--namm-extra",
         nargs="*",

@@ -27,6 +27,7 @@ from evolve.strategy import Strategy, cma_options, elite_count
 from evolve.tasks import metrics as m
 from evolve.tasks.longbench import DATASETS, load_longbench, score_sample
 from vllm_namm.launch import free_port
+from vllm_namm.shipped_weights import DEFAULT_WEIGHTS
 from vllm_namm.synthetic import TASK_KINDS, make_sample
 
 # --------------------------------------------------------------------------------------------------
@@ -514,10 +515,7 @@ def test_loop_refuses_to_overwrite_and_checks_resume_config(tmp_path: Path):
     with pytest.raises(ConfigError, match="samples_per_task"):
         _run(changed, resume=True)
     default = Evolution(cfg.model_copy(update={"start_weights": None}), FakeClient())
-    assert (
-        default.cfg.start_weights is not None
-        and default.cfg.start_weights.name == "initial_weights.safetensors"
-    )
+    assert default.cfg.start_weights is not None and default.cfg.start_weights.name == DEFAULT_WEIGHTS.name
     assert not default.space.x0(zeros=True).any() and default.space.dim == default.space.x0().size
 
 

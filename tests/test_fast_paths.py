@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.policies import DEFAULT_WEIGHTS, make_policy
+from vllm_namm.policies import HAND_WEIGHTS, make_policy
 from vllm_namm.request_memory import KeysReader, PagedCacheReader, RequestMemory, begin_step, compute_steps
 from vllm_namm.scorers import BAMScorer, MLPScorer, ScorerConfig, score_ragged
 from vllm_namm.weights import NammWeights, load_weights, save_weights
@@ -179,7 +179,7 @@ def test_bam_zero_value_projection_skips_attention_exactly():
     s = random_bam(zero_value=True)
     x = torch.randn(2, 150, 25)
     torch.testing.assert_close(s(x), s.forward_reference(x), **TOL)
-    hand = load_weights(DEFAULT_WEIGHTS).build_scorer()  # the shipped hand-set weights: V is zero
+    hand = load_weights(HAND_WEIGHTS).build_scorer()  # the shipped hand-set weights: V is zero
     torch.testing.assert_close(hand(x), hand.forward_reference(x), **TOL)
     flats = torch.stack([s.flat, random_bam(seed=1).flat])
     torch.testing.assert_close(s(x, flats), s.forward_reference(x, flats), **TOL)

@@ -45,7 +45,11 @@ def test_registry_and_factory():
     assert list(POLICIES) == list(POLICY_NAMES) == list(REGISTRY) and {"none", "namm"} < set(POLICIES)
     assert all(POLICIES[n].name == n for n in POLICY_NAMES)
     assert make_policy(EvictionConfig()).name == "none"
-    assert make_policy(EvictionConfig(policy="namm")).num_params == 4172  # shipped weights
+    default = make_policy(
+        EvictionConfig(policy="namm")
+    )  # the shipped evolved weights, ranked under their budget
+    assert default.num_params == 1326 and default.budget is not None and default.budget.ratio == 0.3
+    assert make_policy(EvictionConfig(policy="namm", weights="hand")).num_params == 4172  # the hand-set BAM
     assert len(budget_policies()) >= 4
     for name in budget_policies():
         assert make_policy(EvictionConfig(policy=name, budget=BudgetConfig(tokens=10))).name == name
@@ -163,7 +167,7 @@ def test_nan_attention_never_evicts_everything():
     attn = torch.full((KV, NQ, N), float("nan"))
     for name in ("namm", "h2o", "snapkv"):
         budget = None if name == "namm" else BudgetConfig(tokens=30)
-        cfg = EvictionConfig(policy=name, budget=budget)
+        cfg = EvictionConfig(policy=name, budget=budget, weights="hand" if name == "namm" else None)
         pol = make_policy(cfg)
         view = _view(attn=attn)
         keep = protect(pol.select(pol.score(view, pol.new_state()), view), view, cfg.protect)
@@ -185,8 +189,8 @@ def test_equalize_head_drops_same_count_lowest_first():
 
 
 def test_initial_weights_keep_attended_and_evict_ignored_tokens():
-    """Shipped default: tokens with negligible attention go, attended ones stay."""
-    pol = make_policy(EvictionConfig(policy="namm", interval=512))
+    """Shipped hand-set weights: tokens with negligible attention go, attended ones stay."""
+    pol = make_policy(EvictionConfig(policy="namm", interval=512, weights="hand"))
     n_old, n_q = 512, 512
     n = n_old + n_q
     attn = torch.zeros(KV, n_q, n)

@@ -101,7 +101,15 @@ def test_inspect_cli_on_shipped_file():
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "BAM" in r.stdout and "4172" in r.stdout and "n_up 512" in r.stdout
+    assert "MLP" in r.stdout and "1326" in r.stdout and "n_up 512" in r.stdout and "budget of 0.3" in r.stdout
+    assert '"generations":10' in r.stdout and '"command":"python -m evolve' in r.stdout  # provenance
+    hand = subprocess.run(
+        [sys.executable, "-m", "vllm_namm.weights", "inspect", "hand"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert hand.returncode == 0 and "BAM" in hand.stdout and "4172" in hand.stdout, hand.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "vllm_namm.weights", "inspect", "/nonexistent"],
         capture_output=True,

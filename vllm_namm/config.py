@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
+from vllm_namm.shipped_weights import SHIPPED_WEIGHTS, resolve_weights
 
 PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]  # the registry's names
 PageRule = Literal["all", "majority", "any"]
@@ -141,7 +142,9 @@ class EvictionConfig(_Strict):
     interval: int = Field(512, gt=0, description="n_up: tokens between two eviction steps")
     budget: BudgetConfig | None = None
     protect: ProtectConfig = ProtectConfig()
-    weights: Path | None = Field(None, description="NAMM weights file; None = shipped default")
+    weights: Path | None = Field(
+        None, description=f"NAMM weights file or shipped name ({', '.join(SHIPPED_WEIGHTS)}); None = evolved"
+    )
     threshold: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -176,6 +179,11 @@ class EvictionConfig(_Strict):
         description="engine steps between a step's start and its freed pages: the decision is computed "
         "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _shipped_name(cls, v: object) -> object:
+        return resolve_weights(v) if isinstance(v, (str, Path)) else v
 
     @field_validator("interval")
     @classmethod

@@ -93,6 +93,13 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
     )
     for label, answer, ok, peak, held, logical, secs in rows:
         print(f"{label:6} {answer[:14]!r:14} {bool(ok)!s:7} {peak:14.0f} {held:11d} {logical:4d} {secs:7.1f}")
+    (_, _, namm_ok, namm_peak, namm_held, _, _), (_, _, none_ok, none_peak, none_held, _, _) = rows
+    print(
+        f"\nnamm held {namm_held} KV blocks at the end against {none_held} without eviction: "
+        f"{100 * (1 - namm_held / max(1, none_held)):.0f} % saved (peak {namm_peak:.0f} vs {none_peak:.0f}: "
+        f"{100 * (1 - namm_peak / max(1, none_peak)):.0f} % saved); "
+        f"answer {'as correct as' if namm_ok == none_ok else 'different from'} the full cache's"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="local model path (default: our trained tiny Llama)")
     p.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--namm-weights", default=None, help="weights file (default: the shipped initial weights)")
+    p.add_argument(
+        "--namm-weights",
+        default=None,
+        help="weights file or shipped name (default: 'evolved', the evolved weights for our tiny Llama)",
+    )
     a = p.parse_args(argv)
     policy = ["--kv-eviction", "namm"] + (["--namm-weights", a.namm_weights] if a.namm_weights else [])
     run(a.model, a.tokens, policy, a.block_size)

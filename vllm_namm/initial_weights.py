@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from vllm_namm.config import FeatureConfig
-from vllm_namm.policies import DEFAULT_WEIGHTS
 from vllm_namm.policies.namm import NammFeatureState, spectral_features
 from vllm_namm.scorers import ScorerConfig, make_scorer
+from vllm_namm.shipped_weights import HAND_WEIGHTS
 from vllm_namm.weights import NammWeights, Provenance, save_weights
 
 MIN_MEAN_ATTENTION = 2.0**-15
@@ -87,9 +87,9 @@ def build_initial_weights(features: FeatureConfig | None = None) -> NammWeights:
 
 def main() -> int:
     w = build_initial_weights()
-    DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(DEFAULT_WEIGHTS, w)
-    print(f"wrote {DEFAULT_WEIGHTS} ({w.params.numel()} parameters)")
+    HAND_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(HAND_WEIGHTS, w)
+    print(f"wrote {HAND_WEIGHTS} ({w.params.numel()} parameters)")
     return 0
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from vllm_namm.config import FeatureConfig
 from vllm_namm.scorers import Scorer, ScorerConfig, make_scorer
+from vllm_namm.shipped_weights import resolve_weights
 
 FORMAT_VERSION = 1
 META_KEY = "namm"
@@ -151,7 +152,7 @@ def _first_error(e: ValidationError) -> str:
 
 def load_weights(path: str | Path) -> NammWeights:
     """Read and validate a weights file; every problem is a :class:`WeightsError`."""
-    path = Path(path)
+    path = resolve_weights(path)
     where = str(path)
     if not path.is_file():
         raise WeightsError(f"{where}: no such weights file")

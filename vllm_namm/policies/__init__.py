@@ -1,12 +1,10 @@
 """Eviction policies, by name (the list itself: :mod:`vllm_namm.policy_registry`).
 
 ``make_policy(config)`` is what the engine and the reference runner call; the NAMM weights
-default to the shipped ``vllm_namm/data/initial_weights.safetensors``.
+default to the shipped evolved weights (:mod:`vllm_namm.shipped_weights`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from vllm_namm.config import BudgetConfig, EvictionConfig
 from vllm_namm.policies.base import (
@@ -28,11 +26,8 @@ from vllm_namm.policies.none import NoEviction
 from vllm_namm.policies.snapkv import SnapKVPolicy
 from vllm_namm.policies.streaming import StreamingPolicy
 from vllm_namm.policy_registry import POLICY_NAMES, policy_class
+from vllm_namm.shipped_weights import DEFAULT_WEIGHTS, HAND_WEIGHTS
 from vllm_namm.weights import NammWeights, load_weights
-
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "initial_weights.safetensors"
-"""The shipped weights: what ``--kv-eviction namm`` loads without ``--namm-weights``, what evolution
-starts from by default, and what ``python -m vllm_namm.initial_weights`` writes."""
 
 POLICIES: dict[str, type[EvictionPolicy]] = {name: policy_class(name) for name in POLICY_NAMES}
 """Every registered policy (:mod:`vllm_namm.policy_registry`), by name."""
@@ -72,6 +67,7 @@ def make_policy(config: EvictionConfig, weights: NammWeights | None = None) -> E
 
 __all__ = [
     "DEFAULT_WEIGHTS",
+    "HAND_WEIGHTS",
     "POLICIES",
     "BudgetPolicy",
     "EvictionPolicy",

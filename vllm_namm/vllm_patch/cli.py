@@ -31,8 +31,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "weights",
         dict(
             default=None,
-            metavar="PATH",
-            help="NAMM weights (.safetensors). Default: the shipped initial weights.",
+            metavar="PATH|NAME",
+            help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
+            "namm-tiny-llama) or 'hand' (the hand-set starting point).",
         ),
     ),
     "--namm-threshold": (
