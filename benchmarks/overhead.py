@@ -160,7 +160,7 @@ def variant_config(variant: str, tmp: Path):
         budget = None if variant == "none" else {"ratio": 0.25}
         return EvictionConfig(policy=variant, budget=budget, page_rule="majority")
     if variant == "namm-hand":
-        return EvictionConfig(policy="namm")
+        return EvictionConfig(policy="namm", weights="hand")
     path = resolve("random:" + variant.removeprefix("namm-"), tmp)  # random, non-zero weights
     return EvictionConfig(policy="namm", weights=path, page_rule="majority")
 
