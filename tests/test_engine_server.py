@@ -531,7 +531,7 @@ def test_concurrent_mixed_requests_with_aborts(streaming_server: VllmServer):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def namm_server(server_pool: ServerPool, tiny_model: Path) -> VllmServer:
-    return server_pool.get("namm", tiny_model, ["--kv-eviction", "namm"])  # shipped initial weights
+    return server_pool.get("namm", tiny_model, ["--kv-eviction", "namm"])  # shipped evolved weights
 
 
 def test_namm_shipped_weights_evict_and_complete(namm_server: VllmServer):
@@ -553,7 +553,6 @@ def test_namm_per_request_params(namm_server: VllmServer):
     from vllm_namm.weights import load_weights
 
     n = load_weights(DEFAULT_WEIGHTS).params.numel()
-    assert n == 4172
     with pytest.raises(openai.BadRequestError, match="namm_params"):
         namm_server.client.completions.create(
             model=namm_server.model,
