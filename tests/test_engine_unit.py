@@ -71,7 +71,9 @@ def test_evicted_pages_are_never_reported_twice_and_positions_stay_logical() -> 
 
 
 def test_namm_with_zero_params_evicts_nothing() -> None:
-    cfg = EvictionConfig(policy="namm")
+    cfg = EvictionConfig(
+        policy="namm", weights="hand"
+    )  # threshold rule (the evolved default ranks under a budget)
     policy = make_policy(cfg)
     mem = RequestMemory(policy, 2, BS, params=torch.zeros(policy.num_params))
     g = torch.Generator().manual_seed(1)

@@ -92,9 +92,13 @@ def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):
 
 
 def test_policy_without_a_budget_reports_none(budget_server: VllmServer):
-    """namm (threshold, no budget) on the same server: its summary has no budget fields."""
+    """namm (threshold rule, no budget) on the same server: its summary has no budget fields."""
     resp = complete(
-        budget_server, text(1400, 3000), max_tokens=2, ignore_eos=True, vllm_xargs={"kv_eviction": "namm"}
+        budget_server,
+        text(1400, 3000),
+        max_tokens=2,
+        ignore_eos=True,
+        vllm_xargs={"kv_eviction": "namm", "namm_threshold": 0.0},  # an explicit threshold: no budget
     )
     s = (resp.get("kv_transfer_params") or {}).get("namm")
     assert s is None or "budget_tokens" not in s, s

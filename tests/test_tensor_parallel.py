@@ -40,7 +40,14 @@ from test_engine_server import (
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(1800)]
 
-FLAGS = [*STREAMING_FLAGS, "--kv-eviction-page-rule", "majority"]  # majority: NAMM's random scores free pages
+# majority: NAMM's random scores free pages; lag 1: pipeline parallelism needs a lag >= 1, and the TP=1
+# reference must run the same lag to free the same pages at the same steps
+FLAGS = [
+    *STREAMING_FLAGS[: STREAMING_FLAGS.index("--kv-eviction-lag")],
+    "--kv-eviction-page-rule",
+    "majority",
+]
+FLAGS += ["--kv-eviction-lag", "1", *STREAMING_FLAGS[STREAMING_FLAGS.index("--kv-eviction-lag") + 2 :]]
 COMPILED_FLAGS = tuple(f for f in BASE_FLAGS if f != "--enforce-eager")
 PROMPT = text(3000, 5)
 NEW_TOKENS = 16
@@ -73,8 +80,8 @@ def serve_all(server: VllmServer) -> dict[str, dict[str, Any]]:
             "logprobs": choice["logprobs"]["token_logprobs"],
             "summary": None if name == "none" else namm_summary(r),
         }
-    for i, n in enumerate((5, 700)):
-        r = complete(server, text(n, 10 + i), max_tokens=32, logprobs=1)
+    for i, n in enumerate((5, 700)):  # without eviction (700 tokens exceed the streaming budget)
+        r = complete(server, text(n, 10 + i), max_tokens=32, logprobs=1, vllm_xargs={"kv_eviction": "none"})
         out[f"short-{n}"] = {
             "ids": r["choices"][0]["token_ids"],
             "logprobs": r["choices"][0]["logprobs"]["token_logprobs"],
