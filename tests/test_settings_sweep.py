@@ -105,9 +105,9 @@ FLAG_CASES: list[FlagCase] = [
     _c(
         "pipeline-lag-0",
         [*NAMM, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"],
-        "--kv-eviction-lag",
+        "--pipeline-parallel-size",
         "conflict",
-        "cannot work with --pipeline-parallel-size",
+        "does not support --pipeline-parallel-size",
     ),
     _c(
         "context-parallel",
@@ -483,7 +483,6 @@ GOOD_FLAGS: dict[str, list[str]] = {
     "one-shot-derived-len": [*NAMM, "--kv-eviction-interval", str(1 << 24)],  # length from the model
     "interval-512": [*NAMM, "--max-model-len", "4096"],
     "tensor-parallel-2": [*STREAM_B, "--tensor-parallel-size", "2"],
-    "pipeline-parallel-2": [*NAMM, "--pipeline-parallel-size", "2", "--tensor-parallel-size", "2"],
 }
 
 

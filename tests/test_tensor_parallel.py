@@ -156,38 +156,15 @@ def test_tp2_concurrent_requests_with_aborts_return_every_block(tp2_server: Vllm
 
 
 # ---------------------------------------------------------------------------------------------
-# pipeline parallel 2, compiled
+# pipeline parallel 2: refused (its page-plan collective deadlocked against vLLM's PP RPC)
 # ---------------------------------------------------------------------------------------------
-def test_pp_with_lag_0_is_refused_clearly(tiny_model: Path):
-    run = run_vllm_fail(tiny_model, [*FLAGS, "--pipeline-parallel-size", "2", "--kv-eviction-lag", "0"])
+@pytest.mark.parametrize("lag", ["0", "1"])
+def test_pp_is_refused_clearly(tiny_model: Path, lag: str):
+    run = run_vllm_fail(tiny_model, [*FLAGS, "--pipeline-parallel-size", "2", "--kv-eviction-lag", lag])
     assert run.returncode == 2, run.output[-3000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("vllm-namm: error:")]
-    assert len(lines) == 1 and "--kv-eviction-lag 0" in lines[0] and "pipeline" in lines[0], run.stderr[
-        -3000:
-    ]
+    assert len(lines) == 1 and "--pipeline-parallel-size" in lines[0], run.stderr[-3000:]
     assert "Traceback" not in run.output
-
-
-@pytest.fixture(scope="module")
-def pp2_server(server_pool: ServerPool, tiny_model: Path, reference) -> VllmServer:
-    return server_pool.get(
-        "pp2", tiny_model, [*FLAGS, "--pipeline-parallel-size", "2"], base_flags=COMPILED_FLAGS
-    )
-
-
-def test_pp2_frees_the_same_pages_and_tokens_as_tp1(pp2_server: VllmServer, reference):
-    log = pp2_server.log_text()
-    assert "2 workers (tensor parallel 1, pipeline 2)" in log
-    assert "holds 2 KV heads of layers 0-0 of 2" in log and "holds 2 KV heads of layers 1-1 of 2" in log
-    check_same_as_reference(serve_all(pp2_server), reference)
-
-
-def test_pp2_kv_usage_shows_the_saving(pp2_server: VllmServer):
-    check_saving(pp2_server)
-
-
-def test_pp2_concurrent_requests_with_aborts_return_every_block(pp2_server: VllmServer):
-    concurrent_mixed_requests_with_aborts(pp2_server)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,11 +308,9 @@ def test_parallelism_checks():
     from vllm_namm.vllm_patch.engine_config import NammConfigError, check_parallelism
 
     cfg = EvictionConfig(policy="streaming", budget={"tokens": 512})
-    check_parallelism(engine_args(tensor_parallel_size=2, pipeline_parallel_size=2), cfg)  # supported
-    with pytest.raises(
-        NammConfigError, match="--kv-eviction-lag 0 cannot work with --pipeline-parallel-size"
-    ):
-        check_parallelism(engine_args(pipeline_parallel_size=2), cfg.model_copy(update={"lag": 0}))
+    for lag in (0, 1, 2):  # pipeline parallelism is refused at any lag
+        with pytest.raises(NammConfigError, match="does not support --pipeline-parallel-size"):
+            check_parallelism(engine_args(pipeline_parallel_size=2), cfg.model_copy(update={"lag": lag}))
     check_parallelism(engine_args(tensor_parallel_size=2), cfg.model_copy(update={"lag": 0}))
     for attr, flag in (
         ("decode_context_parallel_size", "--decode-context-parallel-size"),

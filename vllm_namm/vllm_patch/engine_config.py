@@ -110,19 +110,20 @@ def prepare_engine_args(args: Any) -> None:
 
 
 def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
-    """Tensor and pipeline parallelism are supported; context parallelism is refused.
+    """Tensor parallelism is supported; pipeline and context parallelism are refused.
 
-    * Pipeline parallel needs ``--kv-eviction-lag`` >= 1: the stages agree on a step's page
-      plan through a collective, and a stage computes synchronously (lag 0) inside its forward
-      call, before it hands its activations to the next stage, which is thus never reached.
+    * Pipeline parallel: the stages agree on a step's page plan through a collective; at lag 0 a
+      stage waits inside its forward for a stage it has not yet handed activations to, and at
+      lag >= 1 the vote still deadlocked against vLLM's ``sample_tokens`` RPC in our PP=2 test
+      (engine timeout). The per-layer tallies (``page_plan.PageVotes``) are kept for a fix.
     * Decode/prefill context parallel: the ranks split each request's tokens, so no rank can
       read the keys a step scores.
     """
-    if (args.pipeline_parallel_size or 1) > 1 and cfg.lag == 0:
+    if (args.pipeline_parallel_size or 1) > 1:
         raise NammConfigError(
-            "--kv-eviction-lag 0 cannot work with --pipeline-parallel-size > 1: the stages agree on every page plan, "
-            "and a synchronous step would wait for the next stage before handing it its activations; use a lag "
-            ">= 1 (the default is 2)"
+            "--kv-eviction does not support --pipeline-parallel-size > 1 in vLLM 0.32: the stages must agree on "
+            "every page plan, and that collective deadlocks against the pipeline's own sample_tokens RPC (with lag "
+            "0 at once, with lag >= 1 the engine times out); use --tensor-parallel-size"
         )
     for flag, attr in (
         ("--decode-context-parallel-size", "decode_context_parallel_size"),
