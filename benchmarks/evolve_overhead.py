@@ -3,11 +3,13 @@
 The goal (evolve issue): a generation — population x samples requests, each carrying its
 candidate's whole parameter vector — should take at most 1.25x the time of sending the
 same prompts with eviction off to the same server. Both batches run back to back on one
-``vllm serve --kv-eviction namm`` server started here, with evolve's own client and task
-sampler, so the ratio measures exactly what evolution adds: parameter transfer, scoring,
-and eviction.
+``vllm serve --kv-eviction namm`` server started here with the flags evolution serves with
+(``--no-enable-prefix-caching --kv-eviction-lag 0``: a prefix-cache hit would hand the
+``none`` batch its prompts for free and give NAMM no queries to score), with evolve's own
+client and task sampler, so the ratio measures exactly what evolution adds: parameter
+transfer, scoring, and eviction.
 
-``python -m benchmarks evolve-overhead [--model PATH] [--popsize 8] [--samples 4] [--tokens 1500]``
+``python -m benchmarks evolve-overhead [--model PATH] [--popsize 8] [--samples 4] [--tokens 4000]``
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from pathlib import Path
 import numpy as np
 
 
-async def _batch(client, samples, xargs_list) -> tuple[float, float]:
-    """Send every (sample, xargs) at once; (seconds, mean retained fraction)."""
+async def _batch(client, samples, xargs_list) -> tuple[float, float, float]:
+    """Send every (sample, xargs) at once; (seconds, mean retained fraction, mean eviction steps)."""
     t0 = time.perf_counter()
     results = await asyncio.gather(
         *[client.complete(s.prompt, s.max_tokens, xa) for xa in xargs_list for s in samples]
     )
     elapsed = time.perf_counter() - t0
-    return elapsed, float(np.mean([r.retained_fraction for r in results]))
+    steps = float(np.mean([r.eviction_steps or 0 for r in results]))
+    return elapsed, float(np.mean([r.retained_fraction for r in results])), steps
 
 
 async def _measure(
@@ -52,12 +55,18 @@ async def _measure(
     rows = []
     async with EvalClient(ServerConfig(base_url=base_url, max_concurrency=popsize * n_samples)) as client:
         await client.check()
-        await _batch(client, samples, baseline[:1])  # warm-up (and prefix-cache the prompts for both)
+        await _batch(client, samples, baseline[:1])  # warm-up
         for _ in range(repeats):
-            t_none, _ = await _batch(client, samples, baseline)
-            t_namm, kept = await _batch(client, samples, candidates)
+            t_none, _, _ = await _batch(client, samples, baseline)
+            t_namm, kept, steps = await _batch(client, samples, candidates)
             rows.append(
-                {"none_s": t_none, "namm_s": t_namm, "ratio": t_namm / t_none, "retained_fraction": kept}
+                {
+                    "none_s": t_none,
+                    "namm_s": t_namm,
+                    "ratio": t_namm / t_none,
+                    "retained_fraction": kept,
+                    "eviction_steps": steps,
+                }
             )
     return {
         "popsize": popsize,
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="local model (default: a tiny random Llama built here)")
     p.add_argument("--popsize", type=int, default=8)
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=1500)
+    p.add_argument("--tokens", type=int, default=4000, help="prompt length (evolution runs at 4k)")
     p.add_argument("--sigma", type=float, default=0.065)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
@@ -95,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "32",
         "--max-model-len",
         str(a.tokens + 256),
+        "--no-enable-prefix-caching",
+        "--kv-eviction-lag",
+        "0",
         "--kv-eviction",
         "namm",
     ]
@@ -103,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             _measure(server.base_url, a.popsize, a.samples, a.tokens, a.sigma, a.seed, a.repeats)
         )
     result["command"] = command_line("python -m benchmarks evolve-overhead", argv)
-    print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5}")
+    print(f"{'run':>3} {'none s':>8} {'namm s':>8} {'ratio':>6} {'kept':>5} {'steps':>5}")
     for i, r in enumerate(result["runs"]):
-        print(f"{i:3d} {r['none_s']:8.2f} {r['namm_s']:8.2f} {r['ratio']:6.2f} {r['retained_fraction']:5.2f}")
+        print(
+            f"{i:3d} {r['none_s']:8.2f} {r['namm_s']:8.2f} {r['ratio']:6.2f} "
+            f"{r['retained_fraction']:5.2f} {r['eviction_steps']:5.1f}"
+        )
     print(f"median generation time / none: {result['median_ratio']:.2f}  (goal <= 2)")
     print(f"command: {result['command']}")
     if a.out:
