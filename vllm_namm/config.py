@@ -44,6 +44,11 @@ class FeatureConfig(_Strict):
         description="oldness of the newest token: 0 as evo-memory's stage configs ran (base_bam.yaml "
         "start_recency_from: 0 overrides the legacy 1 of attn_spec_norm.yaml); recorded in weights files",
     )
+    key_norm: bool = Field(
+        False,
+        description="append the cached key's L2 norm (normalised like the bins) to the scorer input; "
+        "ours, not the paper's: on our model the norm marks the fact pages the spectrogram misses",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FeatureConfig:
@@ -73,9 +78,14 @@ class FeatureConfig(_Strict):
         return self.ema_coeff_per_step**self.s_w
 
     @property
+    def normalised_dims(self) -> int:
+        """Features normalised with the weights' statistics: the bins (+ the key norm)."""
+        return self.bins + int(self.key_norm)
+
+    @property
     def input_dim(self) -> int:
-        """Scorer input size: oldness embedding + spectrogram bins (8 + 17 = 25)."""
-        return self.pos_dims + self.bins
+        """Scorer input size: oldness embedding + spectrogram bins (+ key norm): 8 + 17 = 25."""
+        return self.pos_dims + self.normalised_dims
 
 
 class ProtectConfig(_Strict):

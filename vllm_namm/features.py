@@ -90,15 +90,22 @@ def token_features(
     cfg: FeatureConfig,
     mean: Tensor,
     std: Tensor,
+    key_norm: Tensor | None = None,
 ) -> Tensor:
-    """Scorer input [kv, n, pos_dims + bins] = [oldness embedding, normalised spectrogram].
+    """Scorer input [kv, n, input_dim] = [oldness embedding, normalised spectrogram (, key norm)].
 
     Order as evo-memory's ``RecencyEmbeddingWrapper`` (recency first, ``append``). Only the
     spectrogram is normalised (the online normalisation sits on ``AttentionSpectrogram``).
     Oldness = newest position - position + ``start_oldness_from`` (evo ``compute_recency``).
+    With ``cfg.key_norm`` the cached key's L2 norm ``key_norm`` [kv, n] follows the bins and is
+    normalised with them (its statistics are the last entry of ``mean``/``std``).
     """
     oldness = newest_position - positions + cfg.start_oldness_from
     parts = [oldness_embedding(oldness, cfg.pos_dims, cfg.pos_max_freq)] if cfg.pos_dims else []
+    if cfg.key_norm:
+        if key_norm is None:
+            raise ValueError("these features include the key norm: pass the cached keys' norms")
+        ema = torch.cat([ema, key_norm.to(ema).unsqueeze(-1)], dim=-1)
     parts.append(normalise(ema, mean, std))
     return torch.cat(parts, dim=-1)
 

@@ -1,7 +1,7 @@
 """NAMM weights files: safetensors tensors + pydantic-validated JSON metadata. Never pickle.
 
-Tensors: ``params`` [P] (the scorer's flat vector), ``norm_mean`` / ``norm_std`` [bins]
-(normalisation statistics of the spectrogram features). Metadata: the safetensors header's
+Tensors: ``params`` [P] (the scorer's flat vector), ``norm_mean`` / ``norm_std`` [bins (+1 with
+the key-norm feature)] (normalisation statistics of the spectrogram features). Metadata: the safetensors header's
 ``__metadata__["namm"]`` holds the JSON of :class:`WeightsMeta`.
 
 ``python -m vllm_namm.weights inspect FILE`` prints what a file holds.
@@ -95,20 +95,22 @@ class NammWeights:
         features = features or FeatureConfig()
         scorer = scorer or ScorerConfig(input_dim=features.input_dim)
         n = make_scorer(scorer).num_params
-        return cls(scorer, features, torch.zeros(n), torch.zeros(features.bins), torch.ones(features.bins))
+        d = features.normalised_dims
+        return cls(scorer, features, torch.zeros(n), torch.zeros(d), torch.ones(d))
 
 
 def _check(w: NammWeights, where: str) -> None:
     if w.scorer.input_dim != w.features.input_dim:
         raise WeightsError(
             f"{where}: scorer input_dim {w.scorer.input_dim} != features "
-            f"({w.features.pos_dims} oldness + {w.features.bins} bins)"
+            f"({w.features.pos_dims} oldness + {w.features.bins} bins"
+            f"{' + key norm' if w.features.key_norm else ''})"
         )
     n = make_scorer(w.scorer).num_params
     shapes = {
         "params": (w.params, (n,)),
-        "norm_mean": (w.norm_mean, (w.features.bins,)),
-        "norm_std": (w.norm_std, (w.features.bins,)),
+        "norm_mean": (w.norm_mean, (w.features.normalised_dims,)),
+        "norm_std": (w.norm_std, (w.features.normalised_dims,)),
     }
     for name, (t, shape) in shapes.items():
         if tuple(t.shape) != shape:
@@ -216,7 +218,8 @@ def describe(w: NammWeights) -> str:
         f"parameters: {w.params.numel()} (|p|max {w.params.abs().max().item():.4g})",
         f"features: n_up {f.n_up}, n_w {f.n_w}, s_w {f.s_w}, bins {f.bins}, "
         f"ema {f.ema_coeff_per_step}/step (gamma {f.gamma:.4f}/frame), oldness {f.pos_dims} dims "
-        f"(max freq {f.pos_max_freq:g}, oldness from {f.start_oldness_from})",
+        f"(max freq {f.pos_max_freq:g}, oldness from {f.start_oldness_from})"
+        + (", + key L2 norm" if f.key_norm else ""),
         f"threshold: keep score >= {w.threshold}"
         if w.budget_ratio is None
         else f"rule: rank under a budget of {w.budget_ratio:g} of the context (the default of --kv-eviction namm; "

@@ -147,6 +147,7 @@ class NammPolicy(EvictionPolicy):
         self.budget = budget
         """None: the threshold rule; else rank under this budget."""
         self.protect_cfg = protect or ProtectConfig()
+        self.needs_keys = self.features.key_norm  # type: ignore[misc]  # per weights file
 
     @property
     def num_params(self) -> int:
@@ -163,9 +164,11 @@ class NammPolicy(EvictionPolicy):
         return NammFeatureState(self.features, params)
 
     def features_for(self, view: LayerView, state: NammFeatureState) -> tuple[Tensor, Tensor]:
-        """Scorer input [kv, n, 25] and the bad-token mask [kv, n]; updates ``state``."""
+        """Scorer input [kv, n, input_dim] and the bad-token mask [kv, n]; updates ``state``."""
         if view.attn is None and view.paged_features is None:
             raise ValueError("namm needs the attention of the latest queries (view.attn is None)")
+        if self.features.key_norm and view.keys is None:
+            raise ValueError("these NAMM weights score the key norm: the view must carry the keys")
         ema, bad = spectral_features(
             view.attn,
             view.positions,
@@ -176,7 +179,10 @@ class NammPolicy(EvictionPolicy):
             backend=self.kernels,
         )
         newest = view.query_positions.max() if view.query_positions.numel() else view.positions.max()
-        x = token_features(ema, view.positions, newest, self.features, self.norm_mean, self.norm_std)
+        key_norm = view.keys.float().norm(dim=-1) if self.features.key_norm else None
+        x = token_features(
+            ema, view.positions, newest, self.features, self.norm_mean, self.norm_std, key_norm
+        )
         return x.masked_fill(bad.unsqueeze(-1), 0.0), bad
 
     @torch.no_grad()
