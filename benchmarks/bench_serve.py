@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.results import command_line, results_dir, time_stamp
+from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import Mode
 from benchmarks.weights_files import resolve
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer, vllm_bin
@@ -132,19 +132,7 @@ def format_table(results: list[dict]) -> str:
             row.append(cell)
         rows.append(row)
     rows.append(["evicted blocks"] + [f"{r['evicted_blocks']:.0f}" for r in results])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-            + " |"
-        )
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return "\n".join(markdown_table(header, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 from pydantic import Field
 
-from benchmarks.results import command_line, results_dir, time_stamp
+from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
 from vllm_namm.config import EvictionConfig
 
@@ -353,18 +353,6 @@ def format_table(report: QualityReport) -> str:
                 *[f"{s.accuracy_by_kind.get(k, math.nan):.2f}" for k in cfg.kinds],
             ]
         )
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def fmt(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-            + " |"
-        )
-
     lines = [
         f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
         f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
@@ -372,9 +360,7 @@ def format_table(report: QualityReport) -> str:
         f"selection {cfg.selection}"
         + (f" (page score {cfg.page_score})" if cfg.selection == "page" else f" (page rule {cfg.page_rule})")
         + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
-        fmt(header),
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        *map(fmt, rows),
+        *markdown_table(header, rows),
     ]
     if report.paired:
         lines.append(

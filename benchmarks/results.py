@@ -24,3 +24,16 @@ def time_stamp() -> str:
 def results_dir(name: str, stamp: str) -> Path:
     """The default output folder of one run: ``benchmarks/results/<name>-<stamp>``."""
     return ROOT / "benchmarks" / "results" / f"{name}-{stamp}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub table as lines: first column left-aligned, numbers right-aligned, padded to fit."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        padded = (
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]

@@ -44,7 +44,7 @@ import httpx
 from pydantic import BaseModel as _PydanticBase
 from pydantic import ConfigDict, Field
 
-from benchmarks.results import command_line, results_dir, time_stamp
+from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from vllm_namm.launch import CPU_DEFAULTS, ROOT, VllmServer, metric_label
 from vllm_namm.launch import parse_metrics as launch_parse_metrics
 
@@ -557,28 +557,14 @@ def format_table(report: ServingReport) -> str:
                     cell += f" ({v / b:.2f}x)"
             row.append(cell)
         lines.append(row)
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-
-    def fmt_row(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-            + " |"
-        )
-
     c = report.config
     rate = "all at once" if math.isinf(c.request_rate) else f"{c.request_rate:g} req/s"
     out = [
         f"{c.num_requests} requests x {c.prompt_tokens} prompt tokens, max_tokens {c.max_tokens}, arrival {rate}; "
         f"{results[0].total_blocks if results else c.num_blocks - 1} KV blocks of {c.block_size} tokens "
         f"(~{c.kv_capacity_requests:g} full requests); model {Path(c.model).name}",
-        fmt_row(header),
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *markdown_table(header, lines),
     ]
-    out += [fmt_row(r) for r in lines]
     out.append(f"command: {report.command}")
     return "\n".join(out)
 

@@ -579,9 +579,9 @@ def attention_columns_dense(
     n_q, hq, d = q.shape
     n, hkv = k.shape[0], k.shape[1]
     g = hq // hkv
-    out = torch.zeros(hkv, n_q, n, dtype=torch.float32, device=q.device)
     if n == 0 or n_q == 0:
-        return out
+        return torch.zeros(hkv, n_q, n, dtype=torch.float32, device=q.device)
+    out = torch.empty(hkv, n_q, n, dtype=torch.float32, device=q.device)  # every row is written below
     kt = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, n]
     qg = q.float().reshape(n_q, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
     pos_sorted = positions.numel() < 2 or bool((positions[1:] >= positions[:-1]).all())

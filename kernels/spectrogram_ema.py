@@ -543,8 +543,8 @@ def spectrogram_ema_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fast torch version of ``spectrogram_ema_ref``, for any ``n_fft`` that is a multiple of ``hop``.
 
-    Why it is faster: the STFT is one matmul with a fixed DFT basis applied on the columns'
-    own ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
+    Why it is faster: the STFT is matmuls with a fixed DFT basis (one per hop-wide slice of
+    the window, summed over shifted segments) applied on the columns' own ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
     ``[tok, n_q]``, no complex FFT of 32 points per token), and the EMA is a broadcast weighted
     sum over frames. Tokens go in blocks so the ``[kv, frames, 2·bins, tokens]`` spectrum stays
     in cache. ``first_frame`` is ``[n_tok]`` or per head ``[kv_heads, n_tok]``. Returns
@@ -557,6 +557,7 @@ def spectrogram_ema_torch(
         raise ValueError(f"the matmul STFT needs n_fft ({n_fft}) to be a multiple of the hop ({hop})")
     basis = dft_basis(n_fft, columns.device)
     m = n_fft // hop
+    halves = [basis[:, j * hop : (j + 1) * hop].contiguous() for j in range(m)]  # [2·bins, hop] each
     width = n_fft - hop
     bins = n_fft // 2 + 1
     n_frames = n_q // hop
@@ -573,8 +574,11 @@ def spectrogram_ema_torch(
         t1 = min(n_tok, t0 + block_tokens)
         x = torch.cat([prev_pad[:, t0:t1].transpose(1, 2), cols[:, :, t0:t1]], dim=1)  # [kv, width + n_q, b]
         seg = x.view(hkv, n_frames + m - 1, hop, t1 - t0)
-        frames = torch.cat([seg[:, j : j + n_frames] for j in range(m)], dim=2)  # [kv, frames, n_fft, b]
-        spec = torch.matmul(basis, frames)  # [kv, frames, 2·bins, b]
+        # frame f = segments f..f+m-1: sum the basis' hop-wide slices over shifted segments
+        # (no [kv, frames, n_fft, b] copy of overlapping frames)
+        spec = torch.matmul(halves[0], seg[:, :n_frames])  # [kv, frames, 2·bins, b]
+        for j in range(1, m):
+            spec.add_(torch.matmul(halves[j], seg[:, j : j + n_frames]))
         mag = torch.hypot(spec[:, :, :bins], spec[:, :, bins:])
         w = frame_w[:, None] * (t[:, None] >= first[:, None, t0:t1])  # [kv, frames, b]
         state[:, t0:t1] = (mag * w.unsqueeze(2)).sum(dim=1).transpose(1, 2)
