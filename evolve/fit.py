@@ -243,6 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         help="fit pages by their best token (what the engine selects) or single tokens",
     )
     p.add_argument("--page-size", type=int, default=32, help="the served --block-size (page target)")
+    p.add_argument(
+        "--init",
+        choices=["fit", "l2"],
+        default="fit",
+        help="fit: the logistic fit; l2: score = -normalised key norm, i.e. the L2 baseline's ranking as a "
+        "NAMM scorer (needs --key-norm; the recording still gives the normalisation and the AUCs)",
+    )
+    p.add_argument(
+        "--budget-ratio",
+        type=float,
+        default=None,
+        help="write this budget_ratio into the file (rank under it by default, as evolution will)",
+    )
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -258,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = x[:, pos_dims:]
     mean, std = spec.mean(0), spec.std(0).clamp_min(1e-7)
     x[:, pos_dims:] = (spec - mean) / std
-    w, b = fit_linear(x, y, page=train.page if a.target == "page" else None)
+    if a.init == "l2":
+        if not a.key_norm:
+            p.error("--init l2 needs --key-norm")
+        w, b = torch.zeros(x.shape[1]), 0.0
+        w[-1] = -1.0
+    else:
+        w, b = fit_linear(x, y, page=train.page if a.target == "page" else None)
     held = rec(list(range(HELD_OUT, HELD_OUT + a.held_out_seeds)), a.ema)
     held.x[:, pos_dims:] = (held.x[:, pos_dims:] - mean) / std
     aucs = {
@@ -277,15 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = command_line("python -m evolve.fit", argv)
     prov = {
-        "description": f"fitted offline: class-balanced logistic regression ({a.target} target) of the "
-        f"{x.shape[1]} features on 'token is in the asked fact's sentence' ({int(y.sum())} positive / "
-        f"{len(y)} token-steps, training seeds 0..{a.train_seeds - 1}); hidden layers zero, so the score "
-        f"is that linear function; train AUC {train_auc:.3f}, held-out AUC {held_auc:.3f}, held-out "
-        f"page AUC {aucs['held_out_page_auc']:.3f}; command: {command}",
+        "description": (
+            "the L2 baseline's ranking as a NAMM scorer (score = -normalised key norm; statistics from "
+            if a.init == "l2"
+            else f"fitted offline: class-balanced logistic regression ({a.target} target) of the "
+            f"{x.shape[1]} features on 'token is in the asked fact's sentence' ("
+        )
+        + f"{int(y.sum())} positive / {len(y)} token-steps, training seeds 0..{a.train_seeds - 1}); "
+        f"hidden layers zero, so the score is that linear function; train AUC {train_auc:.3f}, held-out "
+        f"AUC {held_auc:.3f}, held-out page AUC {aucs['held_out_page_auc']:.3f}; command: {command}",
         "base_model": str(a.model),
         "stages": [f"fit:{'+'.join(a.kinds)}@{'/'.join(map(str, a.lengths))}"],
     }
     weights = build_weights(kind, window, a.ema, mean, std, w, b, prov, key_norm=a.key_norm)
+    weights.budget_ratio = a.budget_ratio
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(a.out, weights)
     print(describe(weights))
