@@ -92,3 +92,14 @@ def test_page_fit_finds_the_marker_token_a_token_fit_misses():
     assert w_page[0] > 2 * abs(float(w_tok[0])) and w_page[0] > w_page[1]
     acc = ((page_logits(x.double() @ w_page.double() + b_page, page) > 0) == pos_page).float().mean()
     assert acc > 0.9
+
+
+def test_shipped_key_norm_weights_by_name():
+    """``--namm-weights evolved-kn``: the evolved scorer that reads the key norm, ranked under 0.3."""
+    from vllm_namm.config import EvictionConfig
+    from vllm_namm.policies import make_policy
+
+    policy = make_policy(EvictionConfig(policy="namm", weights="evolved-kn"))
+    assert policy.needs_keys and policy.num_params == 1431
+    assert policy.budget is not None and policy.budget.ratio == 0.3
+    assert policy.weights.provenance is not None and policy.weights.provenance.generations == 8

@@ -33,7 +33,8 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             default=None,
             metavar="PATH|NAME",
             help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
-            "namm-tiny-llama) or 'hand' (the hand-set starting point).",
+            "namm-tiny-llama), 'evolved-kn' (evolved, also reads the key norm) or 'hand' (the hand-set "
+            "starting point).",
         ),
     ),
     "--namm-threshold": (
