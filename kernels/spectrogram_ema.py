@@ -544,7 +544,8 @@ def spectrogram_ema_torch(
     """Exact fast torch version of ``spectrogram_ema_ref``, for any ``n_fft`` that is a multiple of ``hop``.
 
     Why it is faster: the STFT is matmuls with a fixed DFT basis (one per hop-wide slice of
-    the window, summed over shifted segments) applied on the columns' own ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
+    the window, summed over shifted segments) applied on the columns' own
+    ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
     ``[tok, n_q]``, no complex FFT of 32 points per token), and the EMA is a broadcast weighted
     sum over frames. Tokens go in blocks so the ``[kv, frames, 2·bins, tokens]`` spectrum stays
     in cache. ``first_frame`` is ``[n_tok]`` or per head ``[kv_heads, n_tok]``. Returns

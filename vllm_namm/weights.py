@@ -1,8 +1,8 @@
 """NAMM weights files: safetensors tensors + pydantic-validated JSON metadata. Never pickle.
 
 Tensors: ``params`` [P] (the scorer's flat vector), ``norm_mean`` / ``norm_std`` [bins (+1 with
-the key-norm feature)] (normalisation statistics of the spectrogram features). Metadata: the safetensors header's
-``__metadata__["namm"]`` holds the JSON of :class:`WeightsMeta`.
+the key-norm feature)] (normalisation statistics of the spectrogram features). Metadata: the
+safetensors header's ``__metadata__["namm"]`` holds the JSON of :class:`WeightsMeta`.
 
 ``python -m vllm_namm.weights inspect FILE`` prints what a file holds.
 """
