@@ -141,6 +141,12 @@ class ExtraParamsConfig(_Strict):
     ``namm_threshold`` and is exported as the file's ``threshold``.
     """
 
+    scorer_layers: Literal["all", "output"] = Field(
+        "all",
+        description="all: every scorer parameter; output: only the final linear layer (weights and bias; "
+        "the rest stays at the start file's values): a few dozen dimensions, where CMA-ES with a small "
+        "population makes real progress, e.g. re-weighting a linear x0 such as --init l2",
+    )
     evolve_gamma: bool = False
     gamma_init: float | None = Field(
         None, gt=0, lt=1, description="initial coefficient; None = start weights'"
@@ -178,6 +184,12 @@ class EvolveConfig(_Strict):
     )
     evaluate_mean: bool = Field(
         True, description="also score the CMA mean each generation (best mean is exported)"
+    )
+    evaluate_start: bool = Field(
+        False,
+        description="also score the stage's start point on each generation's prompts and export the mean "
+        "with the best fitness *minus the start's on the same prompts*: each generation draws new prompts "
+        "of different difficulty, so the best raw fitness mostly picks the easiest generation",
     )
     min_success_fraction: float = Field(
         0.5, ge=0, le=1, description="below this, a candidate gets the worst fitness"

@@ -277,6 +277,8 @@ class Evolution:
         t0 = time.monotonic()
         xs = state.strategy.ask()
         evals = xs + ([state.strategy.mean] if cfg.evaluate_mean else [])
+        if cfg.evaluate_start:
+            evals.append(state.strategy.start)
         samples = await self._prepare(self.draw_samples(state.stage, state.gens_done))
         temp = cfg.temperature
         missing: dict[str, EvalSample] = {}
@@ -322,6 +324,11 @@ class Evolution:
             fits.append(compute_fitness(outs, cfg.retained_penalty))
         pop = fits[: len(xs)]
         mean_fit = fits[len(xs)] if cfg.evaluate_mean else None
+        start_fit = fits[-1] if cfg.evaluate_start else None
+        # what the export ranks by: raw fitness, or the advantage over the start point (paired)
+        mean_rank = None if mean_fit is None else mean_fit.fitness
+        if mean_rank is not None and start_fit is not None:
+            mean_rank = None if start_fit.fitness is None else mean_rank - start_fit.fitness
 
         values, bad = [], []
         for i, f in enumerate(pop):
@@ -350,15 +357,14 @@ class Evolution:
         fitness = [worst if v is None else v for v in values]
         state.strategy.tell(fitness)
 
-        if mean_fit is not None and mean_fit.fitness is not None:
-            if (
-                state.best_mean is None
-                or state.best_mean["fitness"] is None
-                or mean_fit.fitness > state.best_mean["fitness"]
-            ):
+        if mean_fit is not None and mean_rank is not None:
+            best = state.best_mean
+            prev = None if best is None else best.get("rank", best["fitness"])  # older checkpoints: no rank
+            if prev is None or mean_rank > prev:
                 state.best_mean = {
-                    "x": evals[-1].tolist(),
+                    "x": evals[len(xs)].tolist(),
                     "fitness": mean_fit.fitness,
+                    "rank": mean_rank,
                     "retained_fraction": mean_fit.retained_fraction,
                     "generation": state.gens_done,
                 }
@@ -384,6 +390,8 @@ class Evolution:
             "retained_fraction": float(np.mean(kept)) if kept else None,
             "mean_candidate": None if mean_fit is None else mean_fit.fitness,
             "mean_candidate_retained_fraction": None if mean_fit is None else mean_fit.retained_fraction,
+            "start_candidate": None if start_fit is None else start_fit.fitness,
+            "mean_advantage": None if start_fit is None else mean_rank,
             "best_tasks": pop[best_i].model_dump(include={"tasks", "excluded", "mode"}),
             "mean_tasks": None
             if mean_fit is None
@@ -423,6 +431,7 @@ class Evolution:
             "name": names[-1],
             "weights": str(path),
             "fitness": bm["fitness"],
+            "advantage_over_start": bm.get("rank") if self.cfg.evaluate_start else None,
             "retained_fraction": bm["retained_fraction"],
             "generation": bm["generation"],
             "x": bm["x"],

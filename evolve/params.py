@@ -1,7 +1,8 @@
 """The evolved vector ↔ weights file ↔ per-request settings.
 
 The CMA-ES vector is the scorer's flat parameter vector (``NammWeights.params``, the
-layout of the weights file the server was started with), optionally followed by the
+layout of the weights file the server was started with) or, with ``scorer_layers:
+"output"``, only its final layer's tail of it (the rest fixed), optionally followed by the
 extra evolved scalars of :class:`~evolve.config.ExtraParamsConfig`. This module is the
 only place that knows that layout.
 """
@@ -27,13 +28,24 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
+def _output_layer_size(scorer_cfg: Any) -> int:
+    """Parameters of the scorer's final linear layer (weights and bias), the flat vector's tail."""
+    from vllm_namm.scorers import make_scorer
+
+    n_in, n_out = make_scorer(scorer_cfg).shapes[-1]
+    return n_in * n_out + (n_out if scorer_cfg.bias else 0)
+
+
 class ParamSpace:
     """Layout of the evolved vector for one start weights file."""
 
     def __init__(self, weights: Any, extra: ExtraParamsConfig) -> None:
         self.weights = weights  # vllm_namm.weights.NammWeights
         self.extra = extra
-        self.num_scorer = int(weights.params.numel())
+        total = int(weights.params.numel())
+        # the evolved scorer parameters are a tail of the flat vector: all, or the output layer's
+        self.first = 0 if extra.scorer_layers == "all" else total - _output_layer_size(weights.scorer)
+        self.num_scorer = total - self.first
         self.dim = self.num_scorer + int(extra.evolve_gamma) + int(extra.evolve_threshold)
 
     @classmethod
@@ -44,7 +56,7 @@ class ParamSpace:
 
     def x0(self, zeros: bool = False) -> np.ndarray:
         """Start point: the file's parameters (or zeros: scores 0, evicts nothing), then the extras."""
-        params = self.weights.params.double().numpy()
+        params = self.weights.params.double().numpy()[self.first :]
         parts = [np.zeros_like(params) if zeros else params]
         if self.extra.evolve_gamma:
             g = (
@@ -59,7 +71,7 @@ class ParamSpace:
         return np.concatenate(parts).astype(np.float64)
 
     def split(self, x: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
-        """(scorer params, EMA coefficient per step or None, threshold or None)."""
+        """(all scorer params, EMA coefficient per step or None, threshold or None)."""
         x = np.asarray(x, dtype=np.float64)
         if x.shape != (self.dim,):
             raise ValueError(f"expected a vector of {self.dim} parameters, got shape {x.shape}")
@@ -70,7 +82,9 @@ class ParamSpace:
             i += 1
         if self.extra.evolve_threshold:
             threshold = float(x[i])
-        return x[: self.num_scorer], gamma, threshold
+        params = self.weights.params.double().numpy().copy()
+        params[self.first :] = x[: self.num_scorer]
+        return params, gamma, threshold
 
     def xargs(self, x: np.ndarray, eviction: PolicyName = "namm") -> dict[str, Any]:
         """``vllm_xargs`` for one candidate: the full flat vector travels with every request."""

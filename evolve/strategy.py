@@ -74,6 +74,11 @@ class Strategy:
         return np.array(self.es.mean, dtype=np.float64)
 
     @property
+    def start(self) -> np.ndarray:
+        """The point this strategy started from (its stage's x0)."""
+        return np.array(self.es.x0, dtype=np.float64)
+
+    @property
     def sigma(self) -> float:
         return float(self.es.sigma)
 

@@ -560,3 +560,51 @@ def test_loglik_fitness_is_graded_and_normalised(tmp_path: Path):
     fits = [f for rec in log for f in rec["fitness"]]
     assert all(0 < f < 1 for f in fits) and len(set(fits)) > 1  # graded, below the full cache's 1.0
     assert summary["fitness"] is not None
+
+
+def test_output_layer_space_keeps_the_rest_fixed(tmp_path: Path):
+    import torch
+
+    from evolve.config import ExtraParamsConfig
+    from evolve.params import ParamSpace
+    from vllm_namm.scorers import ScorerConfig
+    from vllm_namm.weights import NammWeights, load_weights
+
+    start = NammWeights.zeros(ScorerConfig(kind="mlp", input_dim=25, hidden=25, mlp_layers=2))
+    start.params = torch.randn(start.params.numel())
+    space = ParamSpace(start, ExtraParamsConfig(scorer_layers="output", evolve_threshold=True))
+    assert space.dim == 25 + 1 + 1  # output weights, its bias, the threshold
+    x = space.x0()
+    np.testing.assert_allclose(x[:-1], start.params[-26:].double().numpy())
+    x[:26] = np.arange(26.0)
+    params, _, threshold = space.split(x)
+    full = start.params.double().numpy()
+    np.testing.assert_array_equal(params[:-26], full[:-26])  # hidden layers untouched
+    np.testing.assert_array_equal(params[-26:], np.arange(26.0))
+    assert len(space.xargs(x)["namm_params"]) == full.size and threshold == x[-1]
+    out = load_weights(
+        space.export(
+            tmp_path / "w.safetensors",
+            x,
+            base_model=None,
+            stages=[],
+            generations=1,
+            fitness=None,
+            retained_fraction=None,
+        )
+    )
+    np.testing.assert_allclose(out.params.double().numpy(), params, rtol=1e-6)
+    assert ParamSpace(start, ExtraParamsConfig()).dim == full.size
+
+
+def test_evaluate_start_exports_the_best_paired_advantage(tmp_path: Path):
+    cfg = _fake_run_config(tmp_path, 3).model_copy(update={"evaluate_start": True})
+    summary = _run(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for rec in log:
+        assert rec["start_candidate"] is not None
+        assert rec["mean_advantage"] == pytest.approx(rec["mean_candidate"] - rec["start_candidate"])
+    best = max(log, key=lambda r: r["mean_advantage"])
+    stage = summary["stages"][0]
+    assert stage["advantage_over_start"] == pytest.approx(best["mean_advantage"])
+    assert stage["generation"] == best["generation"] and summary["fitness"] == best["mean_candidate"]
