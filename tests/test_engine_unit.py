@@ -216,3 +216,48 @@ def test_tokens_no_query_has_seen_stay_out_of_the_scorer(tmp_path) -> None:
     assert [s.shape for s in seen[0]] == [s.shape for s in seen[1]]  # never the 8 unseen tokens
     for a, b in zip(*seen, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_steps_fall_at_interval_multiples_whatever_the_chunking(tmp_path) -> None:
+    """A chunk shortened by other requests' decode tokens must not move the next steps: they
+    still cover queries 0..511 and 512..1023 and score exactly what aligned chunks score."""
+    from vllm_namm.weights import NammWeights, save_weights
+
+    w = NammWeights.zeros()
+    w.params = 0.3 * torch.randn(w.params.shape, generator=torch.Generator().manual_seed(0))
+    save_weights(tmp_path / "w.safetensors", w)
+    cfg = EvictionConfig(policy="namm", weights=tmp_path / "w.safetensors", interval=512)
+    n_tokens, g = 2000, torch.Generator().manual_seed(7)
+    keys = torch.randn(2, n_tokens, KV, D, generator=g)
+    queries = torch.randn(2, n_tokens, H, D, generator=g)
+
+    def run(chunks: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        policy = make_policy(cfg)
+        scored: list[torch.Tensor] = []
+        original = policy.score_prepared
+
+        def spy(prepared):
+            out = original(prepared)
+            scored.extend(x.clone() for x in out)
+            return out
+
+        policy.score_prepared = spy  # type: ignore[method-assign]
+        mem = RequestMemory(policy, 2, BS)
+        boundaries, start = [], 0
+        for n in chunks:
+            mem.add_queries([queries[layer, start : start + n] for layer in range(2)], start)
+            start += n
+            if mem.due(cfg.interval, prompt_len=n_tokens):
+                eviction_step(mem, cfg, _keys_reader(keys[:, :start]), D**-0.5, kv_heads=KV)
+                boundaries.append(mem.scored_tokens)
+        return boundaries, scored
+
+    aligned = run([512, 512, 512, 464])
+    shifted = run([509, 512, 512, 467])  # the first chunk lost 3 tokens to decodes
+    assert aligned[0] == [512, 1024, 1536, 2000]
+    assert shifted[0][:2] == [512, 1024]  # not 1021, 1533
+    # one score tensor per step and layer; the shifted tail waits for the next forward
+    assert len(aligned[1]) == 8 and len(shifted[1]) == 6
+    for a, b in zip(aligned[1][:4], shifted[1][:4], strict=True):  # steps at 512 and 1024
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)

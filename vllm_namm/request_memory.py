@@ -271,10 +271,23 @@ class StepResult:
     plan: PagePlan
 
 
-def begin_step(mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: str = "") -> StepJob:
-    """Take the oldest ``floor(unscored / hop) * hop`` queries (exactly ``interval`` when prompt
-    chunks are aligned, as the scheduler arranges) and fix the tokens they have seen."""
+def begin_step(
+    mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: str = "", interval: int | None = None
+) -> StepJob:
+    """Take the oldest ``floor(unscored / hop) * hop`` queries, at most ``interval`` of them, and fix
+    the tokens they have seen.
+
+    Why the cap: the scheduler caps prompt chunks at ``interval`` tokens, but a chunk also gets
+    whatever token budget the batch's other requests leave (509 tokens beside 3 decodes), so a
+    step at "512 or more unscored" would fall at positions that depend on who else was running.
+    Taking exactly ``interval`` queries puts every step at the same prompt positions (512, 1024,
+    ...) whatever the batching; tokens after the step's last query wait for the next step, so
+    the step's decision is the same as with aligned chunks (the queries of the chunk's tail
+    already ran against the not-yet-evicted cache).
+    """
     n_q = (mem.num_unscored // hop) * hop
+    if interval is not None:
+        n_q = min(n_q, interval)
     if n_q == 0:
         raise ValueError("begin_step needs at least one STFT hop of unscored queries")
     queries, qpos = mem.take_queries(n_q)
@@ -465,7 +478,7 @@ def eviction_step(
         reader: CacheReader = KeysReader(lambda layer: fn(layer, pages))
     else:
         reader = read_keys
-    job = begin_step(mem, reader, hop)
+    job = begin_step(mem, reader, hop, interval=config.interval)
     return finish_step(compute_steps([job], config, scale, kv_heads, device)[0])
 
 

@@ -241,7 +241,9 @@ class NammRunnerState:
                 start = int(batch.num_computed_tokens_cpu[row])
                 mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
                 if mem.due(self.config.interval, runner.requests[req_id].num_prompt_tokens, self.hop):
-                    jobs.append(begin_step(mem, self._reader(row, mem), self.hop, req_id))
+                    jobs.append(
+                        begin_step(mem, self._reader(row, mem), self.hop, req_id, self.config.interval)
+                    )
             self.captured = [None] * len(self.layers)
             self.executor.submit(jobs)
         self.executor.step()
