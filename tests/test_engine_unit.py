@@ -261,3 +261,6 @@ def test_steps_fall_at_interval_multiples_whatever_the_chunking(tmp_path) -> Non
     for a, b in zip(aligned[1][:4], shifted[1][:4], strict=True):  # steps at 512 and 1024
         assert a.shape == b.shape
         torch.testing.assert_close(a, b)
+    # a backlog (the previous step still pending under a lag) is taken in whole intervals
+    shifted_backlog = run([1100, 900])
+    assert shifted_backlog[0] == [1024, 1536]  # then the 464-token tail at the next forward

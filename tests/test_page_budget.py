@@ -126,7 +126,7 @@ def test_every_page_score_holds_the_budget(page_score):
 
 def test_page_step_reports_token_statistics():
     """requested/realised still compare the policy's own token decisions with the freed pages."""
-    cfg = EvictionConfig(policy="h2o", interval=1024, budget=BudgetConfig(tokens=256))
+    cfg = EvictionConfig(policy="h2o", interval=512, budget=BudgetConfig(tokens=256))
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(LAYERS, 1024, KV, D, generator=g)
     mem = RequestMemory(make_policy(cfg), LAYERS, BS)

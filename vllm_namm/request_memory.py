@@ -274,20 +274,20 @@ class StepResult:
 def begin_step(
     mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: str = "", interval: int | None = None
 ) -> StepJob:
-    """Take the oldest ``floor(unscored / hop) * hop`` queries, at most ``interval`` of them, and fix
-    the tokens they have seen.
+    """Take the oldest unscored queries, as many as make whole ``interval`` s (all whole STFT hops
+    when less than one interval is unscored: the prompt's tail), and fix the tokens they have seen.
 
-    Why the cap: the scheduler caps prompt chunks at ``interval`` tokens, but a chunk also gets
-    whatever token budget the batch's other requests leave (509 tokens beside 3 decodes), so a
-    step at "512 or more unscored" would fall at positions that depend on who else was running.
-    Taking exactly ``interval`` queries puts every step at the same prompt positions (512, 1024,
-    ...) whatever the batching; tokens after the step's last query wait for the next step, so
-    the step's decision is the same as with aligned chunks (the queries of the chunk's tail
-    already ran against the not-yet-evicted cache).
+    Why whole intervals: the scheduler caps prompt chunks at ``interval`` tokens, but a chunk also
+    gets whatever token budget the batch's other requests leave (509 tokens beside 3 decodes), so
+    a step over "everything unscored" would end at positions that depend on who else was running.
+    Ending every step on the grid (512, 1024, ...) makes the decisions independent of batching:
+    tokens after the step's last query wait for the next step (the chunk's tail queries already
+    ran against the not-yet-evicted cache). Whole intervals, not one: with a lag, several
+    intervals arrive while a step is pending, and a one-interval step would fall behind.
     """
     n_q = (mem.num_unscored // hop) * hop
-    if interval is not None:
-        n_q = min(n_q, interval)
+    if interval is not None and n_q >= interval:
+        n_q = (n_q // interval) * interval
     if n_q == 0:
         raise ValueError("begin_step needs at least one STFT hop of unscored queries")
     queries, qpos = mem.take_queries(n_q)
