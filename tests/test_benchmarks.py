@@ -98,7 +98,7 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
         "--prompt-tokens",
         "1200",
         "--max-tokens",
-        "8",
+        "128",
         "--sample-interval",
         "0.05",
         "--out",
@@ -112,12 +112,18 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
     for m in by_mode.values():
         s = m["summary"]
         assert s["output_tok_per_s"] > 0 and math.isfinite(s["output_tok_per_s"])
-        assert len(m["requests"]) == 4 and all(q["output_tokens"] == 8 for q in m["requests"])
+        assert len(m["requests"]) == 4 and all(q["output_tokens"] == 128 for q in m["requests"])
         assert m["samples"], "no /metrics samples"
         assert Path(m["server_log"]).exists()
     none, streaming = by_mode["none"]["summary"], by_mode["streaming:budget=256"]["summary"]
     assert none["peak_kv_blocks"] > 0
-    assert streaming["peak_kv_blocks"] < none["peak_kv_blocks"], (none, streaming)
+    # The last sample with requests running (by then decoding), not the peak: a prompt is
+    # allocated whole before its prompt-end step frees it, so the sampled peak is a transient of
+    # the prefill (it once read 118 for streaming against 103 for none).
+    last_busy = {
+        mode: [x["kv_blocks"] for x in m["samples"] if x["running"]][-1] for mode, m in by_mode.items()
+    }
+    assert last_busy["streaming:budget=256"] < 0.5 * last_busy["none"], last_busy
     assert streaming["evicted_blocks"] > 0 and streaming["mean_retained_fraction"] < 1.0
     assert none["mean_retained_fraction"] == 1.0
     assert "command: python -m benchmarks serving" in report["table"]

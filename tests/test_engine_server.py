@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -99,8 +100,15 @@ def settled_usage(server: VllmServer) -> float:
     return server.kv_usage()
 
 
-def usage_while_running(server: VllmServer, prompt: str, after_tokens: int = 4, **extra: Any) -> float:
-    """KV usage (fraction) sampled while a streaming request is in its decode phase."""
+def usage_while_running(
+    server: VllmServer, prompt: str, after_tokens: int = 4, samples: int = 5, every: int = 4, **extra: Any
+) -> float:
+    """KV usage (fraction) while a streaming request is in its decode phase.
+
+    The median of ``samples`` reads of the gauge, one every ``every`` streamed tokens from
+    ``after_tokens`` on: a single read once came back 0.0 mid-decode on a loaded CI machine, and
+    the decode adds at most one block over the reads.
+    """
     body = {
         "model": server.model,
         "prompt": prompt,
@@ -109,14 +117,16 @@ def usage_while_running(server: VllmServer, prompt: str, after_tokens: int = 4, 
         "stream": True,
         "ignore_eos": True,
     } | extra
-    seen = 0
+    seen, reads = 0, []
     with requests.post(server.base_url + "/completions", json=body, stream=True, timeout=600) as r:
         assert r.status_code == 200, r.text[:2000]
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 seen += 1
-                if seen >= after_tokens:
-                    return server.kv_usage()  # closing the stream aborts the request
+                if seen >= after_tokens and (seen - after_tokens) % every == 0:
+                    reads.append(server.kv_usage())
+                    if len(reads) == samples:
+                        return statistics.median(reads)  # closing the stream aborts the request
     raise AssertionError("stream ended before the decode phase")
 
 
