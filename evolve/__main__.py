@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         type=Path,
         help="start weights file, the one the server loads (start_weights; default: the shipped "
-        "default, vllm_namm/data/evolved_tiny_llama.safetensors)",
+        "default, vllm_namm/data/evolved_l2_tiny_llama.safetensors)",
     )
     p.add_argument("--out", type=Path, help="run directory (out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in the run directory")

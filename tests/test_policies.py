@@ -48,7 +48,9 @@ def test_registry_and_factory():
     default = make_policy(
         EvictionConfig(policy="namm")
     )  # the shipped evolved weights, ranked under their budget
-    assert default.num_params == 1326 and default.budget is not None and default.budget.ratio == 0.3
+    assert default.num_params == 1431 and default.needs_keys  # the attention features + the key norm
+    assert default.budget is not None and default.budget.ratio == 0.3
+    assert make_policy(EvictionConfig(policy="namm", weights="evolved-attn")).num_params == 1326
     assert make_policy(EvictionConfig(policy="namm", weights="hand")).num_params == 4172  # the hand-set BAM
     assert len(budget_policies()) >= 4
     for name in budget_policies():

@@ -101,8 +101,12 @@ def test_inspect_cli_on_shipped_file():
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "MLP" in r.stdout and "1326" in r.stdout and "n_up 512" in r.stdout and "budget of 0.3" in r.stdout
-    assert '"generations":10' in r.stdout and '"command":"python -m evolve' in r.stdout  # provenance
+    assert "MLP" in r.stdout and "1431" in r.stdout and "n_up 512" in r.stdout and "budget of 0.3" in r.stdout
+    assert (
+        "+ key L2 norm" in r.stdout
+        and '"generations":8' in r.stdout
+        and '"command":"python -m evolve' in r.stdout
+    )  # provenance
     hand = subprocess.run(
         [sys.executable, "-m", "vllm_namm.weights", "inspect", "hand"],
         capture_output=True,

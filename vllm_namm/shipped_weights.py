@@ -11,14 +11,20 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-EVOLVED_WEIGHTS = DATA_DIR / "evolved_tiny_llama.safetensors"
-"""CMA-ES-evolved MLP scorer (ranked under a 0.3 budget) for our own ``namm-tiny-llama``; its
-provenance is in the file (``python -m vllm_namm.weights inspect evolved``)."""
+EVOLVED_WEIGHTS = DATA_DIR / "evolved_l2_tiny_llama.safetensors"
+"""The default: an MLP scorer (26 inputs: the attention features and the key norm) for our own
+``namm-tiny-llama``, ranked under a 0.3 budget. CMA-ES re-weighted its final layer starting
+from the L2 ranking written as a NAMM scorer (``evolve.fit --init l2``); on held-out prompts it
+ties L2 and beats streaming, H2O and SnapKV (README). Provenance in the file
+(``python -m vllm_namm.weights inspect evolved``)."""
+
+EVOLVED_ATTN_WEIGHTS = DATA_DIR / "evolved_tiny_llama.safetensors"
+"""The default until 2026-12-02: evolved from an offline fit of the 25 attention features alone
+(the paper's inputs); beats streaming and SnapKV, ties H2O on our held-out prompts."""
 
 EVOLVED_KEYNORM_WEIGHTS = DATA_DIR / "evolved_keynorm_tiny_llama.safetensors"
-"""CMA-ES-evolved MLP scorer that also reads the key norm (26 inputs), evolved from the L2
-ranking; better than ``evolved`` on our held-out prompts on average (0.633 vs 0.500 at 0.3
-retained, README), but wrong on the demo's prompt, so not the default."""
+"""Evolved from the L2 ranking with every layer free; it moved away from L2 (0.667 vs L2's 0.800
+on held-out prompts at 0.3 retained, README)."""
 
 HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 """The hand-set BAM (keep a token with non-negligible attention); written by
@@ -26,6 +32,7 @@ HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 
 SHIPPED_WEIGHTS: dict[str, Path] = {
     "evolved": EVOLVED_WEIGHTS,
+    "evolved-attn": EVOLVED_ATTN_WEIGHTS,
     "evolved-kn": EVOLVED_KEYNORM_WEIGHTS,
     "hand": HAND_WEIGHTS,
 }
@@ -34,5 +41,5 @@ DEFAULT_WEIGHTS = EVOLVED_WEIGHTS
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A shipped name (``evolved``, ``evolved-kn``, ``hand``) → its file; anything else is a path."""
+    """A shipped name (``evolved``, ``evolved-attn``, ``evolved-kn``, ``hand``) → its file; else a path."""
     return SHIPPED_WEIGHTS.get(str(value), Path(value))

@@ -33,8 +33,8 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             default=None,
             metavar="PATH|NAME",
             help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
-            "namm-tiny-llama), 'evolved-kn' (evolved, also reads the key norm) or 'hand' (the hand-set "
-            "starting point).",
+            "namm-tiny-llama from the L2 ranking, reads the key norm), 'evolved-attn' (evolved, attention "
+            "features only), 'evolved-kn' (evolved, every layer free) or 'hand' (the hand-set starting point).",
         ),
     ),
     "--namm-threshold": (
