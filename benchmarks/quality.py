@@ -120,6 +120,7 @@ class QualityReport(BaseModel):
     summaries: list[SettingSummary]
     outcomes: list[Outcome] = Field(default_factory=list)
     paired: list[dict[str, Any]] = Field(default_factory=list)
+    paired_namm: list[dict[str, Any]] = Field(default_factory=list)
     table: str = ""
 
 
@@ -169,6 +170,58 @@ def paired_against(
         rows.append(
             {"setting": st.label, "against": ref, "prompts": len(keys), "wins": wins, "losses": losses}
         )
+    return rows
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test on the discordant prompts: how likely a split at least this
+    uneven is if neither setting were better (ties carry no information)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_namm(
+    outcomes: list[Outcome], settings: list[Setting], summaries: list[SettingSummary], tol: float = 0.01
+) -> list[dict[str, Any]]:
+    """Each NAMM row against the full cache and every baseline row at the same measured retained
+    fraction (within ``tol``; one-shot rows against one-shot rows), on the same prompts.
+
+    Why by measured fraction: a NAMM row ranked under its file's budget has no ratio label, and
+    "equal memory" is what the comparison must hold."""
+    by = {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
+    kept = {s.setting: s.mean_retained_fraction for s in summaries}
+    one_shot = {s.label for s in settings if s.group == ONE_SHOT}
+    rows = []
+    for st in settings:
+        if st.policy != "namm" or st.label not in kept:
+            continue
+        others = ["full"] + [
+            b.label
+            for b in settings
+            if b.policy in BASELINES
+            and (b.label in one_shot) == (st.label in one_shot)
+            and b.label in kept
+            and abs(kept[b.label] - kept[st.label]) <= tol
+        ]
+        for ref in others:
+            keys = [k[1:] for k in by if k[0] == st.label and (ref, *k[1:]) in by]
+            if not keys:
+                continue
+            wins = sum(by[(st.label, *k)] > by[(ref, *k)] for k in keys)
+            losses = sum(by[(st.label, *k)] < by[(ref, *k)] for k in keys)
+            rows.append(
+                {
+                    "setting": st.label,
+                    "against": ref,
+                    "prompts": len(keys),
+                    "wins": wins,
+                    "losses": losses,
+                    "sign_test_p": sign_test_p(wins, losses),
+                }
+            )
     return rows
 
 
@@ -370,6 +423,27 @@ def format_table(report: QualityReport) -> str:
                 for p in report.paired
             )
         )
+    if report.paired_namm:
+        lines += [
+            "",
+            "NAMM paired against the full cache and every baseline at the same measured retained fraction "
+            "(wins = NAMM right and the other wrong, same prompts; p = two-sided sign test):",
+            *markdown_table(
+                ["NAMM setting", "against", "prompts", "wins", "losses", "wins - losses", "p"],
+                [
+                    [
+                        p["setting"],
+                        p["against"],
+                        str(p["prompts"]),
+                        str(p["wins"]),
+                        str(p["losses"]),
+                        f"{(p['wins'] - p['losses']) / p['prompts']:+.1%}",
+                        f"{p['sign_test_p']:.3f}",
+                    ]
+                    for p in report.paired_namm
+                ],
+            ),
+        ]
     lines.append(f"command: {report.command}")
     return "\n".join(lines)
 
@@ -492,6 +566,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="output dir (default benchmarks/results/quality-<time>)"
     )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="re-analyse a saved quality.json (table, paired counts, plot) without running anything",
+    )
     return p.parse_args(argv)
 
 
@@ -499,6 +579,13 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     args = parse_args(argv)
+    if args.report is not None:
+        try:
+            saved = QualityReport.model_validate_json(args.report.read_text())
+        except (OSError, ValueError) as e:
+            print(f"quality: cannot read the report {args.report}: {e}", file=sys.stderr)
+            return 2
+        return _finish(saved, args.report.parent)
     command = command_line("python -m benchmarks quality", argv)
     if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
         print(
@@ -605,11 +692,25 @@ def main(argv: list[str] | None = None) -> int:
         server_log=server_log,
         wall_s=time.monotonic() - t0,
         config=cfg,
-        summaries=summarise(settings, outcomes),
+        summaries=[],
         outcomes=outcomes,
-        paired=paired_against(outcomes, settings),
     )
+    return _finish(report, out_dir)
+
+
+def analyse(report: QualityReport) -> QualityReport:
+    """Summaries, paired counts and the table, all derived from the outcomes (so a saved report
+    can be re-analysed without re-running a request)."""
+    settings = build_settings(report.config)
+    report.summaries = summarise(settings, report.outcomes)
+    report.paired = paired_against(report.outcomes, settings)
+    report.paired_namm = paired_namm(report.outcomes, settings, report.summaries)
     report.table = format_table(report)
+    return report
+
+
+def _finish(report: QualityReport, out_dir: Path) -> int:
+    report = analyse(report)
     json_path = out_dir / "quality.json"
     json_path.write_text(report.model_dump_json(indent=1))
     try:

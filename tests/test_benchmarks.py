@@ -165,3 +165,109 @@ def test_quality_benchmark_reference_runner_without_a_server(tmp_path, tiny_mode
     # 25 % of the 640 scored tokens in 16-token pages, plus the unscored tail and the decode tokens
     assert by["streaming@0.25"]["mean_retained_fraction"] < 0.5
     assert "HF reference runner" in report["table"]
+
+
+def test_sign_test_matches_scipy():
+    from scipy.stats import binomtest
+
+    from benchmarks.quality import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0
+    for wins, losses in [(4, 4), (10, 0), (3, 9), (36, 0), (25, 4), (1, 2)]:
+        expected = binomtest(wins, wins + losses, 0.5).pvalue
+        assert math.isclose(sign_test_p(wins, losses), expected, rel_tol=1e-9), (wins, losses)
+
+
+def _saved_quality_report(tmp_path: Path) -> Path:
+    """A quality.json as a run writes it: NAMM under its file's budget (no ratio label, 0.30
+    measured), baselines at 0.3 and 0.5, one-shot rows; outcomes chosen so the counts are known."""
+    from benchmarks.quality import Outcome, QualityConfig, QualityReport
+
+    cfg = QualityConfig(
+        model="m",
+        policies=["streaming", "l2"],
+        ratios=[0.3, 0.5],
+        namm_weights=None,
+        namm_thresholds=[None],
+        one_shot_ratios=[0.3],
+        kinds=["passkey"],
+        lengths=[4096],
+        samples=6,
+        seed_base=10**9,
+        max_tokens=8,
+        interval=512,
+        block_size=32,
+        concurrency=4,
+    )
+    right = {  # which of the 6 prompts each setting answers
+        "full": {0, 1, 2, 3},
+        "streaming@0.3": {0},
+        "streaming@0.5": {0, 1},
+        "l2@0.3": {0, 1, 2, 4},
+        "l2@0.5": {0, 1, 2, 3},
+        "namm": {0, 1, 2, 3, 5},
+        "snapkv one-shot@0.3": {1},
+        "namm one-shot@0.3": {0, 1},
+    }
+    kept = {"full": 1.0, "namm": 0.303, "streaming@0.5": 0.5, "l2@0.5": 0.5}
+    outcomes = [
+        Outcome(
+            setting=label,
+            kind="passkey",
+            length=4096,
+            seed=10**9 + i,
+            answer="1",
+            completion="1" if i in ok else "2",
+            correct=float(i in ok),
+            retained_fraction=kept.get(label, 0.306),
+            evicted_blocks=0,
+            prompt_tokens=4096,
+        )
+        for label, ok in right.items()
+        for i in range(6)
+    ]
+    report = QualityReport(
+        command="python -m benchmarks quality ...",
+        started="t",
+        server_command=[],
+        server_log="",
+        wall_s=1.0,
+        config=cfg,
+        summaries=[],
+        outcomes=outcomes,
+    )
+    path = tmp_path / "quality.json"
+    path.write_text(report.model_dump_json())
+    return path
+
+
+def test_quality_report_pairs_namm_with_every_baseline_at_its_measured_fraction(tmp_path):
+    """``--report`` re-analyses a saved run; a NAMM row without a ratio label is paired with the
+    baselines whose measured retained fraction matches its own (not those at 0.5), one-shot with
+    one-shot, each with wins, losses and the sign test."""
+    from benchmarks.quality import main
+
+    path = _saved_quality_report(tmp_path)
+    assert main(["--report", str(path)]) == 0
+    report = json.loads(path.read_text())
+    pairs = {(p["setting"], p["against"]): (p["wins"], p["losses"]) for p in report["paired_namm"]}
+    assert pairs == {
+        ("namm", "full"): (1, 0),
+        ("namm", "streaming@0.3"): (4, 0),
+        ("namm", "l2@0.3"): (2, 1),
+        ("namm one-shot@0.3", "full"): (0, 2),
+        ("namm one-shot@0.3", "snapkv one-shot@0.3"): (1, 0),
+    }
+    by = {s["setting"]: s for s in report["summaries"]}
+    assert by["namm"]["accuracy"] == 5 / 6 and by["l2@0.3"]["n"] == 6
+    assert "NAMM paired against the full cache" in report["table"]
+    assert (tmp_path / "accuracy_vs_retained.png").exists()
+
+
+def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
+    from benchmarks.quality import main
+
+    bad = tmp_path / "quality.json"
+    bad.write_text("{not json")
+    assert main(["--report", str(bad)]) == 2
+    assert "cannot read the report" in capsys.readouterr().err
