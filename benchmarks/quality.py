@@ -438,7 +438,7 @@ def format_table(report: QualityReport) -> str:
                         str(p["wins"]),
                         str(p["losses"]),
                         f"{(p['wins'] - p['losses']) / p['prompts']:+.1%}",
-                        f"{p['sign_test_p']:.3f}",
+                        f"{p['sign_test_p']:.3f}" if p["sign_test_p"] >= 0.001 else "<0.001",
                     ]
                     for p in report.paired_namm
                 ],
@@ -446,6 +446,16 @@ def format_table(report: QualityReport) -> str:
         ]
     lines.append(f"command: {report.command}")
     return "\n".join(lines)
+
+
+def series_of(summary: SettingSummary) -> str:
+    """The curve a row belongs to: its policy, one-shot rows and each extra NAMM weights file apart
+    (joining them to the policy's line would draw a curve through different methods)."""
+    if ONE_SHOT in summary.setting:
+        return f"{summary.policy} {ONE_SHOT}"
+    if summary.setting.startswith("namm["):
+        return summary.setting.split("]")[0] + "]"
+    return summary.policy
 
 
 def plot(report: QualityReport, path: Path) -> None:
@@ -457,20 +467,24 @@ def plot(report: QualityReport, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[str, list[SettingSummary]] = defaultdict(list)
     for s in report.summaries:
-        groups[s.policy].append(s)
-    for policy, items in groups.items():
+        groups[series_of(s)].append(s)
+    for series, items in groups.items():
+        policy = items[0].policy
         items.sort(key=lambda s: s.mean_retained_fraction)
         xs = [s.mean_retained_fraction for s in items]
         ys = [s.accuracy for s in items]
         if policy == "none":
             ax.axhline(ys[0], color="black", ls="--", lw=1, label=f"full cache ({ys[0]:.2f})")
         else:
+            one_shot = ONE_SHOT in series
             ax.plot(
                 xs,
                 ys,
                 marker="*" if policy == "namm" else "o",
                 ms=10 if policy == "namm" else 6,
-                label=policy,
+                ls="none" if one_shot else "-",
+                mfc="none" if one_shot else None,
+                label=series,
             )
     ax.set_xlabel("retained fraction of KV blocks (measured)")
     ax.set_ylabel("accuracy")

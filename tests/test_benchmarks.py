@@ -262,6 +262,11 @@ def test_quality_report_pairs_namm_with_every_baseline_at_its_measured_fraction(
     assert by["namm"]["accuracy"] == 5 / 6 and by["l2@0.3"]["n"] == 6
     assert "NAMM paired against the full cache" in report["table"]
     assert (tmp_path / "accuracy_vs_retained.png").exists()
+    from benchmarks.quality import SettingSummary, series_of
+
+    series = {s["setting"]: series_of(SettingSummary.model_validate(s)) for s in report["summaries"]}
+    assert series["namm"] == "namm" and series["namm one-shot@0.3"] == "namm one-shot"
+    assert series["snapkv one-shot@0.3"] == "snapkv one-shot" and series["l2@0.5"] == "l2"
 
 
 def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
