@@ -101,7 +101,7 @@ def settled_usage(server: VllmServer) -> float:
 
 
 def usage_while_running(
-    server: VllmServer, prompt: str, first: int = 4, last: int = 28, tries: int = 3, **extra: Any
+    server: VllmServer, prompt: str, first: int = 4, last: int = 28, tries: int = 5, **extra: Any
 ) -> float:
     """KV usage (fraction) while a request decodes its ``first``..``last``-th tokens, by the server's clock.
 

@@ -90,8 +90,16 @@ def serve_all(server: VllmServer) -> dict[str, dict[str, Any]]:
     return out
 
 
+DECODE_WINDOW = (4, 100)
+"""Decode tokens between which KV usage is read. Wide, because a compiled TP=2 server decodes a
+tiny model's 24 tokens faster than a /metrics scrape on a busy 2-core machine (4..28 missed
+every try once in CI); the streaming bound below grows by the pages such a window can add."""
+
+
 def blocks_while_running(server: VllmServer, policy: str) -> float:
-    return usage_while_running(server, PROMPT, vllm_xargs=POLICIES[policy]) * server.num_blocks()
+    first, last = DECODE_WINDOW
+    usage = usage_while_running(server, PROMPT, first, last, vllm_xargs=POLICIES[policy])
+    return usage * server.num_blocks()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +130,8 @@ def check_saving(server: VllmServer) -> None:
     full = blocks_while_running(server, "none")
     kept = blocks_while_running(server, "streaming")
     assert full >= -(-3000 // BLOCK_SIZE) - 0.5, full
-    assert kept <= 512 / BLOCK_SIZE + 4, kept  # budget pages + the sink page + pages being written
+    # budget pages + the sink page + the page being written + the pages decoded since the last step
+    assert kept <= 512 / BLOCK_SIZE + 2 + -(-DECODE_WINDOW[1] // BLOCK_SIZE), kept
     assert kept < 0.3 * full, (kept, full)
 
 
