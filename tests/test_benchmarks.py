@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,19 @@ def test_parse_metrics_sums_labels():
     assert m["vllm:num_requests_running"] == 3
 
 
+def blocks_per_request_with_all_running(mode: dict) -> float:
+    """Median KV blocks per request over the /metrics samples that show every request admitted.
+
+    Why not the peak or the last sample: a prompt is allocated whole before its prompt-end step
+    frees it, so the sampled peak is a prefill transient (once 118 for streaming against 103 for
+    none), and on a busy 2-core box the API server answers few scrapes while it streams tokens,
+    so the last busy sample can be a stale prefill value (once 96 for streaming against 154)."""
+    n = len(mode["requests"])
+    per = [x["kv_blocks"] / n for x in mode["samples"] if x["running"] == n and not x["waiting"]]
+    assert per, f"{mode['mode']}: no /metrics sample showed all {n} requests running"
+    return statistics.median(per)
+
+
 @pytest.mark.server
 def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, server_pool):
     if shutil.which("vllm", path=str(Path(sys.executable).parent)) is None and shutil.which("vllm") is None:
@@ -96,9 +110,9 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
         "--num-requests",
         "4",
         "--prompt-tokens",
-        "1200",
+        "3000",
         "--max-tokens",
-        "128",
+        "256",
         "--sample-interval",
         "0.05",
         "--out",
@@ -112,18 +126,17 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
     for m in by_mode.values():
         s = m["summary"]
         assert s["output_tok_per_s"] > 0 and math.isfinite(s["output_tok_per_s"])
-        assert len(m["requests"]) == 4 and all(q["output_tokens"] == 128 for q in m["requests"])
+        assert len(m["requests"]) == 4 and all(q["output_tokens"] == 256 for q in m["requests"])
         assert m["samples"], "no /metrics samples"
         assert Path(m["server_log"]).exists()
     none, streaming = by_mode["none"]["summary"], by_mode["streaming:budget=256"]["summary"]
     assert none["peak_kv_blocks"] > 0
-    # The last sample with requests running (by then decoding), not the peak: a prompt is
-    # allocated whole before its prompt-end step frees it, so the sampled peak is a transient of
-    # the prefill (it once read 118 for streaming against 103 for none).
-    last_busy = {
-        mode: [x["kv_blocks"] for x in m["samples"] if x["running"]][-1] for mode, m in by_mode.items()
-    }
-    assert last_busy["streaming:budget=256"] < 0.5 * last_busy["none"], last_busy
+    # 3 000-token prompts: streaming's worst sample while prompts are still being chunked (its
+    # steps land two engine steps late, so unscored chunks pile up: 36 pages per request seen)
+    # stays below half of what the full cache holds once every request is admitted (80-100 pages
+    # per request), so the check does not depend on which phase the few samples fall in.
+    per_request = {mode: blocks_per_request_with_all_running(m) for mode, m in by_mode.items()}
+    assert per_request["streaming:budget=256"] < 0.5 * per_request["none"], per_request
     assert streaming["evicted_blocks"] > 0 and streaming["mean_retained_fraction"] < 1.0
     assert none["mean_retained_fraction"] == 1.0
     assert "command: python -m benchmarks serving" in report["table"]
