@@ -153,23 +153,34 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
     return settings
 
 
+Correct = dict[tuple[str, str, int, int], float]
+"""(setting, kind, length, seed) -> correct: every outcome by the prompt it answered."""
+
+
+def correct_by_prompt(outcomes: list[Outcome]) -> Correct:
+    return {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
+
+
+def paired_counts(by: Correct, setting: str, reference: str) -> dict[str, Any]:
+    """On the prompts both rows answered: those ``setting`` gets right and ``reference`` wrong
+    (wins), and the reverse (losses)."""
+    keys = [k[1:] for k in by if k[0] == setting and (reference, *k[1:]) in by]
+    wins = sum(by[(setting, *k)] > by[(reference, *k)] for k in keys)
+    losses = sum(by[(setting, *k)] < by[(reference, *k)] for k in keys)
+    return {"setting": setting, "against": reference, "prompts": len(keys), "wins": wins, "losses": losses}
+
+
 def paired_against(
     outcomes: list[Outcome], settings: list[Setting], reference: str = "streaming"
 ) -> list[dict[str, Any]]:
-    """Per setting with a ratio: prompts it answers and ``reference`` at the same ratio misses (wins),
-    and the reverse (losses), on the same prompts."""
-    by = {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
+    """Per setting with a ratio: wins and losses against ``reference`` at the same ratio."""
+    by = correct_by_prompt(outcomes)
     rows = []
     for st in settings:
         ref = f"{reference}@{st.ratio:g}" if st.ratio is not None else None
         if ref is None or st.label == ref or not any(s.label == ref for s in settings):
             continue
-        keys = [k[1:] for k in by if k[0] == st.label and (ref, *k[1:]) in by]
-        wins = sum(by[(st.label, *k)] > by[(ref, *k)] for k in keys)
-        losses = sum(by[(st.label, *k)] < by[(ref, *k)] for k in keys)
-        rows.append(
-            {"setting": st.label, "against": ref, "prompts": len(keys), "wins": wins, "losses": losses}
-        )
+        rows.append(paired_counts(by, st.label, ref))
     return rows
 
 
@@ -191,7 +202,7 @@ def paired_namm(
 
     Why by measured fraction: a NAMM row ranked under its file's budget has no ratio label, and
     "equal memory" is what the comparison must hold."""
-    by = {(o.setting, o.kind, o.length, o.seed): o.correct for o in outcomes}
+    by = correct_by_prompt(outcomes)
     kept = {s.setting: s.mean_retained_fraction for s in summaries}
     one_shot = {s.label for s in settings if s.group == ONE_SHOT}
     rows = []
@@ -207,21 +218,9 @@ def paired_namm(
             and abs(kept[b.label] - kept[st.label]) <= tol
         ]
         for ref in others:
-            keys = [k[1:] for k in by if k[0] == st.label and (ref, *k[1:]) in by]
-            if not keys:
-                continue
-            wins = sum(by[(st.label, *k)] > by[(ref, *k)] for k in keys)
-            losses = sum(by[(st.label, *k)] < by[(ref, *k)] for k in keys)
-            rows.append(
-                {
-                    "setting": st.label,
-                    "against": ref,
-                    "prompts": len(keys),
-                    "wins": wins,
-                    "losses": losses,
-                    "sign_test_p": sign_test_p(wins, losses),
-                }
-            )
+            row = paired_counts(by, st.label, ref)
+            if row["prompts"]:
+                rows.append(row | {"sign_test_p": sign_test_p(row["wins"], row["losses"])})
     return rows
 
 
