@@ -258,7 +258,7 @@ def test_quality_report_pairs_namm_with_every_baseline_at_its_measured_fraction(
     """``--report`` re-analyses a saved run; a NAMM row without a ratio label is paired with the
     baselines whose measured retained fraction matches its own (not those at 0.5), one-shot with
     one-shot, each with wins, losses and the sign test."""
-    from benchmarks.quality import main
+    from benchmarks.quality import SettingSummary, main, series_of
 
     path = _saved_quality_report(tmp_path)
     assert main(["--report", str(path)]) == 0
@@ -275,8 +275,6 @@ def test_quality_report_pairs_namm_with_every_baseline_at_its_measured_fraction(
     assert by["namm"]["accuracy"] == 5 / 6 and by["l2@0.3"]["n"] == 6
     assert "NAMM paired against the full cache" in report["table"]
     assert (tmp_path / "accuracy_vs_retained.png").exists()
-    from benchmarks.quality import SettingSummary, series_of
-
     series = {s["setting"]: series_of(SettingSummary.model_validate(s)) for s in report["summaries"]}
     assert series["namm"] == "namm" and series["namm one-shot@0.3"] == "namm one-shot"
     assert series["snapkv one-shot@0.3"] == "snapkv one-shot" and series["l2@0.5"] == "l2"
