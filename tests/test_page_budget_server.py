@@ -2,7 +2,8 @@
 
 One server (prefix caching on, block size 32, page-level selection by default); every budget
 policy of the registry is selected per request (``vllm_xargs``), with a token budget and a
-ratio, on prompts that are not a whole number of pages, with and without a prefix-cache hit.
+ratio, on prompts that are not a whole number of pages, with and without their prefix cached (an
+evicting request reads no prefix-cache hit: issue 27).
 The finished request's summary must show at most ceil(budget / block) + the protected pages
 (page 0, the pages from the first unscored token on: the prompt's tail below one STFT hop and
 the decode tokens), and ``/metrics`` must add up the same budgets and blocks.
@@ -61,7 +62,9 @@ def test_budget_policies_hold_their_budget_in_pages(budget_server: VllmServer):
             complete(server, prompt[:1200], max_tokens=1, vllm_xargs={"kv_eviction": "none"})
         resp = complete(server, prompt, max_tokens=NEW, ignore_eos=True, vllm_xargs=xargs)
         got_hit = metric_sum(server.metrics(), "vllm:prefix_cache_hits_total") - hits
-        assert got_hit >= (1184 if hit else 0) and (hit or got_hit == 0), (policy, kind, hit, got_hit)
+        # with its prefix cached, an evicting request still reads no hit: its policy must see
+        # every query (issue 27), so the budget is met the same way with the cache warm or cold
+        assert got_hit == 0, (policy, kind, hit, got_hit)
         s = namm_summary(resp)
         case = f"{policy} {kind} hit={hit}: {s}"
         expect_budget = 300 if kind == "budget" else math.ceil(0.25 * (prompt_len + NEW - 1))

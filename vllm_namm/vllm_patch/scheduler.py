@@ -58,6 +58,36 @@ class NammScheduler(Scheduler):
             raise RuntimeError("vllm-namm: KV eviction supports one KV-cache group")
         self._namm_manager = manager[0]
         self._namm_block_size = self._namm_manager.block_size
+        from vllm_namm.vllm_patch.engine_config import eviction_config_from
+
+        self._namm_server = eviction_config_from(self.vllm_config)
+
+    # --- prefix-cache reads ----------------------------------------------------------------------
+    def add_request(self, request: Any) -> None:
+        if self._namm_evicts(request):
+            # A cache hit skips the prefill of the cached tokens, so their queries never reach
+            # the policy: attention columns, NAMM's EMA, H2O's sums and SnapKV's window would
+            # see another request, and the pages kept (so the answer) would depend on what
+            # happened to be cached. An evicting request therefore reads no prefix-cache hits;
+            # it still writes its full-context blocks for requests that do not evict.
+            request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    def _namm_evicts(self, request: Any) -> bool:
+        """Whether ``request`` runs an eviction policy (the server's, or its ``vllm_xargs``')."""
+        cfg = self._namm_request_config(request)
+        return cfg is None or cfg.policy != "none"
+
+    def _namm_request_config(self, request: Any) -> Any:
+        """The request's eviction config; None when its settings do not parse (validated at the API
+        server already, so only an in-process caller can get here: treat it as evicting)."""
+        from vllm_namm.vllm_patch.request_settings import parse_request_settings
+
+        params = getattr(request, "sampling_params", None)
+        try:
+            return parse_request_settings(getattr(params, "extra_args", None)).apply(self._namm_server)
+        except ValueError:
+            return None
 
     # --- NAMM-boundary chunking -------------------------------------------------------------
     def get_request_counts(self) -> tuple[int, int]:
@@ -116,17 +146,7 @@ class NammScheduler(Scheduler):
     def _namm_budget(self, request: Any) -> dict[str, int]:
         """``budget_tokens`` / ``budget_blocks`` of a budget policy at the request's final context
         (the budget its last eviction step met is at most this); {} for other policies."""
-        from vllm_namm.vllm_patch.engine_config import eviction_config_from
-        from vllm_namm.vllm_patch.request_settings import parse_request_settings
-
-        try:
-            server = eviction_config_from(self.vllm_config)
-            params = getattr(request, "sampling_params", None)
-            cfg = (
-                parse_request_settings(getattr(params, "extra_args", None)).apply(server) if server else None
-            )
-        except ValueError:  # validated at the API server already; a summary must not fail
-            return {}
+        cfg = self._namm_request_config(request)
         if cfg is None:
             return {}
         budget = cfg.budget
