@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VllmServer
+from servers import ServerPool, VllmServer
 
 from vllm_namm.launch import CPU_DEFAULTS
 
@@ -46,7 +46,8 @@ def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_evolve_end_to_end_resume_and_export(tmp_path: Path):
+def test_evolve_end_to_end_resume_and_export(tmp_path: Path, server_pool: ServerPool):
+    server_pool.close()  # this test starts servers of its own: one live server at a time
     from evolve.loop import CHECKPOINT, RunState
     from vllm_namm.tiny_model import build_random_llama
     from vllm_namm.weights import NammWeights, load_weights, save_weights

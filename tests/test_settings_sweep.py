@@ -37,10 +37,9 @@ from typing import Any
 import annotated_types
 import pytest
 import requests
-from conftest import ServerPool, VllmServer, run_vllm_fail
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from test_engine_server import complete, engine_errors, namm_summary, text
+from servers import ServerPool, VllmServer, complete, engine_errors, namm_summary, run_vllm_fail, text
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.vllm_patch.cli import FLAGS, add_flags
@@ -579,7 +578,7 @@ def harness_results(
     """Every FLAG_CASES and GOOD_FLAGS entry through vLLM's parser and config, in one process."""
     import os
 
-    from conftest import DEFAULT_ENV
+    from servers import DEFAULT_ENV
 
     from vllm_namm.launch import ROOT
 
@@ -673,7 +672,9 @@ def test_real_vllm_serve_prints_the_same_line(tiny_model: Path, harness_results,
         assert "Traceback" not in run.output, f"{case_id}:\n{run.output[-4000:]}"
         line = check_flag_error(cases[case_id], run.returncode, run.stderr, bad_files)
         assert line == error_lines(harness_results[case_id]["stderr"])[0]
-        assert run.seconds < 120, f"{case_id}: took {run.seconds:.0f}s to refuse a bad flag"
+        # refused while parsing the flags, before any server process (not timed: on a busy 2-core
+        # machine two vllm imports side by side can take minutes)
+        assert "APIServer" not in run.output and "EngineCore" not in run.output, run.output[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ request (``vllm_xargs``) on one server: ``none``, streaming (the server's: budge
 with a random candidate vector (``namm_params``) and h2o with page selection. The multi-worker
 servers must free exactly the pages the TP=1 server frees (the ``evicted_pages`` of the
 per-request summary), with the same statistics, and return the same greedy tokens (float32).
-Both also run the 32-request abort/prefix-cache workload of ``test_engine_server``.
+The TP=2 server also runs the abort/prefix-cache workload
+(:func:`servers.concurrent_mixed_requests_with_aborts`) and shows the saving on vLLM's own KV
+gauge while a request decodes (held there: :class:`servers.Hold`).
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import BASE_FLAGS, BLOCK_SIZE, ServerPool, VllmServer, run_vllm_fail
-from test_engine_server import (
+from servers import (
+    BASE_FLAGS,
+    BLOCK_SIZE,
+    HOLD_FLAGS,
     STREAMING_FLAGS,
+    ServerPool,
+    VllmServer,
     complete,
+    concurrent_mixed_requests_with_aborts,
     engine_errors,
     namm_summary,
+    run_vllm_fail,
     text,
-    usage_while_running,
-)
-from test_engine_server import (
-    test_concurrent_mixed_requests_with_aborts as concurrent_mixed_requests_with_aborts,
+    usage_while_decoding,
 )
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(1800)]
@@ -48,6 +53,7 @@ FLAGS = [
     "majority",
 ]
 FLAGS += ["--kv-eviction-lag", "1", *STREAMING_FLAGS[STREAMING_FLAGS.index("--kv-eviction-lag") + 2 :]]
+FLAGS += HOLD_FLAGS  # holds a request mid-decode for the KV usage and abort checks (logits unchanged)
 COMPILED_FLAGS = tuple(f for f in BASE_FLAGS if f != "--enforce-eager")
 PROMPT = text(3000, 5)
 NEW_TOKENS = 16
@@ -90,16 +96,8 @@ def serve_all(server: VllmServer) -> dict[str, dict[str, Any]]:
     return out
 
 
-DECODE_WINDOW = (4, 100)
-"""Decode tokens between which KV usage is read. Wide, because a compiled TP=2 server decodes a
-tiny model's 24 tokens faster than a /metrics scrape on a busy 2-core machine (4..28 missed
-every try once in CI); the streaming bound below grows by the pages such a window can add."""
-
-
-def blocks_while_running(server: VllmServer, policy: str) -> float:
-    first, last = DECODE_WINDOW
-    usage = usage_while_running(server, PROMPT, first, last, vllm_xargs=POLICIES[policy])
-    return usage * server.num_blocks()
+HELD_AT = 16
+"""Decode token at which KV usage is read (the request held there: :class:`servers.Hold`)."""
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +124,20 @@ def check_same_as_reference(results: dict[str, dict[str, Any]], reference: dict[
 
 
 def check_saving(server: VllmServer) -> None:
-    """``vllm:kv_cache_usage_perc`` while decoding: streaming holds its budget, none everything."""
-    full = blocks_while_running(server, "none")
-    kept = blocks_while_running(server, "streaming")
+    """``vllm:kv_cache_usage_perc`` while decoding: streaming holds its budget, none everything.
+
+    Each 3000-token request is held at its 16th decode token, so the gauge is read while it
+    runs, at that position, however busy the machine is.
+    """
+
+    def blocks(policy: str, seed: int) -> float:
+        xargs = POLICIES[policy]
+        return usage_while_decoding(server, text(3000, seed), 4000, HELD_AT, vllm_xargs=xargs).blocks
+
+    full, kept = blocks("none", 6), blocks("streaming", 7)
     assert full >= -(-3000 // BLOCK_SIZE) - 0.5, full
     # budget pages + the sink page + the page being written + the pages decoded since the last step
-    assert kept <= 512 / BLOCK_SIZE + 2 + -(-DECODE_WINDOW[1] // BLOCK_SIZE), kept
+    assert kept <= 512 / BLOCK_SIZE + 2 + -(-HELD_AT // BLOCK_SIZE), kept
     assert kept < 0.3 * full, (kept, full)
 
 

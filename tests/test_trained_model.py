@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ServerPool
+from servers import ServerPool
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "namm-tiny-llama"
 EVAL_SEED_BASE = 10**9  # held-out seeds, as in benchmarks/train_model.py (training uses [0, 10**7))
