@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 
 import openai
 import pytest
+from servers import ServerPool
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.launch import CPU_DEFAULTS, VllmServer
-from vllm_namm.tiny_model import build_random_llama
 
 pytestmark = pytest.mark.server
 
@@ -23,8 +24,9 @@ BASE = [*CPU_DEFAULTS, "--block-size", "32"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_random_llama(tmp_path_factory.mktemp("model") / "tiny", seed=0))
+def model(tiny_model: Path, server_pool: ServerPool) -> str:
+    server_pool.close()  # this module starts servers of its own: one live server at a time
+    return str(tiny_model)
 
 
 def _complete(
@@ -58,6 +60,9 @@ def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None
         def go(i: int):
             return _complete(srv, model, f"Request {i}. " + "The grass is green. " * 60, 700, ignore_eos=True)
 
+        # No timing: the 8 requests are sent at once and each needs 700 decode steps, so they
+        # decode side by side, and 8 x 16 blocks do not fit in 65: vLLM must preempt. The
+        # counters and the gauge are read after every request ended (recorded before its answer).
         with cf.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(go, range(8)))
         preemptions = (srv.metric("vllm:num_preemptions_total") or 0.0) - preempt0

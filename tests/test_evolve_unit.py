@@ -333,8 +333,13 @@ class FakeServer:
 
 
 def _server_cfg(url: str, **kw: Any) -> ServerConfig:
+    """Client settings for the in-process fake server. Nothing here can flake on a slow machine:
+    the retries answer scripted statuses (their count is exact), the backoffs only shorten the
+    test, ``check()`` asks ``/health`` once before it looks at its deadline (so 0.2 s only
+    bounds the unreachable case, where the port refuses at once), and the request time-out
+    only bounds a hang."""
     return ServerConfig(
-        base_url=url, retries=2, backoff_s=0.01, backoff_max_s=0.05, timeout_s=10, health_timeout_s=0.2, **kw
+        base_url=url, retries=2, backoff_s=0.01, backoff_max_s=0.05, timeout_s=120, health_timeout_s=0.2, **kw
     )
 
 
