@@ -30,14 +30,16 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import Field
 
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
+from vllm_namm.assets import SMOLLM2_DIR
 from vllm_namm.config import EvictionConfig
+from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
 
@@ -56,7 +58,8 @@ class QualityConfig(BaseModel):
     lengths: list[int]
     samples: int
     seed_base: int
-    max_tokens: int
+    max_tokens: int | None
+    """None: each task's own (8 for synthetic tasks, per kind for realtext)."""
     interval: int
     block_size: int
     concurrency: int
@@ -64,6 +67,8 @@ class QualityConfig(BaseModel):
     page_score: str = "max"
     page_rule: str = "all"
     runner: str = "server"
+    tasks: Literal["synthetic", "realtext"] = "synthetic"
+    essays: str | None = None
 
 
 class Setting(BaseModel):
@@ -224,6 +229,27 @@ def paired_namm(
     return rows
 
 
+SYNTHETIC_MAX_TOKENS = 8
+
+
+def max_tokens_for(sample: Any, cfg: QualityConfig) -> int:
+    """``--max-tokens`` when given, else the task's own (a real-text sample knows its answer's length)."""
+    if cfg.max_tokens is not None:
+        return cfg.max_tokens
+    return getattr(sample, "max_tokens", SYNTHETIC_MAX_TOKENS)
+
+
+def score_sample(sample: Any, completion: str) -> float:
+    """The task's own metric: first-number match for synthetic tasks, per-kind scores for real text."""
+    if getattr(sample, "family", None) == "realtext":
+        from evolve.tasks.realtext import score_answer as score_realtext
+
+        return score_realtext(completion, sample)
+    from vllm_namm.synthetic import score_answer
+
+    return score_answer(completion, sample.answer)
+
+
 async def _ask(
     client: httpx.AsyncClient,
     sem: asyncio.Semaphore,
@@ -233,8 +259,6 @@ async def _ask(
     max_tokens: int,
     bar: Any,
 ) -> Outcome:
-    from vllm_namm.synthetic import score_answer
-
     body = {
         "model": model,
         "prompt": sample.prompt,
@@ -259,7 +283,7 @@ async def _ask(
         seed=sample.seed,
         answer=sample.answer,
         completion=text,
-        correct=score_answer(text, sample.answer),
+        correct=score_sample(sample, text),
         retained_fraction=float(namm.get("retained_fraction", 1.0)),
         evicted_blocks=int(namm.get("evicted_blocks", 0)),
         prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)),
@@ -286,7 +310,7 @@ async def _run_all(
             return list(
                 await asyncio.gather(
                     *(
-                        _ask(client, sem, model, st, sm, cfg.max_tokens, bar)
+                        _ask(client, sem, model, st, sm, max_tokens_for(sm, cfg), bar)
                         for sm in samples
                         for st in settings
                     )
@@ -312,7 +336,6 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
     from vllm_namm.config import BudgetConfig
     from vllm_namm.policies import make_policy
     from vllm_namm.reference import generate
-    from vllm_namm.synthetic import score_answer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
     model = LlamaForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
@@ -321,7 +344,7 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
         total=len(settings) * len(samples), desc="quality (reference)", unit="req", file=sys.stderr
     ) as bar:
         for sample in samples:
-            ids = tok(sample.prompt)["input_ids"]
+            ids = tok(sample.prompt, add_special_tokens=cfg.tasks != "realtext")["input_ids"]
             for st in settings:
                 ecfg = EvictionConfig(
                     policy=st.policy,
@@ -334,7 +357,13 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
                     threshold=st.threshold,
                 )
                 out = generate(
-                    model, tok, ids, make_policy(ecfg), cfg.max_tokens, ecfg, page_size=cfg.block_size
+                    model,
+                    tok,
+                    ids,
+                    make_policy(ecfg),
+                    max_tokens_for(sample, cfg),
+                    ecfg,
+                    page_size=cfg.block_size,
                 )
                 text = tok.decode(out.tokens, skip_special_tokens=True)
                 context = len(ids) + len(out.tokens) - 1
@@ -346,7 +375,7 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
                         seed=sample.seed,
                         answer=sample.answer,
                         completion=text,
-                        correct=score_answer(text, sample.answer),
+                        correct=score_sample(sample, text),
                         retained_fraction=sum(out.cache_lengths) / (len(out.cache_lengths) * context),
                         evicted_blocks=0,
                         prompt_tokens=len(ids),
@@ -406,9 +435,9 @@ def format_table(report: QualityReport) -> str:
             ]
         )
     lines = [
-        f"{cfg.samples} held-out samples per kind and length (seeds {cfg.seed_base}+i), kinds "
+        f"{cfg.samples} held-out {cfg.tasks} samples per kind and length (seeds {cfg.seed_base}+i), kinds "
         f"{', '.join(cfg.kinds)}, lengths {', '.join(map(str, cfg.lengths))}; greedy, max_tokens "
-        f"{cfg.max_tokens}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
+        f"{cfg.max_tokens or 'per task'}; eviction interval {cfg.interval}; model {Path(cfg.model).name}; "
         f"selection {cfg.selection}"
         + (f" (page score {cfg.page_score})" if cfg.selection == "page" else f" (page rule {cfg.page_rule})")
         + ("; HF reference runner, no server" if cfg.runner == "reference" else ""),
@@ -490,7 +519,7 @@ def plot(report: QualityReport, path: Path) -> None:
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(
-        f"{Path(report.config.model).name}: held-out synthetic retrieval, "
+        f"{Path(report.config.model).name}: held-out {report.config.tasks} tasks, "
         f"{'/'.join(map(str, report.config.lengths))} tokens",
         fontsize=9,
     )
@@ -506,8 +535,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", type=Path, default=TRAINED_MODEL)
-    p.add_argument("--policies", nargs="+", default=list(BASELINES), choices=BASELINES)
+    p.add_argument(
+        "--tasks",
+        choices=["synthetic", "realtext"],
+        default="synthetic",
+        help="synthetic: vllm_namm.synthetic (for our tiny model); realtext: evolve.tasks.realtext over the "
+        "essays, in the model's chat template (for a real model, e.g. SmolLM2)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"default: {TRAINED_MODEL.relative_to(ROOT)} (synthetic), {SMOLLM2_DIR.relative_to(ROOT)} (realtext)",
+    )
+    p.add_argument(
+        "--essays", type=Path, default=None, help="realtext: essays folder (default: the fetched one)"
+    )
+    p.add_argument(
+        "--policies",
+        nargs="*",
+        default=list(BASELINES),
+        choices=BASELINES,
+        help="none: full cache and NAMM only",
+    )
     p.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--namm-weights", type=Path, default=None, help="default: the shipped evolved weights")
     p.add_argument(
@@ -540,11 +590,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra namm rows at these score thresholds (more points on the curve)",
     )
     p.add_argument("--no-namm", action="store_true")
-    p.add_argument("--kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
+    p.add_argument("--kinds", nargs="+", default=None, help="default: every kind of --tasks")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
     p.add_argument("--samples", type=int, default=4, help="held-out samples per kind and length")
     p.add_argument("--seed-base", type=int, default=10**9)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="default: 8 for synthetic tasks, per kind for realtext"
+    )
     p.add_argument("--interval", type=int, default=512, help="--kv-eviction-interval of the server")
     p.add_argument(
         "--page-rule",
@@ -588,6 +640,63 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class InputError(Exception):
+    """Bad input (a model, essays, kinds or seeds that cannot serve); the message is what the user sees."""
+
+
+def prepare_samples(args: argparse.Namespace) -> list[Any]:
+    """Fill in the task family's defaults (``--model``, ``--kinds``), check the model (and the
+    essays) and build the held-out samples of every kind and length."""
+    if args.tasks == "realtext":
+        from evolve.tasks.realtext import REALTEXT_KINDS, load_tokenizer, make_sample, seed_split
+        from vllm_namm.assets import ESSAYS_DIR, AssetError, check_essays_dir, check_model_dir
+
+        args.model = args.model or SMOLLM2_DIR
+        args.kinds = args.kinds or list(REALTEXT_KINDS)
+        bad = [k for k in args.kinds if k not in REALTEXT_KINDS]
+        if bad:
+            raise InputError(
+                f"quality error: {bad[0]!r} is not a realtext kind ({', '.join(REALTEXT_KINDS)})"
+            )
+        try:
+            check_model_dir(args.model)
+            args.essays = check_essays_dir(args.essays or ESSAYS_DIR)
+            seed_split(args.seed_base)
+            seed_split(args.seed_base + args.samples - 1)
+            tok = load_tokenizer(str(args.model.resolve()))
+            return [
+                make_sample(k, args.seed_base + i, n, tok, essays_dir=args.essays)
+                for n in args.lengths
+                for k in args.kinds
+                for i in range(args.samples)
+            ]
+        except AssetError as e:
+            raise InputError(str(e)) from None
+        except ValueError as e:
+            raise InputError(f"quality error: {e}") from None
+    args.model = args.model or TRAINED_MODEL
+    args.kinds = args.kinds or list(SYNTHETIC_KINDS)
+    bad = [k for k in args.kinds if k not in SYNTHETIC_KINDS]
+    if bad:
+        raise InputError(f"quality error: {bad[0]!r} is not a synthetic kind ({', '.join(SYNTHETIC_KINDS)})")
+    if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
+        raise InputError(
+            f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
+            f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
+            f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
+            f"or pass --model DIR."
+        )
+    from vllm_namm.synthetic import make_sample
+
+    count = token_counter(args.model.resolve())
+    return [
+        make_sample(k, args.seed_base + i, n, count)
+        for n in args.lengths
+        for k in args.kinds
+        for i in range(args.samples)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     import time
 
@@ -600,18 +709,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _finish(saved, args.report.parent)
     command = command_line("python -m benchmarks quality", argv)
-    if not ((args.model / "config.json").exists() and any(args.model.glob("*.safetensors"))):
-        print(
-            f"quality: no model at {args.model}. The accuracy of eviction policies is only meaningful on a model "
-            f"that can solve the tasks with a full cache; train ours first (CPU, about an hour):\n"
-            f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
-            f"or pass --model DIR.",
-            file=sys.stderr,
-        )
+    try:
+        samples = prepare_samples(args)
+    except InputError as e:
+        print(e, file=sys.stderr)
         return 2
     if args.seed_base < 10**9:
         print("quality: warning: seeds below 10**9 may overlap the training seeds", file=sys.stderr)
-    from vllm_namm.synthetic import make_sample
 
     thresholds: list[float | None] = [] if args.no_namm else [None, *(args.namm_thresholds or [])]
     stamp = time_stamp()
@@ -640,19 +744,14 @@ def main(argv: list[str] | None = None) -> int:
         page_score=args.page_score,
         page_rule=args.page_rule,
         runner="reference" if args.reference else "server",
+        tasks=args.tasks,
+        essays=str(args.essays) if args.essays else None,
     )
-    count = token_counter(model)
-    samples = [
-        make_sample(k, args.seed_base + i, n, count)
-        for n in args.lengths
-        for k in args.kinds
-        for i in range(args.samples)
-    ]
     settings = build_settings(cfg)
     # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
     # evicting request blocks computed (and kept) by another setting, skipping the prompt
     # chunks its policy must see.
-    longest = max(args.lengths) + args.max_tokens + args.block_size
+    longest = max(args.lengths) + max(max_tokens_for(s, cfg) for s in samples) + args.block_size
     max_model_len = -(-longest // args.block_size) * args.block_size
 
     def flags_for(group: str) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evolve.tasks.realtext import REALTEXT_KINDS, TRAIN_SEED_LIMIT
 from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 # Paper (Table 9) and seed code disagree on the initial step size; both are named here
@@ -65,13 +66,33 @@ class ServerConfig(_Strict):
     health_timeout_s: float = Field(60.0, gt=0, description="how long to wait for /health at start-up")
 
 
-class TaskConfig(_Strict):
-    """One task of a stage: a synthetic generator (``target_tokens``) or a LongBench JSONL file."""
+REALTEXT_PREFIX = "realtext:"
+TASK_KINDS: tuple[str, ...] = (
+    *SYNTHETIC_KINDS,
+    "longbench",
+    *(REALTEXT_PREFIX + k for k in REALTEXT_KINDS),
+)
 
-    kind: Literal["passkey", "kv_retrieval", "needle", "longbench"]
-    target_tokens: list[int] = Field(
-        default_factory=list, description="synthetic prompt lengths, cycled over samples"
+
+class TaskConfig(_Strict):
+    """One task of a stage: a synthetic generator (``target_tokens``), a real-text generator
+    (``realtext:<kind>`` with ``target_tokens`` and the served model's ``tokenizer``) or a
+    LongBench JSONL file."""
+
+    kind: str = Field(
+        description="passkey, kv_retrieval, needle (synthetic), realtext:<kind> (evolve.tasks.realtext: "
+        + ", ".join(REALTEXT_KINDS)
+        + ") or longbench"
     )
+    target_tokens: list[int] = Field(
+        default_factory=list, description="synthetic/realtext prompt lengths, cycled over samples"
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="realtext: the served model's folder, whose tokenizer and chat template build the prompts "
+        "(e.g. models/smollm2-135m-instruct)",
+    )
+    essays: Path | None = Field(None, description="realtext: the essays folder; None = the fetched one")
     dataset: str | None = Field(
         None, description="LongBench dataset name (prompt template, metric, max_tokens)"
     )
@@ -85,6 +106,13 @@ class TaskConfig(_Strict):
         ge=64,
         description="LongBench: truncate the prompt in the middle to this many tokens (server tokenizer)",
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {v!r}; choose one of {', '.join(TASK_KINDS)}")
+        return v
 
     @field_validator("target_tokens")
     @classmethod
@@ -109,10 +137,44 @@ class TaskConfig(_Strict):
                 )
         else:
             if not self.target_tokens:
-                raise ValueError(f"a synthetic {self.kind} task needs a non-empty 'target_tokens' list")
+                raise ValueError(f"a {self.kind} task needs a non-empty 'target_tokens' list")
             if self.dataset is not None or self.path is not None:
                 raise ValueError("'dataset'/'path' are for longbench tasks only")
+        if self.is_realtext:
+            self._check_realtext()
+        elif self.tokenizer is not None or self.essays is not None:
+            raise ValueError("'tokenizer'/'essays' are for realtext tasks only")
         return self
+
+    @property
+    def is_realtext(self) -> bool:
+        return self.kind.startswith(REALTEXT_PREFIX)
+
+    @property
+    def realtext_kind(self) -> str:
+        return self.kind.removeprefix(REALTEXT_PREFIX)
+
+    def _check_realtext(self) -> None:
+        """Training seeds only, and the tokenizer and essays present (one line each, before a run starts)."""
+        from vllm_namm.assets import AssetError, check_essays_dir
+
+        if self.pool_size > TRAIN_SEED_LIMIT:
+            raise ValueError(
+                f"pool_size {self.pool_size} would draw seeds >= {TRAIN_SEED_LIMIT}, which are not training seeds"
+            )
+        if self.tokenizer is None:
+            raise ValueError(
+                f"a {self.kind} task needs 'tokenizer': the served model's folder (its chat template builds the prompts)"
+            )
+        if not any((self.tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ValueError(f"'tokenizer': no tokenizer files in {self.tokenizer}")
+        try:
+            if self.essays is not None:
+                check_essays_dir(self.essays)
+            else:
+                check_essays_dir()
+        except AssetError as e:
+            raise ValueError(str(e)) from None
 
     @property
     def name(self) -> str:
@@ -299,10 +361,3 @@ def load_config(
         key, text = item.split("=", 1)
         apply_override(data, key.strip(), parse_value(text))
     return validate_config(data)
-
-
-def _check_synthetic_kinds() -> None:
-    assert set(SYNTHETIC_KINDS) == {"passkey", "kv_retrieval", "needle"}, "TaskConfig.kind is out of date"
-
-
-_check_synthetic_kinds()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -64,9 +65,22 @@ class TaskPool:
                 truncate_to=cfg.max_prompt_tokens,
                 answer=row.answers[0],
             )
+        length = cfg.target_tokens[index % len(cfg.target_tokens)]
+        if cfg.is_realtext:
+            from evolve.tasks.realtext import score_answer as score_realtext
+
+            assert cfg.tokenizer is not None  # TaskConfig's validator
+            r = _realtext(cfg.realtext_kind, index, length, str(cfg.tokenizer), cfg.essays)
+            return EvalSample(
+                task=self.name,
+                key=f"{self.name}#{index}",
+                prompt=r.prompt,
+                max_tokens=cfg.max_tokens or r.max_tokens,
+                score=lambda text, r=r: score_realtext(text, r),
+                answer=" " + r.answer,
+            )
         from vllm_namm.synthetic import score_answer
 
-        length = cfg.target_tokens[index % len(cfg.target_tokens)]
         s = _synthetic(cfg.kind, index, length, self._count)
         return EvalSample(
             task=self.name,
@@ -81,6 +95,14 @@ class TaskPool:
         """``n`` prompts: without replacement while the pool allows, else with."""
         idx = rng.choice(self.size, size=n, replace=n > self.size)
         return [self.sample(int(i)) for i in idx]
+
+
+@lru_cache(maxsize=4096)
+def _realtext(kind: str, seed: int, length: int, tokenizer: str, essays: Path | None):
+    """A training-seed real-text sample (the pool draws seeds below its size, < 10**7)."""
+    from evolve.tasks.realtext import load_tokenizer, make_sample
+
+    return make_sample(kind, seed, length, load_tokenizer(tokenizer), essays_dir=essays)
 
 
 @lru_cache(maxsize=4096)
