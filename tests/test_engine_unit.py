@@ -44,7 +44,7 @@ def _run(cfg: EvictionConfig, n_tokens: int, layers: int = 2, seed: int = 0) -> 
 
 def test_streaming_keeps_budget_pages_and_protects_first_and_last_page() -> None:
     cfg = EvictionConfig(
-        policy="streaming", interval=512, budget=BudgetConfig(tokens=256, streaming_sinks=32)
+        policy="streaming", interval=512, budget=BudgetConfig(tokens=256), streaming_sinks=32
     )
     mem = _run(cfg, 3000)
     live = mem.live_pages

@@ -128,7 +128,7 @@ def test_budget_policies_keep_exactly_their_budget(name, budget):
 
 
 def test_streaming_keeps_sinks_and_recent_window():
-    pol = make_policy(EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=20, streaming_sinks=4)))
+    pol = make_policy(EvictionConfig(policy="streaming", budget=BudgetConfig(tokens=20), streaming_sinks=4))
     view = _view(attn=None)
     keep = pol.select(pol.score(view, pol.new_state()), view)
     expected = torch.zeros(N, dtype=torch.bool)
@@ -156,7 +156,7 @@ def test_h2o_accumulates_and_filters():
 
 
 def test_snapkv_window_and_pooling():
-    pol = make_policy(EvictionConfig(policy="snapkv", budget=BudgetConfig(tokens=40, snapkv_window=8)))
+    pol = make_policy(EvictionConfig(policy="snapkv", budget=BudgetConfig(tokens=40), snapkv_window=8))
     attn = torch.zeros(KV, NQ, N)
     attn[:, -8:, 10] = 1.0
     view = _view(attn=attn)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vllm_namm import kernels
-from vllm_namm.config import FeatureConfig
+from vllm_namm.settings import FeatureConfig
 
 
 def gqa_average(attn: Tensor, num_kv_heads: int) -> Tensor:

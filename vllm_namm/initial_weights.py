@@ -28,9 +28,9 @@ import sys
 import torch
 from torch import Tensor
 
-from vllm_namm.config import FeatureConfig
 from vllm_namm.policies.namm import NammFeatureState, spectral_features
 from vllm_namm.scorers import ScorerConfig, make_scorer
+from vllm_namm.settings import FeatureConfig
 from vllm_namm.shipped_weights import HAND_WEIGHTS
 from vllm_namm.weights import NammWeights, Provenance, save_weights
 

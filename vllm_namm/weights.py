@@ -2,7 +2,7 @@
 
 Tensors: ``params`` [P] (the scorer's flat vector), ``norm_mean`` / ``norm_std`` [bins (+1 with
 the key-norm feature)] (normalisation statistics of the spectrogram features). Metadata: the
-safetensors header's ``__metadata__["namm"]`` holds the JSON of :class:`WeightsMeta`.
+safetensors header's ``__metadata__[META_KEY]`` holds the JSON of :class:`WeightsMeta`.
 
 ``python -m vllm_namm.weights inspect FILE`` prints what a file holds.
 """
@@ -22,12 +22,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from vllm_namm.config import FeatureConfig
 from vllm_namm.scorers import Scorer, ScorerConfig, make_scorer
-from vllm_namm.shipped_weights import resolve_weights
+from vllm_namm.settings import FeatureConfig
+from vllm_namm.shipped_weights import DEFAULT_WEIGHTS, resolve_weights
 
 FORMAT_VERSION = 1
-META_KEY = "namm"
+NAMESPACE = "namm"
+"""vllm-namm's key wherever it keeps data in a container of others: a weights file's safetensors
+header, vLLM's ``additional_config``, a finished request's ``kv_transfer_params``."""
+META_KEY = NAMESPACE
 
 
 class WeightsError(ValueError):
@@ -205,6 +208,25 @@ def load_weights(path: str | Path) -> NammWeights:
         )
     _check(w, where)
     return w
+
+
+class WeightsStore:
+    """The one way the engine reads weights files: each file once per store, ``None`` = the shipped
+    default. Whoever builds policies owns one (the worker, the scheduler, the API server).
+
+    ``fixed``: every lookup returns these weights (a caller that already holds them)."""
+
+    def __init__(self, fixed: NammWeights | None = None) -> None:
+        self.fixed = fixed
+        self._loaded: dict[Path, NammWeights] = {}
+
+    def get(self, path: str | Path | None) -> NammWeights:
+        if self.fixed is not None:
+            return self.fixed
+        path = resolve_weights(path or DEFAULT_WEIGHTS)
+        if path not in self._loaded:
+            self._loaded[path] = load_weights(path)
+        return self._loaded[path]
 
 
 def describe(w: NammWeights) -> str:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from vllm_namm.config import ProtectConfig
+from vllm_namm.settings import BudgetConfig, PolicySettings, ProtectConfig
+
+if TYPE_CHECKING:
+    from vllm_namm.config import EvictionConfig
+    from vllm_namm.weights import WeightsStore
 
 BudgetRule = Literal["none", "required", "optional"]
 
@@ -58,17 +62,41 @@ class PolicyState:
 class EvictionPolicy(ABC):
     """One eviction method: a ``score()`` and a selection rule.
 
-    Subclasses set ``name`` and are registered by one line in :mod:`vllm_namm.policy_registry`.
+    Subclasses set ``name`` and are registered by one line in :mod:`vllm_namm.policies.registry`.
+    A policy with settings of its own declares them as a :class:`~vllm_namm.settings.PolicySettings`
+    model in ``Settings`` (their flags and per-request keys come from there) and reads them in
+    :meth:`from_config`.
     """
 
     name: ClassVar[str]
+    Settings: ClassVar[type[PolicySettings]] = PolicySettings
+    """The policy's own knobs: fields of :class:`~vllm_namm.config.EvictionConfig` (see :class:`~vllm_namm.settings.Knob`)."""
+    evicts: ClassVar[bool] = True
+    """False for ``none``: vLLM runs unchanged."""
     needs_attention: ClassVar[bool] = True
     needs_keys: ClassVar[bool] = False
     accepts_paged_features: ClassVar[bool] = False
     """True when the policy can use ``LayerView.paged_features`` instead of ``attn``."""
     budget_rule: ClassVar[BudgetRule] = "none"
     """Whether a budget is ``required`` (the policy only ranks), ``optional`` (it has a rule of its
-    own and can also rank under one) or refused (``none``); read via :mod:`vllm_namm.policy_registry`."""
+    own and can also rank under one) or refused (``none``); read via :mod:`vllm_namm.policies.registry`."""
+    budget: BudgetConfig | None = None
+    """The budget this instance ranks under (None: its own rule). The one test of "is this a budget
+    policy" at run time: ``policy.budget is not None``."""
+    hop: int = 16
+    """Queries per STFT hop: a step scores whole hops, so its decisions do not depend on batching
+    (NAMM: its weights' ``s_w``)."""
+
+    @classmethod
+    def from_config(cls, config: EvictionConfig, weights: WeightsStore) -> EvictionPolicy:
+        """The policy ``config`` describes (its budget, protection and this policy's knobs).
+        ``weights``: where a learnt policy reads its weights file (each file is loaded once per store)."""
+        return cls()
+
+    @classmethod  # noqa: B027 - most policies check nothing
+    def check_config(cls, config: EvictionConfig) -> None:
+        """Raise :class:`~vllm_namm.settings.Invalid` when this policy's knobs cannot work with the rest of
+        ``config`` (checked by :class:`~vllm_namm.config.EvictionConfig` whenever the policy is chosen)."""
 
     def new_state(self, params: Tensor | None = None) -> PolicyState:
         """Fresh state for a new request/layer (before any token is cached).

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from vllm_namm.config import BudgetConfig, ProtectConfig
 from vllm_namm.policies.base import EvictionPolicy, LayerView, protected_mask, topk_keep
+from vllm_namm.settings import BudgetConfig, ProtectConfig
+
+if TYPE_CHECKING:
+    from vllm_namm.config import EvictionConfig
+    from vllm_namm.weights import WeightsStore
 
 
 class BudgetPolicy(EvictionPolicy):
@@ -23,10 +29,16 @@ class BudgetPolicy(EvictionPolicy):
     """
 
     budget_rule = "required"
+    budget: BudgetConfig
 
     def __init__(self, budget: BudgetConfig, protect: ProtectConfig | None = None) -> None:
         self.budget = budget
         self.protect_cfg = protect or ProtectConfig()
+
+    @classmethod
+    def from_config(cls, config: EvictionConfig, weights: WeightsStore) -> BudgetPolicy:
+        assert config.budget is not None  # EvictionConfig refuses a budget policy without one
+        return cls(config.budget, config.protect)
 
     def select(self, scores: Tensor, view: LayerView) -> Tensor:
         return keep_within_budget(scores, view, self.budget, self.protect_cfg)

@@ -10,19 +10,80 @@ instead of chasing retention. NaN/inf attention or scores keep the token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import torch
+from pydantic import AfterValidator, BeforeValidator, Field
 from torch import Tensor
 
 from vllm_namm import kernels
-from vllm_namm.config import BudgetConfig, FeatureConfig, ProtectConfig
 from vllm_namm.features import token_features
-from vllm_namm.kernels import Backend
+from vllm_namm.kernels import Backend, triton_stft_supported
 from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState, filter_tokens, sanitize_scores
 from vllm_namm.policies.budget import keep_within_budget
 from vllm_namm.scorers import score_ragged
-from vllm_namm.weights import NammWeights
+from vllm_namm.settings import BudgetConfig, FeatureConfig, Knob, PolicySettings, ProtectConfig
+from vllm_namm.shipped_weights import SHIPPED_WEIGHTS, resolve_weights
+from vllm_namm.weights import NammWeights, WeightsStore
+
+if TYPE_CHECKING:
+    from vllm_namm.config import EvictionConfig
+
+
+def _shipped_name(v: object) -> object:
+    return resolve_weights(v) if isinstance(v, (str, Path)) else v
+
+
+def _finite(v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    if v is not None and not all(math.isfinite(x) for x in v):
+        raise ValueError("namm_params contains NaN or inf")
+    return v
+
+
+class NammSettings(PolicySettings):
+    """NAMM's knobs: the weights file and the keep threshold (server-wide), and per request a
+    candidate's parameter vector and EMA coefficient (evolution searches both; gamma is the paper's
+    App. D fix for needle retrieval)."""
+
+    weights: Annotated[
+        Path | None,
+        BeforeValidator(_shipped_name),
+        Knob(
+            flag="--namm-weights",
+            metavar="PATH|NAME",
+            help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
+            "namm-tiny-llama from the L2 ranking, reads the key norm), 'evolved-attn' (evolved, attention "
+            "features only), 'evolved-kn' (evolved, every layer free) or 'hand' (the hand-set starting point).",
+        ),
+    ] = Field(
+        None, description=f"NAMM weights file or shipped name ({', '.join(SHIPPED_WEIGHTS)}); None = evolved"
+    )
+    params: Annotated[
+        tuple[float, ...] | None, AfterValidator(_finite), Knob(key="namm_params", request_only=True)
+    ] = Field(None, description="one request's own scorer parameter vector (an evolution candidate)")
+    threshold: Annotated[
+        float | None,
+        Knob(
+            flag="--namm-threshold",
+            key="namm_threshold",
+            own_rule=True,
+            help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).",
+        ),
+    ] = Field(
+        None,
+        allow_inf_nan=False,
+        description="NAMM keep threshold (keep score >= threshold); None = the weights file's "
+        "(NaN would evict every unprotected token: score >= nan is always false)",
+    )
+    ema_coeff_per_step: Annotated[float | None, Knob(key="namm_ema_coeff_per_step", request_only=True)] = (
+        Field(
+            None, gt=0.0, lt=1.0, allow_inf_nan=False, description="one request's EMA coefficient per query"
+        )
+    )
+
 
 PagedFeatures = Callable[[Tensor, Tensor, Tensor, FeatureConfig], tuple[Tensor, Tensor]]
 """(prev_pad, prev_ema, first_frame, features) -> (ema, pad), computed from the paged cache with the
@@ -126,7 +187,7 @@ class NammPolicy(EvictionPolicy):
     """
 
     name = "namm"
-    accepts_paged_features = True
+    Settings = NammSettings
     budget_rule = "optional"
 
     def __init__(
@@ -148,12 +209,36 @@ class NammPolicy(EvictionPolicy):
         """None: the threshold rule; else rank under this budget."""
         self.protect_cfg = protect or ProtectConfig()
         self.needs_keys = self.features.key_norm  # type: ignore[misc]  # per weights file
+        self.hop = self.features.s_w
+        # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
+        self.accepts_paged_features = triton_stft_supported(self.features.n_w, self.hop)  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, config: EvictionConfig, weights: WeightsStore) -> NammPolicy:
+        """``config.weights`` (else the shipped default) from ``weights``; ``config.threshold`` overrides
+        the file's; without a budget or a threshold, the budget the weights were evolved at."""
+        w = weights.get(config.weights)
+        if config.interval % w.features.s_w:
+            raise ValueError(
+                f"interval {config.interval} is not a multiple of the weights' STFT hop {w.features.s_w}"
+            )
+        return cls(
+            w,
+            threshold=config.threshold,
+            kernels=config.kernels,
+            budget=namm_budget(config, w),
+            protect=config.protect,
+        )
 
     @property
     def num_params(self) -> int:
         return self.scorer.num_params
 
-    def new_state(self, params: Tensor | None = None) -> NammFeatureState:
+    def new_state(
+        self, params: Tensor | None = None, ema_coeff_per_step: float | None = None
+    ) -> NammFeatureState:
+        """``params``: a candidate's own scorer vector; ``ema_coeff_per_step``: its own EMA coefficient
+        (the state's features carry it: only the spectrogram EMA reads gamma)."""
         if params is not None:
             params = torch.as_tensor(params, dtype=torch.float32).flatten()
             if params.numel() != self.num_params:
@@ -161,7 +246,10 @@ class NammPolicy(EvictionPolicy):
                     f"candidate parameter vector has {params.numel()} values, the "
                     f"{self.weights.scorer.kind} scorer needs {self.num_params}"
                 )
-        return NammFeatureState(self.features, params)
+        features = self.features
+        if ema_coeff_per_step is not None:
+            features = features.model_copy(update={"ema_coeff_per_step": ema_coeff_per_step})
+        return NammFeatureState(features, params)
 
     def features_for(self, view: LayerView, state: NammFeatureState) -> tuple[Tensor, Tensor]:
         """Scorer input [kv, n, input_dim] and the bad-token mask [kv, n]; updates ``state``."""
@@ -216,3 +304,11 @@ class NammPolicy(EvictionPolicy):
         if self.budget is not None:
             return keep_within_budget(scores, view, self.budget, self.protect_cfg)
         return sanitize_scores(scores) >= self.threshold
+
+
+def namm_budget(config: EvictionConfig, weights: NammWeights) -> BudgetConfig | None:
+    """The budget NAMM ranks under: the config's; else, unless a threshold is asked for, the one the
+    weights were evolved at (``budget_ratio`` in the file); None = the threshold rule."""
+    if config.budget is not None or config.threshold is not None or weights.budget_ratio is None:
+        return config.budget
+    return BudgetConfig(ratio=weights.budget_ratio)

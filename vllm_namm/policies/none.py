@@ -10,6 +10,7 @@ from vllm_namm.policies.base import EvictionPolicy, LayerView, PolicyState
 
 class NoEviction(EvictionPolicy):
     name = "none"
+    evicts = False
     needs_attention = False
 
     def score(self, view: LayerView, state: PolicyState) -> Tensor:
