@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.page_plan import PagePlan, plan_pages, select_pages
+from vllm_namm.page_plan import PagePlan, PagesByBudget, PagesByRule, plan_pages, select_pages
 from vllm_namm.policies import make_policy
 from vllm_namm.request_memory import PagedCacheReader, PeerStepError, RequestMemory, begin_step, compute_steps
 
@@ -81,15 +81,17 @@ def test_plan_pages_split_over_workers_equals_unsplit(rule, workers):
     # per-page eviction tendencies so that whole pages are evicted by some heads only
     p_evict = torch.rand(layers, kv, n // 16, 1, generator=g).expand(-1, -1, -1, 16).reshape(layers, kv, n)
     masks = [torch.rand(kv, n, generator=g) >= p_evict[layer] ** 0.3 for layer in range(layers)]
-    want = plan_pages(masks, pos, 16, rule=rule, protect_from_position=int(pos.max()) - 20)
+    want = plan_pages(PagesByRule(masks, pos, 16, rule=rule, protect_from_position=int(pos.max()) - 20))
     group = FakeGroup(workers)
     got = group.run(
         lambda r, reduce: plan_pages(
-            [heads(m, r, workers) for m in masks],
-            pos,
-            16,
-            rule=rule,
-            protect_from_position=int(pos.max()) - 20,
+            PagesByRule(
+                [heads(m, r, workers) for m in masks],
+                pos,
+                16,
+                rule=rule,
+                protect_from_position=int(pos.max()) - 20,
+            ),
             reduce=reduce,
         )
     )
@@ -98,11 +100,13 @@ def test_plan_pages_split_over_workers_equals_unsplit(rule, workers):
     assert group.calls == [["sum"]] * workers  # one collective per call
     alone = [
         plan_pages(
-            [heads(m, r, workers) for m in masks],
-            pos,
-            16,
-            rule=rule,
-            protect_from_position=int(pos.max()) - 20,
+            PagesByRule(
+                [heads(m, r, workers) for m in masks],
+                pos,
+                16,
+                rule=rule,
+                protect_from_position=int(pos.max()) - 20,
+            )
         )
         for r in range(workers)
     ]
@@ -122,16 +126,18 @@ def test_select_pages_split_over_workers_equals_unsplit(aggregate):
     protected = torch.zeros(n, dtype=torch.bool)
     protected[-7:] = True
     kwargs = dict(keep_tokens=96, aggregate=aggregate, protected_token_mask=protected)
-    want = select_pages(scores, pos, 16, keep_masks=masks, **kwargs)
+    want = select_pages(PagesByBudget(scores, pos, 16, keep_masks=masks, **kwargs))
     group = FakeGroup(workers)
     got = group.run(
         lambda r, reduce: select_pages(
-            [heads(s, r, workers) for s in scores],
-            pos,
-            16,
-            keep_masks=[heads(m, r, workers) for m in masks],
+            PagesByBudget(
+                [heads(s, r, workers) for s in scores],
+                pos,
+                16,
+                keep_masks=[heads(m, r, workers) for m in masks],
+                **kwargs,
+            ),
             reduce=reduce,
-            **kwargs,
         )
     )
     for plan in got:
@@ -140,20 +146,22 @@ def test_select_pages_split_over_workers_equals_unsplit(aggregate):
     assert want.free_pages
     alone = [
         select_pages(
-            [heads(s, r, workers) for s in scores],
-            pos,
-            16,
-            keep_masks=[heads(m, r, workers) for m in masks],
-            **kwargs,
+            PagesByBudget(
+                [heads(s, r, workers) for s in scores],
+                pos,
+                16,
+                keep_masks=[heads(m, r, workers) for m in masks],
+                **kwargs,
+            )
         )
         for r in range(workers)
     ]
     assert any(a.free_pages != want.free_pages or a.requested != want.requested for a in alone)
     # without keep masks the statistics are the freed entries, over every worker's heads
-    plain = select_pages(scores, pos, 16, **kwargs)
+    plain = select_pages(PagesByBudget(scores, pos, 16, **kwargs))
     split = FakeGroup(workers).run(
         lambda r, reduce: select_pages(
-            [heads(s, r, workers) for s in scores], pos, 16, reduce=reduce, **kwargs
+            PagesByBudget([heads(s, r, workers) for s in scores], pos, 16, **kwargs), reduce=reduce
         )
     )
     for plan in split:
@@ -163,7 +171,9 @@ def test_select_pages_split_over_workers_equals_unsplit(aggregate):
 def test_select_pages_split_with_no_tokens():
     pos = torch.zeros(0, dtype=torch.long)
     got = FakeGroup(2).run(
-        lambda r, reduce: select_pages([torch.zeros(1, 0)], pos, 16, keep_tokens=8, reduce=reduce)
+        lambda r, reduce: select_pages(
+            PagesByBudget([torch.zeros(1, 0)], pos, 16, keep_tokens=8), reduce=reduce
+        )
     )
     assert all(p.free_pages == [] and p.token_keep.numel() == 0 for p in got)
 

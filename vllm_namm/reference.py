@@ -35,8 +35,14 @@ from torch import Tensor
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import gqa_average
-from vllm_namm.page_plan import select_pages
-from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect, protected_mask
+from vllm_namm.page_plan import PagesByBudget, select_pages
+from vllm_namm.policies.base import (
+    EvictionPolicy,
+    LayerView,
+    equalize_head_drops,
+    protect,
+    protected_mask,
+)
 from vllm_namm.policies.budget import BudgetPolicy
 
 ATTN_IMPL = "namm_reference"
@@ -265,12 +271,14 @@ def _evict_pages(
             raise RuntimeError("page-level selection needs one token set for every layer and head")
     n = positions.numel()
     plan = select_pages(
-        scores,
-        positions,
-        page_size,
-        keep_tokens=policy.budget.size(n, int(positions.max()) + 1),
-        aggregate=config.page_score,
-        protected_token_mask=protected_mask(views[0], config.protect).any(dim=0),
+        PagesByBudget(
+            scores,
+            positions,
+            page_size,
+            keep_tokens=policy.budget.size(n, int(positions.max()) + 1),
+            aggregate=config.page_score,
+            protected_token_mask=protected_mask(views[0], config.protect).any(dim=0),
+        )
     )
     keep = plan.token_keep.to(positions.device)
     idx = torch.nonzero(keep)[:, 0]

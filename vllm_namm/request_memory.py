@@ -37,8 +37,23 @@ from torch import Tensor
 from vllm_namm import kernels
 from vllm_namm.config import EvictionConfig, FeatureConfig
 from vllm_namm.features import attention_columns
-from vllm_namm.page_plan import PagePlan, PageVotes, Reduce, budget_votes, reduce_votes, rule_votes
-from vllm_namm.policies import EvictionPolicy, LayerView, PolicyState, protect, protected_mask
+from vllm_namm.page_plan import (
+    PagePlan,
+    PagesByBudget,
+    PagesByRule,
+    PageVotes,
+    Reduce,
+    budget_votes,
+    reduce_votes,
+    rule_votes,
+)
+from vllm_namm.policies import (
+    EvictionPolicy,
+    LayerView,
+    PolicyState,
+    protect,
+    protected_mask,
+)
 from vllm_namm.policies.namm import PagedFeatures
 
 
@@ -272,7 +287,11 @@ class StepResult:
 
 
 def begin_step(
-    mem: RequestMemory, reader: CacheReader, hop: int = 16, req_id: str = "", interval: int | None = None
+    mem: RequestMemory,
+    reader: CacheReader,
+    hop: int = 16,
+    req_id: str = "",
+    interval: int | None = None,
 ) -> StepJob:
     """Take the oldest unscored queries, as many as make whole ``interval`` s (all whole STFT hops
     when less than one interval is unscored: the prompt's tail), and fix the tokens they have seen.
@@ -311,7 +330,12 @@ def begin_step(
 
 
 def _layer_view(
-    job: StepJob, layer: int, policy: EvictionPolicy, scale: float, kv_heads: int, device: torch.device | str
+    job: StepJob,
+    layer: int,
+    policy: EvictionPolicy,
+    scale: float,
+    kv_heads: int,
+    device: torch.device | str,
 ) -> LayerView:
     """One layer's view: columns from the reader (or from its keys), or the fused feature source."""
     reader, positions, qpos = job.reader, job.positions, job.query_positions
@@ -326,7 +350,11 @@ def _layer_view(
             if attn is None:
                 k = keys if keys is not None else reader.keys(layer)[:n]
                 attn = attention_columns(
-                    job.queries[layer].to(k.device), k, qpos.to(k.device), positions.to(k.device), scale
+                    job.queries[layer].to(k.device),
+                    k,
+                    qpos.to(k.device),
+                    positions.to(k.device),
+                    scale,
                 )
             attn = attn[..., :n]
     return LayerView(
@@ -397,7 +425,11 @@ def compute_steps(
 
 
 def _local_votes(
-    jobs: list[StepJob], config: EvictionConfig, scale: float, kv_heads: int, device: torch.device | str
+    jobs: list[StepJob],
+    config: EvictionConfig,
+    scale: float,
+    kv_heads: int,
+    device: torch.device | str,
 ) -> list[PageVotes]:
     """This worker's per-page tallies of every job (its own KV heads only)."""
     by_policy: dict[int, tuple[EvictionPolicy, list[Any], list[tuple[int, int]]]] = {}
@@ -408,7 +440,10 @@ def _local_votes(
         for layer in range(job.mem.num_layers):
             view = _layer_view(job, layer, policy, scale, kv_heads, device)
             prepared.append(policy.prepare(view, job.mem.states[layer]))
-            view.attn, view.paged_features = None, None  # consumed: free before the next layer
+            view.attn, view.paged_features = (
+                None,
+                None,
+            )  # consumed: free before the next layer
             views[j, layer] = view
             slots.append((j, layer))
     keep: dict[tuple[int, int], Tensor] = {}
@@ -426,28 +461,26 @@ def _local_votes(
         policy = mem.policy
         budget = getattr(policy, "budget", None)  # budget policies, and namm ranked under a budget
         if config.selection == "page" and budget is not None:  # whole pages within the budget
-            votes.append(
-                budget_votes(
-                    [scores_of[j, layer] for layer in layers],
-                    job.positions,
-                    mem.block_size,
-                    keep_tokens=budget.size(job.positions.numel(), job.num_tokens),
-                    aggregate=config.page_score,
-                    protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
-                    protect_from_position=job.protect_from_position,
-                    keep_masks=masks,
-                )
+            pages = PagesByBudget(
+                [scores_of[j, layer] for layer in layers],
+                job.positions,
+                mem.block_size,
+                keep_tokens=budget.size(job.positions.numel(), job.num_tokens),
+                aggregate=config.page_score,
+                protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
+                protect_from_position=job.protect_from_position,
+                keep_masks=masks,
             )
+            votes.append(budget_votes(pages))
         else:
-            votes.append(
-                rule_votes(
-                    masks,
-                    job.positions,
-                    mem.block_size,
-                    rule=config.page_rule,
-                    protect_from_position=job.protect_from_position,
-                )
+            rule = PagesByRule(
+                masks,
+                job.positions,
+                mem.block_size,
+                rule=config.page_rule,
+                protect_from_position=job.protect_from_position,
             )
+            votes.append(rule_votes(rule))
     return votes
 
 
