@@ -246,9 +246,8 @@ def run_steps(cfg, n_tokens=1300, n_requests=3, seed=0):
                     [(cache, layout)] * L, blocks, D**-0.5, backend=cfg.kernels, fused=cfg.kernels == "triton"
                 )
                 jobs.append(begin_step(mem, reader))
-        for result in compute_steps(jobs, cfg, D**-0.5, KV):
-            result.job.mem.evicted_pages.update(result.plan.free_pages)
-            result.job.mem.pending = False
+        for step in compute_steps(jobs, cfg, D**-0.5, KV):
+            step.finish()
     return [sorted(m.evicted_pages) for m in mems]
 
 

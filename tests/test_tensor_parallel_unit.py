@@ -237,14 +237,12 @@ def run_sharded(
                     layers, tables[r, mem.live_pages].long(), D**-0.5, backend=cfg.kernels
                 )
                 jobs.append(begin_step(mem, reader, req_id=str(r)))
-        for result in compute_steps(
+        for step in compute_steps(
             jobs, cfg, D**-0.5, kv, reduce=reduce, layers=(first, L) if pp > 1 else None
         ):
-            mem = result.job.mem
-            mem.evicted_pages.update(result.plan.free_pages)
-            mem.pending = False
-            stats[int(result.job.req_id)][0].append(result.plan.requested)
-            stats[int(result.job.req_id)][1].append(result.plan.realised)
+            step.finish()
+            stats[int(step.req_id)][0].append(step.plan.requested)
+            stats[int(step.req_id)][1].append(step.plan.realised)
     return [(sorted(m.evicted_pages), *s) for m, s in zip(mems, stats, strict=True)]
 
 

@@ -5,7 +5,7 @@ What it does each step, for requests whose policy is not ``none``:
 1. captures every attention layer's queries (a wrapper around ``impl.forward``);
 2. after the forward pass, files them per request; when a request has ``interval``
    unscored queries, reads its keys straight from the paged cache, runs
-   :func:`vllm_namm.request_memory.eviction_step`, and turns the chosen pages into holes
+   an :class:`~vllm_namm.request_memory.EvictionStep`, and turns the chosen pages into holes
    (block id 0, vLLM's null block) in this worker's block table;
 3. attaches ``(request, logical page, physical block)`` reports to the step's output
    (:mod:`.channel`); the scheduler returns those blocks to the pool;
@@ -37,17 +37,18 @@ from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
 from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.request_memory import (
+    EvictionStep,
     PagedCacheReader,
     RequestMemory,
-    StepJob,
-    StepResult,
     begin_step,
     compute_steps,
-    finish_step,
 )
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.patching import patch
-from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
+from vllm_namm.vllm_patch.request_settings import (
+    RequestSettings,
+    parse_request_settings,
+)
 from vllm_namm.weights import load_weights
 
 logger = logging.getLogger("vllm.namm")
@@ -116,7 +117,7 @@ class NammRunnerState:
         engine_cpus = os.sched_getaffinity(0)
         worker_cpus, self.total_layers = engine_cpus, len(self.layers)
         self.hole_delay = 0
-        self._deferred: list[tuple[int, StepResult, list[tuple[int, int]]]] = []
+        self._deferred: list[tuple[int, EvictionStep, list[tuple[int, int]]]] = []
         if self.votes is not None:
             # every rank's worker cores are taken: the eviction thread goes where none of them runs
             peers = self.votes.gather((sorted(engine_cpus), self.layer_ids[-1] + 1))
@@ -124,7 +125,7 @@ class NammRunnerState:
             self.total_layers = max(end for _, end in peers)
             self.hole_delay = self.votes.stages - 1
         cpus = eviction_cpus(worker_cpus) if self.device.type == "cpu" else None
-        self.executor: LaggedExecutor[StepJob, StepResult] = LaggedExecutor(
+        self.executor: LaggedExecutor[EvictionStep, EvictionStep] = LaggedExecutor(
             self._compute, config.lag, device=self.device, cpus=cpus
         )
         for idx, mod in enumerate(self.layers):
@@ -186,7 +187,11 @@ class NammRunnerState:
         for i, req_id in enumerate(cached.req_ids):
             if req_id in resumed:  # recomputed from scratch after preemption: state starts over
                 state = self.runner.requests.get(req_id)
-                self._track(req_id, state.sampling_params if state else None, cached.num_computed_tokens[i])
+                self._track(
+                    req_id,
+                    state.sampling_params if state else None,
+                    cached.num_computed_tokens[i],
+                )
         self.capturing = bool(self.requests)
         self.captured = [None] * len(self.layers)
 
@@ -240,9 +245,19 @@ class NammRunnerState:
                     continue
                 start = int(batch.num_computed_tokens_cpu[row])
                 mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
-                if mem.due(self.config.interval, runner.requests[req_id].num_prompt_tokens, self.hop):
+                if mem.due(
+                    self.config.interval,
+                    runner.requests[req_id].num_prompt_tokens,
+                    self.hop,
+                ):
                     jobs.append(
-                        begin_step(mem, self._reader(row, mem), self.hop, req_id, self.config.interval)
+                        begin_step(
+                            mem,
+                            self._reader(row, mem),
+                            self.hop,
+                            req_id,
+                            self.config.interval,
+                        )
                     )
             self.captured = [None] * len(self.layers)
             self.executor.submit(jobs)
@@ -264,7 +279,7 @@ class NammRunnerState:
             fused=self.fused_features,
         )
 
-    def _compute(self, jobs: list[StepJob]) -> list[StepResult]:
+    def _compute(self, jobs: list[EvictionStep]) -> list[EvictionStep]:
         reduce = self.votes.reduce if self.votes is not None else None
         return compute_steps(
             jobs,
@@ -285,18 +300,20 @@ class NammRunnerState:
         error = future.exception()
         if error is not None:  # never take the engine down: those requests stop evicting
             logger.error(
-                "vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error
+                "vllm-namm: an eviction step failed; the requests concerned keep their cache: %r",
+                error,
             )
             return
-        for result in future.result():
-            req_id = result.job.req_id
-            if self.requests.get(req_id) is not result.job.mem:
+        for step in future.result():
+            req_id = step.req_id
+            if self.requests.get(req_id) is not step.mem:
                 continue  # finished, aborted or preempted (state reset) since the step began
             # The runner's own copy of the block ids: the request may be out of this step's batch
             # (not scheduled, e.g. every other step under pipeline parallelism); its table row is
             # rebuilt from these ids when it comes back.
             block_ids = self.runner.requests[req_id].block_ids[0]
-            plan = result.plan
+            plan = step.plan
+            assert plan is not None
             freed = []
             for page in plan.free_pages:
                 block_id = int(block_ids[page])
@@ -304,11 +321,17 @@ class NammRunnerState:
                     raise RuntimeError(f"vllm-namm: page {page} of {req_id} evicted twice")
                 freed.append((page, block_id))
             if self.reporter:  # the other ranks' outputs never reach the scheduler
-                channel.post(req_id, freed, sum(plan.requested), sum(plan.realised), result.job.num_tokens)
+                channel.post(
+                    req_id,
+                    freed,
+                    sum(plan.requested),
+                    sum(plan.realised),
+                    step.num_tokens,
+                )
             if self.hole_delay:
-                self._deferred.append((self.executor.now + self.hole_delay, result, freed))
+                self._deferred.append((self.executor.now + self.hole_delay, step, freed))
             else:
-                self._make_holes(result, freed)
+                self._make_holes(step, freed)
 
     def _make_due_holes(self) -> None:
         """Holes whose delay has passed (pipeline parallel only).
@@ -323,13 +346,13 @@ class NammRunnerState:
         this request's keys.
         """
         while self._deferred and self._deferred[0][0] <= self.executor.now:
-            _, result, freed = self._deferred.pop(0)
-            if self.requests.get(result.job.req_id) is result.job.mem:
-                self._make_holes(result, freed)
+            _, step, freed = self._deferred.pop(0)
+            if self.requests.get(step.req_id) is step.mem:
+                self._make_holes(step, freed)
 
-    def _make_holes(self, result: StepResult, freed: list[tuple[int, int]]) -> None:
-        """Null the freed pages in this worker's block table and record the step."""
-        req_id = result.job.req_id
+    def _make_holes(self, step: EvictionStep, freed: list[tuple[int, int]]) -> None:
+        """Null the freed pages in this worker's block table and finish the step."""
+        req_id = step.req_id
         batch = self.runner.input_batch
         table = batch.block_table[0].block_table.np
         row = batch.req_id_to_index.get(req_id)  # None: not scheduled this step (rebuilt from block_ids)
@@ -342,7 +365,7 @@ class NammRunnerState:
             block_ids[page] = NULL_BLOCK_ID
             if row is not None:
                 table[row, page] = NULL_BLOCK_ID
-        finish_step(result)
+        step.finish()
         if freed:
             logger.debug("vllm-namm: %s freed pages %s", req_id, [page for page, _ in freed])
 
@@ -371,7 +394,11 @@ class VoteGroup:
         (``use_local_synchronization``), all at KV-cache initialisation, so data-parallel
         replicas need not take part."""
         import torch.distributed as dist
-        from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+        from vllm.distributed.parallel_state import (
+            get_pp_group,
+            get_tp_group,
+            model_parallel_is_initialized,
+        )
 
         if not model_parallel_is_initialized():
             return None
@@ -381,7 +408,10 @@ class VoteGroup:
         # vLLM lays ranks out as [..., PP, TP]: stage s's TP ranks are s's PP-group rank's TP neighbours
         ranks = sorted(p - tp.rank_in_group + j for p in pp.ranks for j in range(tp.world_size))
         group = dist.new_group(
-            ranks, backend="gloo", use_local_synchronization=True, group_desc="vllm_namm_page_votes"
+            ranks,
+            backend="gloo",
+            use_local_synchronization=True,
+            group_desc="vllm_namm_page_votes",
         )
         return cls(group, ranks.index(dist.get_rank()), len(ranks), pp.world_size)
 
@@ -390,7 +420,11 @@ class VoteGroup:
         import torch.distributed as dist
 
         out = t.detach().to("cpu", copy=True).contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(
+            out,
+            op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+            group=self.group,
+        )
         return out.to(t.device)
 
     def gather(self, value: Any) -> list[Any]:
@@ -405,7 +439,11 @@ class VoteGroup:
 def is_reporting_rank() -> bool:
     """Whether vLLM returns this rank's ModelRunnerOutput to the scheduler: the first TP rank of
     the last pipeline stage (``MultiprocExecutor._get_output_rank`` in vLLM 0.32)."""
-    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+    from vllm.distributed.parallel_state import (
+        get_pp_group,
+        get_tp_group,
+        model_parallel_is_initialized,
+    )
 
     if not model_parallel_is_initialized():
         return True
@@ -426,8 +464,29 @@ def key_layout(layer: Any, backend: str) -> tuple[torch.Tensor, kernels.PagedKey
 
 def _wrap_impl_forward(layer: Any, idx: int, state: NammRunnerState) -> None:
     @patch(layer.impl, "forward")  # this layer's impl only (an instance: original is bound)
-    def forward(original, attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = original(attn_layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+    def forward(
+        original,
+        attn_layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        *args,
+        **kwargs,
+    ):
+        result = original(
+            attn_layer,
+            query,
+            key,
+            value,
+            kv_cache,
+            attn_metadata,
+            output,
+            *args,
+            **kwargs,
+        )
         if state.capturing and attn_metadata is not None:
             n = attn_metadata.num_actual_tokens
             state.captured[idx] = query[:n].detach().reshape(n, -1, state.head_size).clone()
