@@ -2,137 +2,176 @@
 
 vLLM builds its parser with ``EngineArgs.add_cli_args`` after loading general plugins, and
 ``EngineArgs.from_cli_args`` keeps dataclass fields only; we extend the first and move our
-flags into ``additional_config["namm"]`` in the second.
+flags into ``additional_config[CONFIG_KEY]`` in the second.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+import typing
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.policy_registry import POLICY_NAMES, budget_takers, needs_budget, takes_budget
+from vllm_namm.policies.registry import (
+    KNOBS,
+    OFF,
+    POLICY_NAMES,
+    KnobSpec,
+    budget_takers,
+    policy_class,
+)
+from vllm_namm.rules import Conflict, first_conflict
 from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
 from vllm_namm.vllm_patch.patching import patch
 
-# flag -> (EvictionConfig field path, argparse options). One table drives the parser, the
-# config mapping and the error messages, so every message names the flag the user typed.
-FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--kv-eviction": (
-        "policy",
-        dict(
-            choices=list(POLICY_NAMES), default="none", help="Eviction policy. 'none' leaves vLLM unchanged."
+FlagTable = Mapping[str, tuple[str, dict[str, Any]]]
+
+POLICY_FLAG: FlagTable = MappingProxyType(
+    {
+        "--kv-eviction": (
+            "policy",
+            dict(
+                choices=list(POLICY_NAMES),
+                default=OFF,
+                help=f"Eviction policy. '{OFF}' leaves vLLM unchanged.",
+            ),
         ),
-    ),
-    "--namm-weights": (
-        "weights",
-        dict(
-            default=None,
-            metavar="PATH|NAME",
-            help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
-            "namm-tiny-llama from the L2 ranking, reads the key norm), 'evolved-attn' (evolved, attention "
-            "features only), 'evolved-kn' (evolved, every layer free) or 'hand' (the hand-set starting point).",
+    }
+)
+ENGINE_FLAGS: FlagTable = MappingProxyType(
+    {
+        "--kv-eviction-interval": (
+            "interval",
+            dict(
+                type=int,
+                default=512,
+                metavar="N",
+                help="n_up: tokens between two eviction steps (a multiple of 16); prompts are chunked at "
+                "these boundaries. Longer than --max-model-len: one step at the end of each prompt.",
+            ),
         ),
-    ),
-    "--namm-threshold": (
-        "threshold",
-        dict(
-            type=float,
-            default=None,
-            help="Keep tokens whose NAMM score is >= this (default: the weights file's, 0).",
+        "--kv-eviction-budget": (
+            "budget.tokens",
+            dict(
+                type=int,
+                default=None,
+                metavar="TOKENS",
+                help="Cache budget in tokens for h2o/l2/streaming/snapkv.",
+            ),
         ),
-    ),
-    "--kv-eviction-interval": (
-        "interval",
-        dict(
-            type=int,
-            default=512,
-            metavar="N",
-            help="n_up: tokens between two eviction steps (a multiple of 16); prompts are chunked at "
-            "these boundaries. Longer than --max-model-len: one step at the end of each prompt.",
+        "--kv-eviction-ratio": (
+            "budget.ratio",
+            dict(
+                type=float,
+                default=None,
+                metavar="R",
+                help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.",
+            ),
         ),
-    ),
-    "--kv-eviction-budget": (
-        "budget.tokens",
-        dict(
-            type=int,
-            default=None,
-            metavar="TOKENS",
-            help="Cache budget in tokens for h2o/l2/streaming/snapkv.",
+        "--kv-eviction-sink-tokens": (
+            "protect.sink_tokens",
+            dict(
+                type=int,
+                default=None,
+                metavar="N",
+                help="Oldest tokens never evicted (the first page is always kept).",
+            ),
         ),
-    ),
-    "--kv-eviction-ratio": (
-        "budget.ratio",
-        dict(
-            type=float,
-            default=None,
-            metavar="R",
-            help="Cache budget as a fraction (0,1] of the cached tokens, for h2o/l2/streaming/snapkv.",
+        "--kv-eviction-recent-tokens": (
+            "protect.recent_tokens",
+            dict(
+                type=int,
+                default=None,
+                metavar="N",
+                help="Newest tokens never evicted (default 1).",
+            ),
         ),
-    ),
-    "--kv-eviction-sink-tokens": (
-        "protect.sink_tokens",
-        dict(
-            type=int,
-            default=None,
-            metavar="N",
-            help="Oldest tokens never evicted (the first page is always kept).",
+        "--kv-eviction-page-rule": (
+            "page_rule",
+            dict(
+                choices=["all", "majority", "any"],
+                default="all",
+                help="Token-level selection and namm: free a page when all / most / any of its (layer, head, "
+                "token) entries are evicted.",
+            ),
         ),
-    ),
-    "--kv-eviction-recent-tokens": (
-        "protect.recent_tokens",
-        dict(type=int, default=None, metavar="N", help="Newest tokens never evicted (default 1)."),
-    ),
-    "--kv-eviction-page-rule": (
-        "page_rule",
-        dict(
-            choices=["all", "majority", "any"],
-            default="all",
-            help="Token-level selection and namm: free a page when all / most / any of its (layer, head, token) "
-            "entries are evicted.",
+        "--kv-eviction-selection": (
+            "selection",
+            dict(
+                choices=["page", "token"],
+                default=None,
+                help="Budget policies: keep the best whole pages within the budget (page, default), or each "
+                "head's best tokens, then free pages by --kv-eviction-page-rule (token).",
+            ),
         ),
-    ),
-    "--kv-eviction-selection": (
-        "selection",
-        dict(
-            choices=["page", "token"],
-            default=None,
-            help="Budget policies: keep the best whole pages within the budget (page, default), or each head's best "
-            "tokens, then free pages by --kv-eviction-page-rule (token).",
+        "--kv-eviction-page-score": (
+            "page_score",
+            dict(
+                choices=["max", "mean", "vote"],
+                default=None,
+                help="Page-level selection: a page's score from its tokens' per-head normalised ranks over all "
+                "layers and KV heads (max, default; mean; or the share a per-head token budget keeps).",
+            ),
         ),
-    ),
-    "--kv-eviction-page-score": (
-        "page_score",
-        dict(
-            choices=["max", "mean", "vote"],
-            default=None,
-            help="Page-level selection: a page's score from its tokens' per-head normalised ranks over all layers and "
-            "KV heads (max, default; mean; or the share a per-head token budget keeps).",
+        "--namm-kernels": (
+            "kernels",
+            dict(
+                choices=["auto", "triton", "torch", "reference"],
+                default="auto",
+                help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
+                "reference = the slow plain-torch definitions, for checking.",
+            ),
         ),
-    ),
-    "--namm-kernels": (
-        "kernels",
-        dict(
-            choices=["auto", "triton", "torch", "reference"],
-            default="auto",
-            help="Kernels of the eviction step: auto = Triton on GPU, exact fast torch on CPU; "
-            "reference = the slow plain-torch definitions, for checking.",
+        "--kv-eviction-lag": (
+            "lag",
+            dict(
+                type=int,
+                default=None,
+                metavar="STEPS",
+                help="Engine steps between an eviction step's start and its freed pages; the decision is "
+                "computed off the critical path meanwhile (default 2; 0 = synchronous).",
+            ),
         ),
-    ),
-    "--kv-eviction-lag": (
-        "lag",
-        dict(
-            type=int,
-            default=None,
-            metavar="STEPS",
-            help="Engine steps between an eviction step's start and its freed pages; the decision is "
-            "computed off the critical path meanwhile (default 2; 0 = synchronous).",
-        ),
-    ),
-}
+    }
+)
+BUDGET_FLAGS: Mapping[str, str] = MappingProxyType(
+    {"--kv-eviction-budget": "tokens", "--kv-eviction-ratio": "ratio"}
+)
+
+
+def knob_flag_options(spec: KnobSpec) -> dict[str, Any]:
+    """argparse options of a policy knob's flag, from its declaration (type or choices, help, metavar)."""
+    args = [a for a in typing.get_args(spec.field.annotation) if a is not type(None)]
+    kind = args[0] if len(args) == 1 else spec.field.annotation
+    options: dict[str, Any] = dict(default=None, help=spec.knob.help or spec.field.description)
+    if typing.get_origin(kind) is Literal:
+        options["choices"] = list(typing.get_args(kind))
+    elif kind in (int, float):
+        options["type"] = kind
+    if spec.knob.metavar:
+        options["metavar"] = spec.knob.metavar
+    return options
+
+
+# flag -> (EvictionConfig field path, argparse options). One table drives the parser, the config
+# mapping and the error messages, so every message names the flag the user typed; the policies'
+# knobs come from their declarations (``Knob(flag=...)``), right after the policy flag.
+FLAGS: FlagTable = MappingProxyType(
+    {
+        **POLICY_FLAG,
+        **{
+            spec.knob.flag: (name, knob_flag_options(spec))
+            for name, spec in KNOBS.items()
+            if spec.knob.flag is not None and not spec.knob.request_only
+        },
+        **ENGINE_FLAGS,
+    }
+)
 
 
 def _dest(flag: str) -> str:
@@ -151,7 +190,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``additional_config["namm"]`` dict for these flags (None when eviction is off).
+    """The ``additional_config[CONFIG_KEY]`` dict for these flags (None when eviction is off).
+
+    Raises :class:`NammConfigError` with a message naming the offending flag(s).
+    """
+    cfg = eviction_config_from_args(args)
+    return None if cfg is None else cfg.model_dump(mode="json")
+
+
+def eviction_config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
+    """The eviction config these flags ask for (None when eviction is off).
 
     Raises :class:`NammConfigError` with a message naming the offending flag(s).
     """
@@ -160,33 +208,22 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         f for f, (_, options) in FLAGS.items() if f != "--kv-eviction" and value[f] != options.get("default")
     ]
     policy = value["--kv-eviction"]
-    if policy == "none":
+    if not policy_class(policy).evicts:
         if given:
             raise NammConfigError(
                 f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
-                "--kv-eviction POLICY (the default, none, leaves vLLM unchanged)"
+                f"--kv-eviction POLICY (the default, {OFF}, leaves vLLM unchanged)"
             )
         return None
-    budget_flags = [f for f in ("--kv-eviction-budget", "--kv-eviction-ratio") if value[f] is not None]
-    if len(budget_flags) == 2:
-        raise NammConfigError("give --kv-eviction-budget or --kv-eviction-ratio, not both")
-    budget_policies = budget_takers()
-    if needs_budget(policy) and not budget_flags:
-        raise NammConfigError(
-            f"--kv-eviction {policy} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R"
-        )
-    if not takes_budget(policy) and budget_flags:
-        raise NammConfigError(
-            f"{budget_flags[0]} only applies to --kv-eviction {'/'.join(budget_policies)}, not {policy}"
-        )
-    namm_flags = [f for f in ("--namm-weights", "--namm-threshold") if value[f] is not None]
-    if policy != "namm" and namm_flags:
-        raise NammConfigError(f"{namm_flags[0]} only applies to --kv-eviction namm, not {policy}")
-    if budget_flags and value["--namm-threshold"] is not None:
-        raise NammConfigError(
-            f"--namm-threshold with {budget_flags[0]}: namm ranked under a budget keeps its "
-            "best-scored tokens; a threshold does not apply"
-        )
+    budget_flags = [f for f in BUDGET_FLAGS if value[f] is not None]
+    knob_flags = [f for f, (path, _) in FLAGS.items() if path in KNOBS and value[f] is not None]
+    conflict = first_conflict(
+        policy,
+        [BUDGET_FLAGS[f] for f in budget_flags],  # type: ignore[misc]
+        [FLAGS[f][0] for f in knob_flags],
+    )
+    if conflict is not None:
+        raise NammConfigError(flag_message(conflict))
     raw: dict[str, Any] = {}
     for flag, (path, _) in FLAGS.items():
         if value[flag] is not None:
@@ -199,7 +236,30 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         cfg = EvictionConfig(**raw)
     except ValidationError as e:
         raise NammConfigError(flag_error(e, value)) from None
-    return cfg.model_dump(mode="json")
+    return cfg
+
+
+def flag_message(conflict: Conflict) -> str:
+    """A :class:`~vllm_namm.rules.Conflict` in the words of the flags."""
+    p = conflict.policy
+    if conflict.kind == "both_budgets":
+        return "give --kv-eviction-budget or --kv-eviction-ratio, not both"
+    if conflict.kind == "needs_budget":
+        return f"--kv-eviction {p} needs --kv-eviction-budget TOKENS or --kv-eviction-ratio R"
+    flag = _flag_of(conflict.subject)
+    if conflict.kind == "takes_no_budget":
+        return f"{flag} only applies to --kv-eviction {'/'.join(budget_takers())}, not {p}"
+    if conflict.kind == "foreign_knob":
+        return f"{flag} only applies to --kv-eviction {conflict.owner}, not {p}"
+    return (
+        f"{flag} with {_flag_of(conflict.budget)}: {conflict.owner} ranked under a budget keeps its "
+        f"best-scored tokens; a {conflict.subject} does not apply"
+    )
+
+
+def _flag_of(setting: str) -> str:
+    """The flag of a budget setting (tokens, ratio) or of a knob."""
+    return next(f for f, (path, _) in FLAGS.items() if path in (setting, f"budget.{setting}"))
 
 
 def flag_error(e: ValidationError, value: dict[str, Any]) -> str:
@@ -260,4 +320,11 @@ def _is_cli() -> bool:
     return os.path.basename(sys.argv[0]) == "vllm"
 
 
-__all__ = ["FLAGS", "EvictionConfig", "add_flags", "config_from_args", "install"]
+__all__ = [
+    "FLAGS",
+    "EvictionConfig",
+    "add_flags",
+    "config_from_args",
+    "flag_message",
+    "install",
+]
