@@ -3,16 +3,17 @@
 Both hooks run in the API-server process: ``InputProcessor._validate_params`` sees every
 request's ``SamplingParams`` before it reaches the engine, and
 ``OutputProcessor.process_outputs`` sees every finished request's eviction summary (which
-the scheduler returns in ``kv_transfer_params["namm"]``).
+the scheduler returns in ``kv_transfer_params[SUMMARY_KEY]``).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, parse_eviction_config
+from vllm_namm.config import EvictionConfig
+from vllm_namm.vllm_patch.engine_config import SUMMARY_KEY, eviction_config
 from vllm_namm.vllm_patch.patching import patch
+from vllm_namm.vllm_patch.policy_book import PolicyBook
 from vllm_namm.vllm_patch.request_settings import (
     RequestSettingsError,
     parse_request_settings,
@@ -24,7 +25,13 @@ class _Metrics:
     """Prometheus series, created lazily in the process that serves ``/metrics``."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        # One set of series per process: an earlier output processor's (another engine in this
+        # process, as in tests) is replaced, as vLLM does with its own (unregister_vllm_metrics).
+        for collector in list(REGISTRY._collector_to_names):
+            if getattr(collector, "_name", "").startswith("vllm_namm:"):
+                REGISTRY.unregister(collector)
 
         self.requests = Counter("vllm_namm:evicting_requests", "Finished requests that had KV pages evicted")
         self.evicted = Counter("vllm_namm:evicted_blocks", "KV blocks freed by eviction before request end")
@@ -67,23 +74,12 @@ class _Metrics:
         self.budget_blocks.inc(s.get("budget_blocks", 0))
 
 
-_metrics: _Metrics | None = None
-
-
-def _server_config(processor: Any) -> Any:
-    cfg = getattr(processor, "_namm_server_config", None)
-    if cfg is None:
-        raw = (processor.vllm_config.additional_config or {}).get(CONFIG_KEY)
-        cfg = processor._namm_server_config = parse_eviction_config(raw)
-    return cfg
-
-
-@functools.lru_cache(maxsize=8)
-def _num_params(weights: str | None) -> int:
-    from vllm_namm.policies import DEFAULT_WEIGHTS
-    from vllm_namm.weights import load_weights
-
-    return load_weights(weights or DEFAULT_WEIGHTS).params.numel()
+def _book(processor: Any) -> PolicyBook:
+    """The API server's policies (built on first use, kept on its input processor)."""
+    book = getattr(processor, "_namm_book", None)
+    if book is None:
+        book = processor._namm_book = PolicyBook(eviction_config(processor.vllm_config) or EvictionConfig())
+    return book
 
 
 def install() -> None:
@@ -99,22 +95,19 @@ def install() -> None:
             try:
                 settings = parse_request_settings(extra)
                 if not settings.is_default:
-                    validate_for_server(
-                        settings,
-                        _server_config(self),
-                        lambda cfg: _num_params(str(cfg.weights) if cfg.weights else None),
-                    )
+                    book = _book(self)
+                    validate_for_server(settings, book.server, lambda cfg: book.policy(settings).num_params)
             except RequestSettingsError as e:
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         return result
 
     @patch(OutputProcessor, "process_outputs")
     def process_outputs(original, self, engine_core_outputs, *args, **kwargs):
-        global _metrics
         for out in engine_core_outputs:
             params = getattr(out, "kv_transfer_params", None)
-            if out.finish_reason is not None and params and "namm" in params:
-                if _metrics is None:
-                    _metrics = _Metrics()
-                _metrics.observe(params["namm"])
+            if out.finish_reason is not None and params and SUMMARY_KEY in params:
+                metrics = getattr(self, "_namm_metrics", None)
+                if metrics is None:
+                    metrics = self._namm_metrics = _Metrics()
+                metrics.observe(params[SUMMARY_KEY])
         return original(self, engine_core_outputs, *args, **kwargs)

@@ -17,16 +17,9 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
-from vllm_namm.policies.registry import (
-    KNOBS,
-    OFF,
-    POLICY_NAMES,
-    KnobSpec,
-    budget_takers,
-    policy_class,
-)
+from vllm_namm.policies.registry import KNOBS, OFF, POLICY_NAMES, KnobSpec, budget_takers, policy_class
 from vllm_namm.rules import Conflict, first_conflict
-from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError
+from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, remember
 from vllm_namm.vllm_patch.patching import patch
 
 FlagTable = Mapping[str, tuple[str, dict[str, Any]]]
@@ -84,12 +77,7 @@ ENGINE_FLAGS: FlagTable = MappingProxyType(
         ),
         "--kv-eviction-recent-tokens": (
             "protect.recent_tokens",
-            dict(
-                type=int,
-                default=None,
-                metavar="N",
-                help="Newest tokens never evicted (default 1).",
-            ),
+            dict(type=int, default=None, metavar="N", help="Newest tokens never evicted (default 1)."),
         ),
         "--kv-eviction-page-rule": (
             "page_rule",
@@ -293,11 +281,13 @@ def install() -> None:
     def from_cli_args(original, cls, args: argparse.Namespace):
         engine_args = original(cls, args)
         try:
-            cfg = config_from_args(args)
+            cfg = eviction_config_from_args(args)
         except NammConfigError as e:
             fail(str(e))
         if cfg is not None:
-            engine_args.additional_config = dict(engine_args.additional_config or {}) | {CONFIG_KEY: cfg}
+            raw = cfg.model_dump(mode="json")
+            engine_args.additional_config = dict(engine_args.additional_config or {}) | {CONFIG_KEY: raw}
+            remember(engine_args, cfg)  # parsed here once: the engine-config patch reads it back
         return engine_args
 
     @patch(EngineArgs, "create_engine_config")
@@ -320,11 +310,4 @@ def _is_cli() -> bool:
     return os.path.basename(sys.argv[0]) == "vllm"
 
 
-__all__ = [
-    "FLAGS",
-    "EvictionConfig",
-    "add_flags",
-    "config_from_args",
-    "flag_message",
-    "install",
-]
+__all__ = ["FLAGS", "EvictionConfig", "add_flags", "config_from_args", "flag_message", "install"]

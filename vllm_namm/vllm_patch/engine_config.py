@@ -1,7 +1,7 @@
-"""Where the eviction settings live inside vLLM: ``additional_config["namm"]``.
+"""Where the eviction settings live inside vLLM: ``additional_config[CONFIG_KEY]``.
 
 Flags (``vllm serve ... --kv-eviction``) and the Python API
-(``LLM(..., additional_config={"namm": {...}})``) both end up there; the engine config is
+(``LLM(..., additional_config={CONFIG_KEY: {...}})``) both end up there; the engine config is
 then adjusted once, in ``EngineArgs.create_engine_config`` (API-server process, before any
 engine starts), so a bad setting stops the server with one clear message.
 """
@@ -15,11 +15,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
+from vllm_namm.policies.registry import policy_class
 from vllm_namm.vllm_patch.patching import patch
+from vllm_namm.weights import NAMESPACE
 
 logger = logging.getLogger("vllm.namm")
 
-CONFIG_KEY = "namm"
+CONFIG_KEY = NAMESPACE
+"""Our key in vLLM's ``additional_config``: the eviction settings."""
+SUMMARY_KEY = NAMESPACE
+"""Our key in a finished request's ``kv_transfer_params``: its eviction summary (scheduler -> API server)."""
 SCHEDULER_CLS = "vllm_namm.vllm_patch.scheduler.NammScheduler"
 ATTENTION_OP = "vllm::unified_attention_with_output"
 """The op the piecewise graphs must split at, so that attention (and our hooks) runs eagerly."""
@@ -41,13 +46,36 @@ def parse_eviction_config(raw: Any) -> EvictionConfig:
         ) from None
 
 
-def eviction_config_from(vllm_config: Any) -> EvictionConfig | None:
-    """The active eviction config of an engine, or None when eviction is off."""
-    raw = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+_CACHE = "_namm_eviction_config"
+"""Attribute of the owner (a ``VllmConfig`` or ``EngineArgs``) holding ``(raw, parsed)``."""
+
+
+def eviction_config(owner: Any) -> EvictionConfig | None:
+    """The eviction config of an engine, or None when eviction is off: the one way every part of the
+    plugin reads it (flags, engine options, scheduler, runner, API server).
+
+    ``owner`` is a ``VllmConfig`` (or the ``EngineArgs`` it is made from). The parsed config is kept
+    on the owner itself, next to the raw ``additional_config[CONFIG_KEY]`` it came from, so each engine's
+    settings are parsed once per process (at most: vLLM pickles the owner, with the parsed config, to
+    its engine and worker processes) and two engines in one process never share one.
+    """
+    raw = (getattr(owner, "additional_config", None) or {}).get(CONFIG_KEY)
+    cached = vars(owner).get(_CACHE)
+    if cached is None or cached[0] is not raw:
+        cfg = None if raw is None else parse_eviction_config(raw)
+        cached = remember(owner, cfg, raw)
+    cfg = cached[1]
+    return cfg if cfg is not None and policy_class(cfg.policy).evicts else None
+
+
+def remember(owner: Any, cfg: EvictionConfig | None, raw: Any = None) -> tuple[Any, EvictionConfig | None]:
+    """Keep ``cfg`` as the parsed form of ``owner``'s ``additional_config[CONFIG_KEY]`` (for whoever parsed
+    it already, e.g. the flags); ``raw`` defaults to that value."""
     if raw is None:
-        return None
-    cfg = parse_eviction_config(raw)
-    return None if cfg.policy == "none" else cfg
+        raw = (getattr(owner, "additional_config", None) or {}).get(CONFIG_KEY)
+    entry = (raw, cfg)
+    object.__setattr__(owner, _CACHE, entry)
+    return entry
 
 
 def prepare_engine_args(args: Any) -> None:
@@ -58,11 +86,8 @@ def prepare_engine_args(args: Any) -> None:
     graphs on GPU (:func:`piecewise_cuda_graphs`), no context parallelism and a lag with
     pipeline stages (:func:`check_parallelism`), and no speculative decoding.
     """
-    raw = (args.additional_config or {}).get(CONFIG_KEY)
-    if raw is None:
-        return
-    cfg = parse_eviction_config(raw)
-    if cfg.policy == "none":
+    cfg = eviction_config(args)
+    if cfg is None:
         return
     from vllm_namm.policies import make_policy
     from vllm_namm.weights import WeightsError
@@ -98,6 +123,7 @@ def prepare_engine_args(args: Any) -> None:
     if not current_platform.is_cpu():
         piecewise_cuda_graphs(args)
     args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
+    remember(args, cfg)
     tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
     logger.info(
         "vllm-namm: KV eviction %s, interval %d%s",
@@ -233,7 +259,7 @@ def _keep_v1_model_runner() -> None:
 
     @patch(VllmConfig, "use_v2_model_runner")  # a property: its getter is wrapped
     def use_v2_model_runner(original: Any, self: Any) -> bool:
-        if eviction_config_from(self) is not None:
+        if eviction_config(self) is not None:
             return False
         return original(self)
 

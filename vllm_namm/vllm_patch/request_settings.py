@@ -74,9 +74,9 @@ class RequestCore(BaseModel):
         return [k for k in type(self).model_fields if getattr(self, k) is not None]
 
     def cache_key(self) -> str:
-        """Identity of the policy these settings build (a parameter vector excluded: it lives in the
-        request's policy states)."""
-        data = self.model_dump(exclude={k for k, n in KEY_KNOBS.items() if n == "params"})
+        """Identity of the policy these settings build (per-request-only knobs excluded: they live in
+        the request's policy states)."""
+        data = self.model_dump(exclude={k for k, n in KEY_KNOBS.items() if KNOBS[n].knob.request_only})
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def state_options(self) -> dict[str, Any]:

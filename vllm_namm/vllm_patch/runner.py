@@ -25,7 +25,6 @@ scheduler reports them. With pipeline stages the holes come ``pp - 1`` steps aft
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -35,7 +34,6 @@ import torch
 from vllm_namm import kernels
 from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
-from vllm_namm.policies import DEFAULT_WEIGHTS, EvictionPolicy, make_policy
 from vllm_namm.request_memory import (
     EvictionStep,
     PagedCacheReader,
@@ -45,11 +43,8 @@ from vllm_namm.request_memory import (
 )
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.patching import patch
-from vllm_namm.vllm_patch.request_settings import (
-    RequestSettings,
-    parse_request_settings,
-)
-from vllm_namm.weights import load_weights
+from vllm_namm.vllm_patch.policy_book import PolicyBook
+from vllm_namm.vllm_patch.request_settings import parse_request_settings
 
 logger = logging.getLogger("vllm.namm")
 
@@ -99,19 +94,14 @@ class NammRunnerState:
         self.head_size: int = first.head_size
         self.backend = type(first.impl).__name__
         self.device = runner.device
-        # Loaded once: any request may ask for namm (or its own EMA coefficient) per request.
-        self.weights = load_weights(config.weights or DEFAULT_WEIGHTS)
-        self.default_policy = make_policy(config, self.weights)
-        self._policies: dict[str, EvictionPolicy] = {}
+        self.book = PolicyBook(config)
+        self.book.default  # noqa: B018 - built now: a bad weights file fails at start-up, not mid-request
         self.requests: dict[str, RequestMemory] = {}
         self.captured: list[torch.Tensor | None] = [None] * len(self.layers)
         self.capturing = False
-        self.hop = self.weights.features.s_w
         side = kernels.resolve_backend(config.kernels, key_layout(first, self.backend)[0])
-        # the fused paged STFT+EMA kernel (GPU) is written for window 32 / hop 16 only
-        self.fused_features = side == "triton" and kernels.triton_stft_supported(
-            self.weights.features.n_w, self.hop
-        )
+        self.fused_features = side == "triton"
+        """The fused paged STFT+EMA kernel (GPU) for the policies that accept it (NAMM, window 32 / hop 16)."""
         self.votes = VoteGroup.create()
         self.reporter = is_reporting_rank()
         engine_cpus = os.sched_getaffinity(0)
@@ -139,7 +129,7 @@ class NammRunnerState:
             config.interval,
             self.backend,
             side,
-            ", fused paged STFT" if self.fused_features else "",
+            ", fused paged STFT" if self.fused_features and self.book.default.accepts_paged_features else "",
             config.lag,
             f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
             if config.lag and cpus
@@ -151,28 +141,6 @@ class NammRunnerState:
             if self.votes is not None
             else "",
         )
-
-    # ---- per-request policies -------------------------------------------------------------
-    def policy_for(self, settings: RequestSettings) -> EvictionPolicy:
-        """The request's policy: the server's, or the one its ``vllm_xargs`` ask for.
-
-        A candidate's ``namm_params`` do not make a new policy: they go into the request's
-        per-layer states (``NammPolicy.new_state(params=...)``).
-        """
-        key = settings.cache_key()
-        if settings.model_copy(update={"namm_params": None}).is_default:
-            return self.default_policy
-        if key not in self._policies:
-            if len(self._policies) > 64:
-                self._policies.clear()
-            weights = self.weights
-            if settings.namm_ema_coeff_per_step is not None:
-                features = weights.features.model_copy(
-                    update={"ema_coeff_per_step": settings.namm_ema_coeff_per_step}
-                )
-                weights = dataclasses.replace(weights, features=features)
-            self._policies[key] = make_policy(settings.apply(self.config), weights)
-        return self._policies[key]
 
     # ---- bookkeeping around a step -------------------------------------------------------
     def before_step(self, scheduler_output: Any) -> None:
@@ -200,15 +168,17 @@ class NammRunnerState:
         self.requests.pop(req_id, None)
         try:
             settings = parse_request_settings(sampling_params.extra_args if sampling_params else None)
-            policy = self.policy_for(settings)
-            if policy.name == "none":
+            policy = self.book.policy(settings)
+            if not policy.evicts:
                 return
-            params = None if settings.namm_params is None else torch.tensor(settings.namm_params)
+            options = settings.state_options()
+            params = options.pop("params", None)
             self.requests[req_id] = RequestMemory(
                 policy,
                 len(self.layers),
                 self.block_size,
-                params=params,
+                params=None if params is None else torch.tensor(params),
+                state_options=options,
                 # A prefix-cache hit brings tokens no policy has seen: they are all "new" to it.
                 num_tokens=num_computed_tokens,
                 scored_tokens=0,
@@ -245,16 +215,13 @@ class NammRunnerState:
                     continue
                 start = int(batch.num_computed_tokens_cpu[row])
                 mem.add_queries([q[qsl[row] : qsl[row] + n] for q in self.captured], start)  # type: ignore[index]
-                if mem.due(
-                    self.config.interval,
-                    runner.requests[req_id].num_prompt_tokens,
-                    self.hop,
-                ):
+                hop = mem.policy.hop
+                if mem.due(self.config.interval, runner.requests[req_id].num_prompt_tokens, hop):
                     jobs.append(
                         begin_step(
                             mem,
                             self._reader(row, mem),
-                            self.hop,
+                            hop,
                             req_id,
                             self.config.interval,
                         )
@@ -540,9 +507,9 @@ def install() -> None:
     @patch(GPUModelRunner, "initialize_kv_cache")
     def initialize_kv_cache(original, self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        from vllm_namm.vllm_patch.engine_config import eviction_config_from
+        from vllm_namm.vllm_patch.engine_config import eviction_config
 
-        cfg = eviction_config_from(self.vllm_config)
+        cfg = eviction_config(self.vllm_config)
         if cfg is not None and not kwargs.get("is_profiling", False):
             self._namm = NammRunnerState(self, cfg)
         return result

@@ -5,14 +5,17 @@ Selected by ``prepare_engine_args`` (``scheduler_cls``) only when eviction is on
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_namm.policies.registry import policy_class
 from vllm_namm.vllm_patch import channel
+from vllm_namm.vllm_patch.engine_config import SUMMARY_KEY, eviction_config
+from vllm_namm.vllm_patch.policy_book import PolicyBook
+from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 
 logger = logging.getLogger("vllm.namm")
 
@@ -27,13 +30,6 @@ class RequestEvictionStats:
     evicted_pages: list[int] = field(default_factory=list)
     steps: int = 0
     last_step_tokens: int = 0
-
-
-@functools.lru_cache(maxsize=8)
-def _weights(path: str) -> Any:
-    from vllm_namm.weights import load_weights
-
-    return load_weights(path)
 
 
 class NammScheduler(Scheduler):
@@ -58,13 +54,17 @@ class NammScheduler(Scheduler):
             raise RuntimeError("vllm-namm: KV eviction supports one KV-cache group")
         self._namm_manager = manager[0]
         self._namm_block_size = self._namm_manager.block_size
-        from vllm_namm.vllm_patch.engine_config import eviction_config_from
-
-        self._namm_server = eviction_config_from(self.vllm_config)
+        server = eviction_config(self.vllm_config)
+        if server is None:
+            raise RuntimeError("vllm-namm: NammScheduler runs only with an eviction policy")
+        self._namm_book = PolicyBook(server)
+        self._namm_settings: dict[str, RequestSettings | None] = {}
+        """Each running request's ``vllm_xargs`` settings, parsed once when it arrives (None: unparseable)."""
 
     # --- prefix-cache reads ----------------------------------------------------------------------
     def add_request(self, request: Any) -> None:
-        if self._namm_evicts(request):
+        self._namm_settings[request.request_id] = settings = self._namm_parse(request)
+        if self._namm_evicts(settings):
             # A cache hit skips the prefill of the cached tokens, so their queries never reach
             # the policy: attention columns, NAMM's EMA, H2O's sums and SnapKV's window would
             # see another request, and the pages kept (so the answer) would depend on what
@@ -73,21 +73,24 @@ class NammScheduler(Scheduler):
             request.skip_reading_prefix_cache = True
         super().add_request(request)
 
-    def _namm_evicts(self, request: Any) -> bool:
-        """Whether ``request`` runs an eviction policy (the server's, or its ``vllm_xargs``')."""
-        cfg = self._namm_request_config(request)
-        return cfg is None or cfg.policy != "none"
-
-    def _namm_request_config(self, request: Any) -> Any:
-        """The request's eviction config; None when its settings do not parse (validated at the API
-        server already, so only an in-process caller can get here: treat it as evicting)."""
-        from vllm_namm.vllm_patch.request_settings import parse_request_settings
-
+    @staticmethod
+    def _namm_parse(request: Any) -> RequestSettings | None:
+        """The request's eviction settings; None when they do not parse (validated at the API server
+        already, so only an in-process caller can get here: treat it as evicting)."""
         params = getattr(request, "sampling_params", None)
         try:
-            return parse_request_settings(getattr(params, "extra_args", None)).apply(self._namm_server)
+            return parse_request_settings(getattr(params, "extra_args", None))
         except ValueError:
             return None
+
+    def _namm_evicts(self, settings: RequestSettings | None) -> bool:
+        """Whether a request with these settings runs an eviction policy (the server's, or its own)."""
+        if settings is None:
+            return True
+        try:
+            return policy_class(self._namm_book.config(settings).policy).evicts
+        except ValueError:
+            return True
 
     # --- NAMM-boundary chunking -------------------------------------------------------------
     def get_request_counts(self) -> tuple[int, int]:
@@ -144,16 +147,13 @@ class NammScheduler(Scheduler):
         return sum(1 for b in blocks if not b.is_null)
 
     def _namm_budget(self, request: Any) -> dict[str, int]:
-        """``budget_tokens`` / ``budget_blocks`` of a budget policy at the request's final context
-        (the budget its last eviction step met is at most this); {} for other policies."""
-        cfg = self._namm_request_config(request)
-        if cfg is None:
+        """``budget_tokens`` / ``budget_blocks`` of a policy ranking under a budget, at the request's final
+        context (the budget its last eviction step met is at most this); {} for other policies."""
+        settings = self._namm_settings.get(request.request_id)
+        try:
+            budget = None if settings is None else self._namm_book.policy(settings).budget
+        except (ValueError, OSError):
             return {}
-        budget = cfg.budget
-        if budget is None and cfg.policy == "namm":  # weights evolved under a budget rank under it
-            from vllm_namm.policies import DEFAULT_WEIGHTS, namm_budget
-
-            budget = namm_budget(cfg, _weights(str(cfg.weights or DEFAULT_WEIGHTS)))
         if budget is None:
             return {}
         tokens = budget.size(request.num_computed_tokens, request.num_computed_tokens)
@@ -186,7 +186,8 @@ class NammScheduler(Scheduler):
                 100 * summary["retained_fraction"],
                 stats.evicted_blocks,
             )
+        self._namm_settings.pop(request.request_id, None)
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         if summary is not None and kv_params is None:
-            kv_params = {"namm": summary}
+            kv_params = {SUMMARY_KEY: summary}
         return kv_params, ec_params
