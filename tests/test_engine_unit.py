@@ -109,7 +109,7 @@ class FakeCM:
 
 
 def test_compaction_removes_holes_and_shortens_seq_lens() -> None:
-    from vllm_namm.vllm_patch.runner import compact_metadata
+    from vllm_namm.vllm_patch.holes import compact_metadata
 
     table = torch.tensor([[5, 0, 7, 0, 9, 0, 0], [3, 4, 6, 0, 0, 0, 0]], dtype=torch.int32)
     seq = torch.tensor([4 * BS + 10, 2 * BS + 5])

@@ -2,8 +2,8 @@
 
 The worker may live in another process than the scheduler (``vllm serve`` on CPU runs a
 multiprocess executor even for one worker), so reports ride on the object that already
-travels from the worker to the scheduler every step: the worker attaches them to its
-``ModelRunnerOutput`` (pickled with its ``__dict__``), and the scheduler reads them at the
+travels from the worker to the scheduler every step: the worker's :class:`Outbox` attaches them
+to its ``ModelRunnerOutput`` (pickled with its ``__dict__``), and the scheduler reads them at the
 start of ``update_from_output`` of the same step, before it schedules the next one. A
 freed block can therefore never be handed out while this request's worker table still
 points at it.
@@ -31,25 +31,29 @@ class EvictionReport:
     """Logical tokens in the request's cache when the step ran (evicted ones included)."""
 
 
-_pending: list[EvictionReport] = []
+class Outbox:
+    """Worker side: reports waiting for this worker's next output (one outbox per model runner)."""
 
+    def __init__(self) -> None:
+        self._pending: list[EvictionReport] = []
 
-def post(req_id: str, pages: list[tuple[int, int]], requested: int, realised: int, tokens: int = 0) -> None:
-    """Worker side: queue the report of one eviction step for this step's output."""
-    _pending.append(EvictionReport(req_id, pages, requested, realised, tokens))
+    def post(
+        self, req_id: str, pages: list[tuple[int, int]], requested: int, realised: int, tokens: int = 0
+    ) -> None:
+        """Queue the report of one eviction step for this step's output."""
+        self._pending.append(EvictionReport(req_id, pages, requested, realised, tokens))
 
+    def attach(self, output: Any) -> Any:
+        """Move pending reports onto ``output`` (copying shared singletons)."""
+        if output is None or not self._pending:
+            return output
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
-def attach(output: Any) -> Any:
-    """Worker side: move pending reports onto ``output`` (copying shared singletons)."""
-    if output is None or not _pending:
+        if output is EMPTY_MODEL_RUNNER_OUTPUT:
+            output = copy.copy(output)
+        setattr(output, ATTR, list(self._pending) + list(getattr(output, ATTR, [])))
+        self._pending.clear()
         return output
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
-
-    if output is EMPTY_MODEL_RUNNER_OUTPUT:
-        output = copy.copy(output)
-    setattr(output, ATTR, list(_pending) + list(getattr(output, ATTR, [])))
-    _pending.clear()
-    return output
 
 
 def take(output: Any) -> list[EvictionReport]:

@@ -1,0 +1,233 @@
+"""The eviction state of one model runner (one per worker process), and what it does each step.
+
+For requests whose policy evicts, each engine step:
+
+1. :meth:`NammRunnerState.before_step`: tracks the requests that enter or leave the batch (one
+   :class:`~vllm_namm.request_memory.RequestMemory` each) and arms the query capture
+   (:class:`~vllm_namm.vllm_patch.attention_layers.AttentionLayers`);
+2. :meth:`NammRunnerState.after_forward`: files the step's queries per request; when a request has
+   ``interval`` unscored queries, begins its :class:`~vllm_namm.request_memory.EvictionStep` (bound to
+   a snapshot of its live block ids) and submits every step begun now, as one batch, to the lagged
+   executor (:mod:`vllm_namm.background`); then applies the batches whose lag has passed: reports
+   ``(request, logical page, physical block)`` through the :class:`~vllm_namm.vllm_patch.channel.Outbox`
+   (the scheduler returns those blocks to the pool) and turns them into holes
+   (:class:`~vllm_namm.vllm_patch.holes.Holes`);
+3. :meth:`NammRunnerState.compaction`: before attention metadata is built, which rows have holes.
+
+Several workers: a tensor-parallel rank holds some KV heads of every layer, a pipeline stage
+some layers, but all share one block table (the scheduler's). Each rank scores what it holds
+and the ranks agree on every page plan through a gloo group of their own
+(:class:`~vllm_namm.vllm_patch.votes.VoteGroup`), so all write the same holes; only the rank whose
+output vLLM returns to the scheduler reports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from vllm_namm import kernels
+from vllm_namm.background import LaggedExecutor, eviction_cpus
+from vllm_namm.config import EvictionConfig
+from vllm_namm.request_memory import EvictionStep, PagedCacheReader, RequestMemory, begin_step, compute_steps
+from vllm_namm.vllm_patch.attention_layers import AttentionLayers
+from vllm_namm.vllm_patch.channel import Outbox
+from vllm_namm.vllm_patch.holes import Compaction, Holes
+from vllm_namm.vllm_patch.policy_book import PolicyBook
+from vllm_namm.vllm_patch.request_settings import parse_request_settings
+from vllm_namm.vllm_patch.votes import VoteGroup, is_reporting_rank
+
+logger = logging.getLogger("vllm.namm")
+
+
+class NammRunnerState:
+    """Eviction state hung on one model runner (one per worker process)."""
+
+    def __init__(self, runner: Any, config: EvictionConfig) -> None:
+        self.runner = runner
+        self.config = config
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise RuntimeError(
+                f"vllm-namm: KV eviction supports models with one KV-cache group, this one has {len(groups)}"
+            )
+        self.block_size: int = groups[0].kv_cache_spec.block_size
+        self.layers = AttentionLayers(runner)
+        self.device = runner.device
+        self.book = PolicyBook(config)
+        self.book.default  # noqa: B018 - built now: a bad weights file fails at start-up, not mid-request
+        self.requests: dict[str, RequestMemory] = {}
+        self.outbox = Outbox()
+        side = kernels.resolve_backend(config.kernels, self.layers.key_layouts()[0][0])
+        self.fused = side == "triton"
+        """The fused paged STFT+EMA kernel (GPU) for the policies that accept it (NAMM, window 32 / hop 16)."""
+        self.votes = VoteGroup.create()
+        self.reporter = is_reporting_rank()
+        engine_cpus = os.sched_getaffinity(0)
+        worker_cpus, self.total_layers = engine_cpus, len(self.layers)
+        delay = 0
+        if self.votes is not None:
+            # every rank's worker cores are taken: the eviction thread goes where none of them runs
+            peers = self.votes.gather((sorted(engine_cpus), self.layers.ids[-1] + 1))
+            worker_cpus = {c for cpus_of_peer, _ in peers for c in cpus_of_peer}
+            self.total_layers = max(end for _, end in peers)
+            delay = self.votes.stages - 1
+        self.holes = Holes(runner, delay)
+        cpus = eviction_cpus(worker_cpus) if self.device.type == "cpu" else None
+        self.executor: LaggedExecutor[EvictionStep, EvictionStep] = LaggedExecutor(
+            self._compute, config.lag, device=self.device, cpus=cpus
+        )
+        self._log_start(side, engine_cpus, cpus)
+
+    # ---- bookkeeping around a step -------------------------------------------------------
+    def before_step(self, scheduler_output: Any) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for req_id in scheduler_output.preempted_req_ids or ():
+            self.requests.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self._track(new.req_id, new.sampling_params, new.num_computed_tokens)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in resumed:  # recomputed from scratch after preemption: state starts over
+                state = self.runner.requests.get(req_id)
+                self._track(req_id, state.sampling_params if state else None, cached.num_computed_tokens[i])
+        self.layers.start(capturing=bool(self.requests))
+
+    def _track(self, req_id: str, sampling_params: Any, num_computed_tokens: int) -> None:
+        """Start (or restart) eviction bookkeeping of a request that enters the batch."""
+        self.requests.pop(req_id, None)
+        try:
+            settings = parse_request_settings(sampling_params.extra_args if sampling_params else None)
+            policy = self.book.policy(settings)
+            if not policy.evicts:
+                return
+            options = settings.state_options()
+            params = options.pop("params", None)
+            self.requests[req_id] = RequestMemory(
+                policy,
+                len(self.layers),
+                self.block_size,
+                params=None if params is None else torch.tensor(params),
+                state_options=options,
+                # A prefix-cache hit brings tokens no policy has seen: they are all "new" to it.
+                num_tokens=num_computed_tokens,
+                scored_tokens=0,
+            )
+        except ValueError as e:  # validated at the API server already; never kill the engine
+            logger.error("vllm-namm: request %s runs without eviction: %s", req_id, e)
+
+    def compaction(self) -> Compaction | None:
+        """Rows of the persistent batch whose block table has holes (None: no row has any)."""
+        batch = self.runner.input_batch
+        rows: dict[int, int] = {}
+        for req_id, mem in self.requests.items():
+            if mem.evicted_pages:
+                row = batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    rows[row] = len(mem.evicted_pages)
+        return Compaction(rows, self.block_size) if rows else None
+
+    def after_forward(self, scheduler_output: Any) -> None:
+        """File this step's queries per request; begin the steps that are due (all in one batch);
+        apply the decisions whose lag has passed."""
+        queries = self.layers.queries() if self.layers.capturing else None
+        if self.layers.capturing:
+            runner = self.runner
+            batch = runner.input_batch
+            num_reqs = batch.num_reqs
+            qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+            steps = []
+            for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+                mem = self.requests.get(req_id)
+                n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                if mem is None or n == 0 or queries is None:
+                    continue
+                start = int(batch.num_computed_tokens_cpu[row])
+                mem.add_queries([q[qsl[row] : qsl[row] + n] for q in queries], start)
+                hop = mem.policy.hop
+                if mem.due(self.config.interval, runner.requests[req_id].num_prompt_tokens, hop):
+                    steps.append(begin_step(mem, self._reader(row, mem), hop, req_id, self.config.interval))
+            self.executor.submit(steps)
+        self.layers.start(capturing=False)
+        self.executor.step()
+        self.holes.make_due(self.executor.now, self._waits_for)
+        for future in self.executor.due():
+            self._apply(future)
+
+    # ---- the eviction itself ---------------------------------------------------------------
+    def _reader(self, row: int, mem: RequestMemory) -> PagedCacheReader:
+        """Read access to a request's live pages, fixed now (the batch row may move later)."""
+        table = self.runner.input_batch.block_table[0].block_table.np
+        blocks = torch.from_numpy(table[row, mem.live_pages].astype("int64"))
+        return PagedCacheReader(
+            self.layers.key_layouts(),
+            blocks,
+            self.layers.scale,
+            backend=self.config.kernels,
+            fused=self.fused,
+        )
+
+    def _compute(self, steps: list[EvictionStep]) -> list[EvictionStep]:
+        reduce = self.votes.reduce if self.votes is not None else None
+        return compute_steps(
+            steps,
+            self.config,
+            self.layers.scale,
+            self.layers.num_kv_heads,
+            self.device,
+            reduce=reduce,
+            layers=(self.layers.ids[0], self.total_layers),
+        )
+
+    def _waits_for(self, step: EvictionStep) -> bool:
+        """Whether the step's request is still the one it began for (not finished, aborted or preempted)."""
+        return self.requests.get(step.req_id) is step.mem
+
+    def _apply(self, future: Future[list[EvictionStep]]) -> None:
+        """Report computed steps and turn them into holes (engine thread)."""
+        error = future.exception()
+        if error is not None:  # never take the engine down: those requests stop evicting
+            logger.error(
+                "vllm-namm: an eviction step failed; the requests concerned keep their cache: %r", error
+            )
+            return
+        for step in future.result():
+            if not self._waits_for(step):
+                continue
+            assert step.plan is not None
+            freed = self.holes.freed_blocks(step)
+            if self.reporter:  # the other ranks' outputs never reach the scheduler
+                plan = step.plan
+                self.outbox.post(step.req_id, freed, sum(plan.requested), sum(plan.realised), step.num_tokens)
+            self.holes.make(step, freed, self.executor.now)
+
+    def _log_start(self, side: str, engine_cpus: set[int], cpus: set[int] | None) -> None:
+        config, layers, votes = self.config, self.layers, self.votes
+        fused = self.fused and self.book.default.accepts_paged_features
+        logger.info(
+            "vllm-namm: %s eviction on %d layers (block %d, interval %d, attention backend %s, feature kernels %s%s; "
+            "decisions applied %d engine steps later%s%s)",
+            config.policy,
+            len(layers),
+            self.block_size,
+            config.interval,
+            layers.backend,
+            side,
+            ", fused paged STFT" if fused else "",
+            config.lag,
+            f" from a thread on CPUs {sorted(cpus)} (engine thread on {sorted(engine_cpus)})"
+            if config.lag and cpus
+            else "",
+            f"; {votes.size} workers (tensor parallel {votes.size // votes.stages}, pipeline "
+            f"{votes.stages}): rank {votes.rank} holds {layers.num_kv_heads} KV heads of layers "
+            f"{layers.ids[0]}-{layers.ids[-1]} of {self.total_layers}, page plans agreed over a gloo group"
+            f"{', reports freed blocks' if self.reporter else ''}"
+            if votes is not None
+            else "",
+        )
