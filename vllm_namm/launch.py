@@ -19,13 +19,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DEFAULTS: tuple[str, ...] = ("--enforce-eager", "--dtype", "float32")
 """What a tiny float32 model wants on the CPU build (no graph capture, no bf16)."""
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-_PARALLEL_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+_PARALLEL_FLAGS: Mapping[str, str] = MappingProxyType(
+    {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+)
 
 
 def parallel_world_size(flags: Sequence[str]) -> int:

@@ -36,14 +36,7 @@ from torch import Tensor
 from vllm_namm.config import EvictionConfig
 from vllm_namm.features import gqa_average
 from vllm_namm.page_plan import PagesByBudget, select_pages
-from vllm_namm.policies.base import (
-    EvictionPolicy,
-    LayerView,
-    equalize_head_drops,
-    protect,
-    protected_mask,
-)
-from vllm_namm.policies.budget import BudgetPolicy
+from vllm_namm.policies.base import EvictionPolicy, LayerView, equalize_head_drops, protect, protected_mask
 
 ATTN_IMPL = "namm_reference"
 
@@ -76,16 +69,14 @@ class ReferenceOutput:
 
 
 class _Run:
-    """Per-generation bookkeeping the attention function reads (one at a time)."""
+    """Per-generation bookkeeping the attention function reads (``module._namm_run`` on the model's
+    attention modules while :func:`generate` runs)."""
 
     def __init__(self, num_layers: int, capture: bool) -> None:
         self.key_positions: list[Tensor | None] = [None] * num_layers
         self.query_positions: Tensor | None = None
         self.capture = capture
         self.rows: list[list[Tensor]] = [[] for _ in range(num_layers)]
-
-
-_ACTIVE: list[_Run] = []
 
 
 def _attention(
@@ -99,7 +90,7 @@ def _attention(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """HF ``eager_attention_forward`` with the causal mask taken from logical positions."""
-    run = _ACTIVE[-1]
+    run: _Run = module._namm_run
     layer = module.layer_idx
     qpos = run.query_positions
     assert qpos is not None
@@ -186,7 +177,9 @@ def generate(
 
     saved_impl = model.config._attn_implementation
     model.config._attn_implementation = ATTN_IMPL
-    _ACTIVE.append(run)
+    attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx")]
+    for m in attention_modules:
+        m._namm_run = run
     try:
 
         def forward(chunk: Tensor, start: int) -> Tensor:
@@ -221,7 +214,8 @@ def generate(
             logits = forward(torch.tensor([nxt], device=device), pos)
             pos += 1
     finally:
-        _ACTIVE.remove(run)
+        for m in attention_modules:
+            del m._namm_run
         model.config._attn_implementation = saved_impl
     out.cache_lengths = [layer.keys.shape[-2] for layer in cache.layers]
     out.cache_positions = [p.clone() for p in run.key_positions if p is not None]
@@ -256,7 +250,7 @@ def _evict_pages(
     cache: Any,
     run: _Run,
     states: list[Any],
-    policy: BudgetPolicy,
+    policy: EvictionPolicy,
     config: EvictionConfig,
     qpos: Tensor,
     page_size: int,
@@ -270,6 +264,7 @@ def _evict_pages(
         if not bool((view.positions == positions).all()):
             raise RuntimeError("page-level selection needs one token set for every layer and head")
     n = positions.numel()
+    assert policy.budget is not None
     plan = select_pages(
         PagesByBudget(
             scores,
@@ -303,7 +298,8 @@ def _evict(
     page_size: int = 16,
 ) -> ReferenceStep:
     """One eviction step on every layer: score, select, protect, equalise heads, gather."""
-    if config.selection == "page" and isinstance(policy, BudgetPolicy):
+    if config.selection == "page" and policy.budget_rule == "required":
+        # the policies that only rank; NAMM under a budget keeps its per-head token rule here
         return _evict_pages(cache, run, states, policy, config, qpos, page_size)
     before, after = [], []
     for layer_idx, layer in enumerate(cache.layers):

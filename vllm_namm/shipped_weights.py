@@ -7,7 +7,9 @@ models can resolve names without a cycle.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -30,12 +32,14 @@ HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 """The hand-set BAM (keep a token with non-negligible attention); written by
 ``python -m vllm_namm.initial_weights``."""
 
-SHIPPED_WEIGHTS: dict[str, Path] = {
-    "evolved": EVOLVED_WEIGHTS,
-    "evolved-attn": EVOLVED_ATTN_WEIGHTS,
-    "evolved-kn": EVOLVED_KEYNORM_WEIGHTS,
-    "hand": HAND_WEIGHTS,
-}
+SHIPPED_WEIGHTS: Mapping[str, Path] = MappingProxyType(
+    {
+        "evolved": EVOLVED_WEIGHTS,
+        "evolved-attn": EVOLVED_ATTN_WEIGHTS,
+        "evolved-kn": EVOLVED_KEYNORM_WEIGHTS,
+        "hand": HAND_WEIGHTS,
+    }
+)
 DEFAULT_WEIGHTS = EVOLVED_WEIGHTS
 """What ``--kv-eviction namm`` loads without ``--namm-weights`` and what evolution starts from."""
 

@@ -12,7 +12,8 @@ task scales to real models.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -22,7 +23,7 @@ TASK_KINDS: tuple[str, ...] = ("passkey", "kv_retrieval", "needle")
 
 # A small closed vocabulary for filler: "grass is green"-style noise, as in the
 # passkey literature, but varied so that a model cannot memorise one sentence.
-_SUBJECTS = [
+_SUBJECTS = (
     "The grass",
     "The sky",
     "The river",
@@ -39,9 +40,9 @@ _SUBJECTS = [
     "A dog",
     "The moon",
     "The hill",
-]
-_VERBS = ["is", "was", "looks", "seems", "stays", "feels", "became", "remains"]
-_ADJS = [
+)
+_VERBS = ("is", "was", "looks", "seems", "stays", "feels", "became", "remains")
+_ADJS = (
     "green",
     "blue",
     "quiet",
@@ -58,8 +59,8 @@ _ADJS = [
     "clear",
     "loud",
     "small",
-]
-_TAILS = [
+)
+_TAILS = (
     "today",
     "again",
     "as always",
@@ -70,8 +71,8 @@ _TAILS = [
     "for now",
     "once more",
     "all day",
-]
-_NAMES = [
+)
+_NAMES = (
     "Paris",
     "Lima",
     "Oslo",
@@ -92,7 +93,7 @@ _NAMES = [
     "Suva",
     "Male",
     "Baku",
-]
+)
 
 
 class TaskSample(BaseModel):
@@ -138,10 +139,12 @@ def needle_question(name: str) -> str:
     return f"What is the special magic number for {name}? The special magic number for {name} is"
 
 
-FACT_FORMATS: dict[str, tuple[Callable[[str, str], str], Callable[[str], str]]] = {
-    "kv_retrieval": (kv_fact, kv_question),
-    "needle": (needle_fact, needle_question),
-}
+FACT_FORMATS: Mapping[str, tuple[Callable[[str, str], str], Callable[[str], str]]] = MappingProxyType(
+    {
+        "kv_retrieval": (kv_fact, kv_question),
+        "needle": (needle_fact, needle_question),
+    }
+)
 
 
 def _digits(rng: random.Random, n: int) -> str:

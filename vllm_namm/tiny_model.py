@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHARSET = [chr(i) for i in range(32, 127)] + ["\n"]
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+CHARSET = (*(chr(i) for i in range(32, 127)), "\n")
 VOCAB_SIZE = 128  # 4 specials + 96 characters, padded to a multiple of 64
 
 

