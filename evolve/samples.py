@@ -77,7 +77,7 @@ class TaskPool:
                 prompt=r.prompt,
                 max_tokens=cfg.max_tokens or r.max_tokens,
                 score=lambda text, r=r: score_realtext(text, r),
-                answer=" " + r.answer,
+                answer=r.continuation,
             )
         from vllm_namm.synthetic import score_answer
 

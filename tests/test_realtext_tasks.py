@@ -46,7 +46,8 @@ def test_every_kind_fits_its_length_and_holds_its_answers(tok, kind: str) -> Non
         assert s.prompt_tokens == n_tokens(tok, s.prompt)
         assert target - LENGTH_SLACK <= s.prompt_tokens <= target, (kind, target, s.prompt_tokens)
         assert s.prompt.startswith("<|im_start|>system") and "<|im_start|>user\n" in s.prompt
-        assert s.prompt.rstrip().endswith(("is", "are", "the")), s.prompt[-80:]
+        assert s.prompt.rstrip().endswith(("is", "are", 'is "')), s.prompt[-80:]
+        assert s.continuation.strip('" ') == s.answer
         body = s.prompt.split("<|im_start|>assistant")[0]
         for v in (*s.answers, *s.distractors):
             assert v in body, (kind, v)
@@ -132,6 +133,7 @@ def _sample(kind: str, answers: tuple[str, ...], distractors: tuple[str, ...] = 
         split="train",
         prompt="",
         answer=", ".join(answers),
+        continuation=" " + ", ".join(answers),
         answers=answers,
         distractors=distractors,
         target_tokens=1024,
@@ -189,7 +191,7 @@ def test_evolve_draws_realtext_tasks(tok) -> None:
     s = pool.sample(3)
     ref = make_sample("multikey", 3, 2048, tok)
     assert s.prompt == ref.prompt and s.max_tokens == ref.max_tokens
-    assert s.answer == " " + ref.answer  # the continuation a log-likelihood fitness scores
+    assert s.answer == ref.continuation == " " + ref.answer  # what a log-likelihood fitness scores
     assert s.score(s.answer) == 1.0 and s.score(" " + ref.distractors[0]) == 0.0
     assert pool.sample(2).prompt != s.prompt
 

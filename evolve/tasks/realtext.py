@@ -103,8 +103,9 @@ class RealTextSample(BaseModel):
     seed: int
     split: Split
     prompt: str
-    answer: str = Field(
-        description="the reference continuation (values joined by ', '), without a leading space"
+    answer: str = Field(description="the reference answer (values joined by ', ')")
+    continuation: str = Field(
+        description="the answer as the prompt's exact continuation (log-likelihood fitness)"
     )
     answers: tuple[str, ...] = Field(description="every value a right answer names")
     distractors: tuple[str, ...] = Field(description="values in the prompt that a right answer does not name")
@@ -214,6 +215,10 @@ _CITIES = (
     "Vienna Prague Athens Seoul Bogota Denver Chicago Boston Manila Jakarta Helsinki Warsaw Santiago "
     "Istanbul Montreal Geneva Munich Naples Venice Florence Seattle Phoenix Dallas Houston Miami Atlanta"
 ).split()
+# ...except for a word value: "The special magic word for Houston is: firework." got 2 of 8
+# right at 2k (the model named the city or some other word); with a hyphenated key, 5 of 6.
+_ADJECTIVES = "quiet silver ancient bright hollow golden frozen hidden crimson gentle rapid purple".split()
+_NOUNS = "harbor lantern meadow violin orchard compass canyon falcon bridge tower valley mirror".split()
 _VALUE_WORDS = (
     "pineapple telescope umbrella kangaroo saxophone avalanche cinnamon dinosaur elephant "
     "firework giraffe hammock igloo jellyfish ketchup lemonade mushroom necklace octopus "
@@ -226,6 +231,14 @@ def _key(rng: random.Random, taken: set[str]) -> str:
     k = rng.choice([c for c in _CITIES if c not in taken])
     taken.add(k)
     return k
+
+
+def _hyphen_key(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        k = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+        if k not in taken:
+            taken.add(k)
+            return k
 
 
 def _number(rng: random.Random, taken: set[str]) -> str:
@@ -268,6 +281,7 @@ class _Plan(BaseModel):
     answers: list[str]
     distractors: list[str]
     answer: str
+    answer_space: bool = Field(True, description="the answer follows the prefix after a space")
     spread: bool = Field(False, description="one needle per equal part of the text, in order")
     chains: list[int] = Field(
         default_factory=list,
@@ -283,9 +297,14 @@ def _niah_plan(kind: str, rng: random.Random) -> _Plan:
         f"A special magic {what} is hidden within the following text. Make sure to memorize it. "
         f"I will quiz you about the {what} afterwards."
     )
-    key = _key(rng, taken)
+    key = (_hyphen_key if kind == "niah_word" else _key)(rng, taken)
     value = draw(rng, taken)
     needles = [f"The special magic {what} for {key} is: {value}."]
+    question = f"What is the special magic {what} for {key} mentioned in the provided text?"
+    prefix = f"The special magic {what} for {key} mentioned in the provided text is"
+    if kind == "niah_word":  # quoted: unquoted, the model often named the key itself (2 of 8)
+        needles = [f'The special magic word for {key} is "{value}".']
+        prefix += ' "'
     distractors: list[str] = []
     if kind == "multikey":
         instruction = (
@@ -299,11 +318,12 @@ def _niah_plan(kind: str, rng: random.Random) -> _Plan:
     return _Plan(
         instruction=instruction,
         needles=needles,
-        question=f"What is the special magic {what} for {key} mentioned in the provided text?",
-        answer_prefix=f"The special magic {what} for {key} mentioned in the provided text is",
+        question=question,
+        answer_prefix=prefix,
         answers=[value],
         distractors=distractors,
         answer=value,
+        answer_space=not prefix.endswith('"'),
     )
 
 
@@ -518,6 +538,7 @@ def make_sample(
         split=split,
         prompt=prompt,
         answer=plan.answer,
+        continuation=(" " if plan.answer_space else "") + plan.answer,
         answers=tuple(plan.answers),
         distractors=tuple(plan.distractors),
         target_tokens=target_tokens,
