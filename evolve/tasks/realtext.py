@@ -75,8 +75,7 @@ KINDS: dict[str, KindSpec] = {
         recall=True,
     ),
     "vartrack": KindSpec(
-        description="variable tracking: a chain X = value, Y = X, Z = Y and a distractor chain; "
-        "all names of the value asked (recall)",
+        description="variable tracking: a chain X = value, Y = X, Z = Y; all names of the value asked (recall)",
         max_tokens=40,
         recall=True,
     ),
@@ -361,13 +360,12 @@ def _plan(kind: str, rng: random.Random) -> _Plan:
             answer=", ".join(values[i] for i in asked),
         )
     if kind == "vartrack":
-        value, other = _number(rng, taken)[:5], _number(rng, taken)[:5]
+        # One chain, as RULER's default; with a second (decoy) chain the model mixed the two.
+        value = _number(rng, taken)[:5]
         chain = [_var(rng, taken) for _ in range(3)]
-        decoy = [_var(rng, taken) for _ in range(2)]
         needles = [f"VAR {chain[0]} = {value}."] + [
             f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:], strict=False)
         ]
-        needles += [f"VAR {decoy[0]} = {other}.", f"VAR {decoy[1]} = VAR {decoy[0]}."]
         return _Plan(
             instruction="Memorize and track the chain of variable assignments hidden in the following text. "
             "For example, if the text says VAR ABCDE = 12345. and later VAR FGHIJ = VAR ABCDE., then the "
@@ -377,9 +375,9 @@ def _plan(kind: str, rng: random.Random) -> _Plan:
             "Answer with their names.",
             answer_prefix=f"The variables assigned the value {value} are",
             answers=chain,
-            distractors=decoy,
+            distractors=[],
             answer=", ".join(chain),
-            chains=[len(chain), len(decoy)],
+            chains=[len(chain)],
         )
     if kind == "collect":
         # Tried first at 2k: words without a key (the model listed essay phrases: 0.09), fruits
