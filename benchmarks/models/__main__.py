@@ -33,7 +33,7 @@ DEFAULT_DEST = {SMOLLM2: SMOLLM2_DIR, ESSAYS: ESSAYS_DIR}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.models",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
