@@ -284,8 +284,8 @@ def wait_until(
 ) -> dict[str, float]:
     """Scrape ``/metrics`` until ``condition`` holds; returns that scrape.
 
-    Only for states that last once reached (the server idle; requests with thousands of tokens
-    left), never to catch a moment: a late scrape still sees them. ``timeout`` bounds a hang.
+    Only for states that last once reached (the server idle; the step of a held request), never
+    to catch a moment: a late scrape still sees them. ``timeout`` bounds a hang.
     """
     deadline = time.monotonic() + timeout
     while True:

@@ -93,7 +93,7 @@ def blocks_per_request_while_decoding(mode: dict) -> float:
     streaming against 103 for none), and a busy API server can answer a scrape seconds late
     with a stale prefill value (once 96 against 154). The decode window is long by
     construction (8192 tokens per request, 30 s or more): a loaded API server was seen to
-    answer no scrape for 8 s, and a 2048-token window then held only 2 decoding samples.
+    answer no scrape for 8-20 s (a 2048-token window then held only 2 decoding samples).
     """
     decoding_from = max(r["sent_s"] + r["ttft_s"] for r in mode["requests"])
     per = [
