@@ -21,35 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import (  # the helpers re-exported for modules that still import them from here
-    BASE_FLAGS,
-    BLOCK_SIZE,
-    DEFAULT_ENV,
-    FailedRun,
-    ServerPool,
-    VllmServer,
-    free_port,
-    metric_label,
-    metric_sum,
-    parse_metrics,
-    run_vllm,
-    run_vllm_fail,
-)
-
-__all__ = [
-    "BASE_FLAGS",
-    "BLOCK_SIZE",
-    "DEFAULT_ENV",
-    "FailedRun",
-    "ServerPool",
-    "VllmServer",
-    "free_port",
-    "metric_label",
-    "metric_sum",
-    "parse_metrics",
-    "run_vllm",
-    "run_vllm_fail",
-]
+from servers import ServerPool
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import BASE_FLAGS, ServerPool, VllmServer, metric_sum
+from servers import BASE_FLAGS, ServerPool, VllmServer, metric_sum
 
 from vllm_namm.synthetic import make_sample, score_answer
 
