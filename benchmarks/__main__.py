@@ -1,4 +1,4 @@
-"""``python -m benchmarks COMMAND ...``: one entry point for every benchmark of vllm-namm.
+"""``python -m benchmarks COMMAND ...``: one entry point for every benchmark of vllm-namm, and the demo.
 
 Why a dispatcher: the README and the design spec name one command; each sub-command lives in
 its own module and is imported only when chosen (vLLM and torch imports are slow).
@@ -10,6 +10,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "benchmarks.demo",
+        "the plugin end to end: one long prompt with and without eviction, answers and KV blocks",
+    ),
     "bench-serve": (
         "benchmarks.bench_serve",
         "vLLM's own `vllm bench serve` per eviction mode, side by side with none",

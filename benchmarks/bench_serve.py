@@ -23,10 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.launch import CPU_DEFAULTS, VllmServer, vllm_bin
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import Mode
 from benchmarks.weights_files import resolve
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer, vllm_bin
 
 DEFAULT_MODES = [
     "none",
@@ -46,7 +46,7 @@ FIELDS = [
 
 
 def build_default_model(path: Path) -> Path:
-    from vllm_namm.tiny_model import build_random_llama
+    from benchmarks.tiny_model import build_random_llama
 
     if not (path / "config.json").exists():
         build_random_llama(path, layers=4, hidden=128, heads=4, kv_heads=2, seed=0)

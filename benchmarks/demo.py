@@ -1,4 +1,4 @@
-"""``python -m vllm_namm.demo``: the plugin end to end on a small local model.
+"""``python -m benchmarks demo``: the plugin end to end on a small local model.
 
 Starts ``vllm serve MODEL --kv-eviction namm``, sends one long passkey prompt twice —
 with NAMM, and with ``kv_eviction=none`` for that request (vLLM's own behaviour) — and
@@ -18,10 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer
-from vllm_namm.synthetic import make_sample, score_answer
+from benchmarks.launch import CPU_DEFAULTS, VllmServer
+from evolve.tasks.synthetic import make_sample, score_answer
 
-TRAINED = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "namm-tiny-llama"
+TRAINED = Path(__file__).resolve().parent / "models" / "namm-tiny-llama"
 
 
 def _peak_blocks(server: VllmServer, total_blocks: int, stop: threading.Event, out: list[float]) -> None:
@@ -37,7 +37,7 @@ def run(model: str | None, tokens: int, policy_args: list[str], block_size: int)
         if (TRAINED / "config.json").exists():
             model = str(TRAINED)
         else:
-            from vllm_namm.tiny_model import build_random_llama
+            from benchmarks.tiny_model import build_random_llama
 
             model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
             print(f"(no trained model at {TRAINED}; using a random tiny Llama: answers are noise)")

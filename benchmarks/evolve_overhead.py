@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
 
+    from benchmarks.launch import CPU_DEFAULTS, VllmServer
     from benchmarks.results import command_line
-    from vllm_namm.launch import CPU_DEFAULTS, VllmServer
 
     model = a.model
     if model is None:
-        from vllm_namm.tiny_model import build_random_llama
+        from benchmarks.tiny_model import build_random_llama
 
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
     args = [

@@ -23,11 +23,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.launch import CPU_DEFAULTS, VllmServer
 from benchmarks.results import command_line
+from evolve.tasks.synthetic import make_sample
 from vllm_namm.config import EvictionConfig
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer
-from vllm_namm.policy_registry import needs_budget
-from vllm_namm.synthetic import make_sample
+from vllm_namm.policies.registry import needs_budget
 
 POLICIES = ("streaming", "h2o", "snapkv", "l2", "namm")
 DEFAULT_CONFIGS = ["page", "token:all", "token:majority"]
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     model = a.model
     if model is None:
-        from vllm_namm.tiny_model import build_random_llama
+        from benchmarks.tiny_model import build_random_llama
 
         model = str(build_random_llama(Path(tempfile.mkdtemp()) / "tiny-llama"))
     prompt = make_sample("passkey", 10**9, a.tokens).prompt

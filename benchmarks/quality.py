@@ -8,7 +8,7 @@ each request picks its policy with ``vllm_xargs`` (``kv_eviction``, ``kv_evictio
 requests with ``kv_eviction=none`` on that server (same chunked prefill as the others).
 
 Tasks are held-out synthetic samples (seeds >= 10**9; training used seeds < 10**7) of
-``vllm_namm.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
+``evolve.tasks.synthetic``. NAMM is not budgeted: its row shows the retained fraction it
 chose, measured per request (``kv_transfer_params["namm"]["retained_fraction"]`` = KV
 blocks still held / blocks the request's tokens span, at the end of the request); the
 baselines' measured fraction is shown too (under token-level selection page rounding keeps
@@ -37,9 +37,9 @@ from pydantic import Field
 
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
-from vllm_namm.assets import SMOLLM2_DIR
+from evolve.assets import SMOLLM2_DIR
+from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 from vllm_namm.config import EvictionConfig
-from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
 
@@ -245,7 +245,7 @@ def score_sample(sample: Any, completion: str) -> float:
         from evolve.tasks.realtext import score_answer as score_realtext
 
         return score_realtext(completion, sample)
-    from vllm_namm.synthetic import score_answer
+    from evolve.tasks.synthetic import score_answer
 
     return score_answer(completion, sample.answer)
 
@@ -539,7 +539,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tasks",
         choices=["synthetic", "realtext"],
         default="synthetic",
-        help="synthetic: vllm_namm.synthetic (for our tiny model); realtext: evolve.tasks.realtext over the "
+        help="synthetic: evolve.tasks.synthetic (for our tiny model); realtext: evolve.tasks.realtext over the "
         "essays, in the model's chat template (for a real model, e.g. SmolLM2)",
     )
     p.add_argument(
@@ -648,8 +648,8 @@ def prepare_samples(args: argparse.Namespace) -> list[Any]:
     """Fill in the task family's defaults (``--model``, ``--kinds``), check the model (and the
     essays) and build the held-out samples of every kind and length."""
     if args.tasks == "realtext":
+        from evolve.assets import ESSAYS_DIR, AssetError, check_essays_dir, check_model_dir
         from evolve.tasks.realtext import REALTEXT_KINDS, load_tokenizer, make_sample, seed_split
-        from vllm_namm.assets import ESSAYS_DIR, AssetError, check_essays_dir, check_model_dir
 
         args.model = args.model or SMOLLM2_DIR
         args.kinds = args.kinds or list(REALTEXT_KINDS)
@@ -686,7 +686,7 @@ def prepare_samples(args: argparse.Namespace) -> list[Any]:
             f"    python -m benchmarks train-model --out {TRAINED_MODEL.relative_to(ROOT)}\n"
             f"or pass --model DIR."
         )
-    from vllm_namm.synthetic import make_sample
+    from evolve.tasks.synthetic import make_sample
 
     count = token_counter(args.model.resolve())
     return [

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from vllm_namm.launch import ROOT
+from benchmarks.launch import ROOT
 
 
 def command_line(prog: str, argv: Sequence[str] | None = None) -> str:

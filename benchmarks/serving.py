@@ -44,9 +44,9 @@ import httpx
 from pydantic import BaseModel as _PydanticBase
 from pydantic import ConfigDict, Field
 
+from benchmarks.launch import CPU_DEFAULTS, ROOT, VllmServer, metric_label
+from benchmarks.launch import parse_metrics as launch_parse_metrics
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
-from vllm_namm.launch import CPU_DEFAULTS, ROOT, VllmServer, metric_label
-from vllm_namm.launch import parse_metrics as launch_parse_metrics
 
 TRAINED_MODEL = ROOT / "benchmarks" / "models" / "namm-tiny-llama"
 POLICIES = ("none", "namm", "h2o", "l2", "streaming", "snapkv")
@@ -180,7 +180,7 @@ def default_model(out_dir: Path) -> Path:
     """The trained model when present, else a tiny random Llama built into the output dir."""
     if (TRAINED_MODEL / "config.json").exists():
         return TRAINED_MODEL
-    from vllm_namm.tiny_model import build_random_llama
+    from benchmarks.tiny_model import build_random_llama
 
     path = out_dir / "tiny-random-llama"
     if not (path / "config.json").exists():
@@ -284,7 +284,7 @@ def build_prompts(cfg: ServingConfig, count_tokens: Callable[[str], int]) -> lis
     those first blocks between requests, and the block counts would measure prefix caching
     as well as eviction.
     """
-    from vllm_namm.synthetic import make_sample
+    from evolve.tasks.synthetic import make_sample
 
     prompts = []
     for i in range(cfg.num_requests):

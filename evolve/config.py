@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evolve.tasks.realtext import REALTEXT_KINDS, TRAIN_SEED_LIMIT
-from vllm_namm.synthetic import TASK_KINDS as SYNTHETIC_KINDS
+from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 
 # Paper (Table 9) and seed code disagree on the initial step size; both are named here
 # so a config can say which one it means. The seed's stage-1/2/3 run configs inherit
@@ -156,7 +156,7 @@ class TaskConfig(_Strict):
 
     def _check_realtext(self) -> None:
         """Training seeds only, and the tokenizer and essays present (one line each, before a run starts)."""
-        from vllm_namm.assets import AssetError, check_essays_dir
+        from evolve.assets import AssetError, check_essays_dir
 
         if self.pool_size > TRAIN_SEED_LIMIT:
             raise ValueError(

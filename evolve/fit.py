@@ -41,7 +41,7 @@ HELD_OUT = 10**9
 
 def fact_span(sample) -> tuple[int, int]:
     """Character span of the sentence holding the answer (the fact the question asks for)."""
-    from vllm_namm.synthetic import FACT_FORMATS
+    from evolve.tasks.synthetic import FACT_FORMATS
 
     if sample.kind == "passkey":
         needle = f"The pass key is {sample.answer}. Remember it. {sample.answer} is the pass key. "
@@ -100,10 +100,10 @@ def record(
     """Features (raw spectrograms), labels and page ids over every step after the fact is cached."""
     from tqdm import tqdm
 
+    from evolve.tasks.synthetic import make_sample
     from vllm_namm.config import EvictionConfig, FeatureConfig
     from vllm_namm.policies import NammPolicy
     from vllm_namm.reference import generate
-    from vllm_namm.synthetic import make_sample
     from vllm_namm.weights import NammWeights
 
     feats = FeatureConfig(ema_coeff_per_step=gamma_per_step, pos_dims=pos_dims, key_norm=key_norm)

@@ -18,7 +18,7 @@ Normalisation statistics (needed by the file format; they only rescale this rule
 deterministic synthetic calibration: 4 KV heads, a 2048-token sequence in 512-query chunks,
 causal softmax attention over N(0, 2^2) logits, run through the real feature pipeline.
 
-Regenerate with ``python -m vllm_namm.initial_weights`` (writes ``data/initial_weights.safetensors``).
+Regenerate with ``python -m evolve.initial_weights`` (writes ``data/initial_weights.safetensors``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def build_initial_weights(features: FeatureConfig | None = None) -> NammWeights:
         provenance=Provenance(
             description=(
                 "hand-set: keep iff EMA'd attention DC >= 16 * 2^-15 (mean attention 1/32768); "
-                "stats from synthetic causal N(0,4)-logit attention; see vllm_namm/initial_weights.py"
+                "stats from synthetic causal N(0,4)-logit attention; see evolve/initial_weights.py"
             ),
         ),
     )

@@ -79,7 +79,7 @@ class TaskPool:
                 score=lambda text, r=r: score_realtext(text, r),
                 answer=r.continuation,
             )
-        from vllm_namm.synthetic import score_answer
+        from evolve.tasks.synthetic import score_answer
 
         s = _synthetic(cfg.kind, index, length, self._count)
         return EvalSample(
@@ -107,6 +107,6 @@ def _realtext(kind: str, seed: int, length: int, tokenizer: str, essays: Path | 
 
 @lru_cache(maxsize=4096)
 def _synthetic(kind: str, seed: int, length: int, count: Callable[[str], int]):
-    from vllm_namm.synthetic import make_sample
+    from evolve.tasks.synthetic import make_sample
 
     return make_sample(kind, seed, length, count_tokens=count)

@@ -26,7 +26,7 @@ from servers import ServerPool
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_namm.tiny_model import build_random_llama
+    from benchmarks.tiny_model import build_random_llama
 
     return build_random_llama(tmp_path_factory.mktemp("tiny_model") / "tiny", seed=0)
 

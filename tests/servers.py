@@ -39,8 +39,8 @@ from typing import Any
 
 import requests
 
-from vllm_namm.launch import ROOT, free_port, metric_label, metric_sum, parse_metrics, vllm_bin
-from vllm_namm.launch import VllmServer as _LaunchServer
+from benchmarks.launch import ROOT, free_port, metric_label, metric_sum, parse_metrics, vllm_bin
+from benchmarks.launch import VllmServer as _LaunchServer
 
 __all__ = ["free_port", "metric_label", "metric_sum", "parse_metrics"]
 
@@ -84,7 +84,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.;:!?ABCDEFGHIJ0123456789\n"
 # servers
 # ---------------------------------------------------------------------------------------------
 class VllmServer(_LaunchServer):
-    """:class:`vllm_namm.launch.VllmServer` with the tiny-model flags and environment of the tests,
+    """:class:`benchmarks.launch.VllmServer` with the tiny-model flags and environment of the tests,
     :mod:`hold_decode` on its path, and HTTP time-outs that only bound a hang (a busy machine
     answers slowly, not wrongly)."""
 

@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "results"
 
 # CI and the acceptance run these two lines as they are written here.
-DEMO_COMMAND = "bash scripts/install.sh && .venv/bin/python -m vllm_namm.demo"
+DEMO_COMMAND = "bash scripts/install.sh && .venv/bin/python -m benchmarks demo"
 TEST_COMMAND = "bash scripts/install.sh && .venv/bin/python -m pytest -q -ra"
 MAX_README_LINES = 250
 

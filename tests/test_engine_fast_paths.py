@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_namm.launch import ROOT
+from benchmarks.launch import ROOT
 from vllm_namm.weights import NammWeights, save_weights
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]

@@ -15,8 +15,8 @@ import openai
 import pytest
 from servers import ServerPool
 
+from benchmarks.launch import CPU_DEFAULTS, VllmServer
 from vllm_namm.config import EvictionConfig
-from vllm_namm.launch import CPU_DEFAULTS, VllmServer
 
 pytestmark = pytest.mark.server
 

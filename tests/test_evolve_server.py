@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from servers import ServerPool, VllmServer
 
-from vllm_namm.launch import CPU_DEFAULTS
+from benchmarks.launch import CPU_DEFAULTS
 
 pytestmark = pytest.mark.server
 
@@ -48,8 +48,8 @@ def _evolve(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_evolve_end_to_end_resume_and_export(tmp_path: Path, server_pool: ServerPool):
     server_pool.close()  # this test starts servers of its own: one live server at a time
+    from benchmarks.tiny_model import build_random_llama
     from evolve.loop import CHECKPOINT, RunState
-    from vllm_namm.tiny_model import build_random_llama
     from vllm_namm.weights import NammWeights, load_weights, save_weights
 
     model = build_random_llama(tmp_path / "tiny")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from benchmarks.launch import free_port
 from evolve.baseline import BaselineCache, baseline_key
 from evolve.client import (
     BadSettingError,
@@ -26,9 +27,8 @@ from evolve.fitness import SampleOutcome, compute_fitness
 from evolve.strategy import Strategy, cma_options, elite_count
 from evolve.tasks import metrics as m
 from evolve.tasks.longbench import DATASETS, load_longbench, score_sample
-from vllm_namm.launch import free_port
+from evolve.tasks.synthetic import TASK_KINDS, make_sample
 from vllm_namm.shipped_weights import DEFAULT_WEIGHTS
-from vllm_namm.synthetic import TASK_KINDS, make_sample
 
 # --------------------------------------------------------------------------------------------------
 # LongBench metrics, hand-computed

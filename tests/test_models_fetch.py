@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from benchmarks.models.fetch import SOURCES, TOOL_PINS, fetch_essays
-from vllm_namm.assets import (
+from evolve.assets import (
     ESSAYS,
     ESSAYS_DIR,
     PROVENANCE_FILE,
@@ -107,7 +107,7 @@ def test_tool_pins_match_setup_extra() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the checks (vllm_namm.assets)
+# the checks (evolve.assets)
 
 
 def test_model_dir_checks(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 import requests
 from servers import BASE_FLAGS, ServerPool, VllmServer, metric_sum
 
-from vllm_namm.synthetic import make_sample, score_answer
+from evolve.tasks.synthetic import make_sample, score_answer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(1200)]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from evolve.assets import ESSAYS_DIR, SMOLLM2_DIR, AssetError
 from evolve.tasks import realtext
 from evolve.tasks.realtext import (
     HELDOUT_SEED_BASE,
@@ -22,7 +23,6 @@ from evolve.tasks.realtext import (
     score_answer,
     seed_split,
 )
-from vllm_namm.assets import ESSAYS_DIR, SMOLLM2_DIR, AssetError
 
 pytestmark = pytest.mark.skipif(
     not ((SMOLLM2_DIR / "tokenizer.json").exists() and ESSAYS_DIR.is_dir()),

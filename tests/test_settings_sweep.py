@@ -580,7 +580,7 @@ def harness_results(
 
     from servers import DEFAULT_ENV
 
-    from vllm_namm.launch import ROOT
+    from benchmarks.launch import ROOT
 
     d = tmp_path_factory.mktemp("harness")
     named = {c.id: [_fill(f, bad_files) for f in c.flags] for c in FLAG_CASES} | GOOD_FLAGS

@@ -361,7 +361,7 @@ def test_gpu_cuda_graphs_become_piecewise():
 
 
 def test_launcher_sets_cpu_thread_binding_for_several_workers(monkeypatch):
-    from vllm_namm.launch import VllmServer, omp_threads_bind, parallel_world_size
+    from benchmarks.launch import VllmServer, omp_threads_bind, parallel_world_size
 
     assert parallel_world_size(["--tensor-parallel-size", "2"]) == 2
     assert parallel_world_size(["-tp=2", "--pipeline-parallel-size", "2", "--x", "3"]) == 4
@@ -375,7 +375,7 @@ def test_launcher_sets_cpu_thread_binding_for_several_workers(monkeypatch):
     server = VllmServer("m", tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "auto"})
     assert server.command[-2:] == ["--tensor-parallel-size", "2"]
     assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"  # the caller's choice wins
-    import vllm_namm.launch as launch
+    import benchmarks.launch as launch
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setattr(launch, "numa_nodes", lambda: 1)

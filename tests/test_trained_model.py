@@ -16,7 +16,7 @@ EVAL_SEED_BASE = 10**9  # held-out seeds, as in benchmarks/train_model.py (train
 
 @pytest.mark.server
 def test_trained_model_answers_held_out_passkey(server_pool: ServerPool):
-    from vllm_namm.synthetic import make_sample, score_answer
+    from evolve.tasks.synthetic import make_sample, score_answer
 
     if not (MODEL_DIR / "config.json").exists() or not (MODEL_DIR / "model.safetensors").exists():
         pytest.skip(

@@ -30,7 +30,7 @@ on held-out prompts at 0.3 retained, README)."""
 
 HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 """The hand-set BAM (keep a token with non-negligible attention); written by
-``python -m vllm_namm.initial_weights``."""
+``python -m evolve.initial_weights``."""
 
 SHIPPED_WEIGHTS: Mapping[str, Path] = MappingProxyType(
     {

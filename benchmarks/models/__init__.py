@@ -2,5 +2,5 @@
 
 ``python -m benchmarks.models fetch`` downloads and converts the real-model assets (see
 :mod:`benchmarks.models.fetch`); the checks every command runs on them live in
-:mod:`vllm_namm.assets`.
+:mod:`evolve.assets`.
 """

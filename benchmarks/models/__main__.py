@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vllm_namm.assets import (
+from evolve.assets import (
     ESSAYS,
     ESSAYS_DIR,
     SMOLLM2,

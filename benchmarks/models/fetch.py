@@ -14,7 +14,7 @@ happen to carry what a real-text benchmark needs:
 
 Each wheel is checked against a pinned sha256, the output is written to a temporary folder
 and renamed into place only when complete, and a provenance record
-(:class:`vllm_namm.assets.Provenance`) is written beside it. A second run that finds a
+(:class:`evolve.assets.Provenance`) is written beside it. A second run that finds a
 complete, matching asset only says so (about a second).
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vllm_namm.assets import (
+from evolve.assets import (
     ESSAYS,
     ESSAYS_DIR,
     PROVENANCE_FILE,

@@ -1,3 +1,3 @@
 """Evaluation tasks: LongBench JSONL files (:mod:`.longbench`) and the real-text tasks over the
 Paul Graham essays (:mod:`.realtext`); the synthetic retrieval tasks of our tiny model live in
-:mod:`vllm_namm.synthetic`."""
+:mod:`evolve.tasks.synthetic`."""

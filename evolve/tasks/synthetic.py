@@ -199,7 +199,7 @@ def make_sample(
     """Build one sample of about ``target_tokens`` tokens (never more), deterministically.
 
     ``count_tokens`` measures a string in the caller's tokenizer (default: characters,
-    which is exact for the character tokenizer of :mod:`vllm_namm.tiny_model`).
+    which is exact for the character tokenizer of :mod:`benchmarks.tiny_model`).
     """
     if target_tokens < 64:
         raise ValueError(f"target_tokens must be >= 64, got {target_tokens}")
