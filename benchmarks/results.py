@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 from benchmarks.launch import ROOT
-
-
-def command_line(prog: str, argv: Sequence[str] | None = None) -> str:
-    """``prog`` plus the arguments (``sys.argv[1:]`` by default), shell-quoted so it can be pasted."""
-    return shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+from evolve.command import command_line as command_line  # re-exported: one owner, below benchmarks
 
 
 def time_stamp() -> str:

@@ -224,7 +224,7 @@ def build_weights(
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from benchmarks.results import command_line
+    from evolve.command import command_line
     from vllm_namm.weights import describe, save_weights
 
     p = argparse.ArgumentParser(prog="python -m evolve.fit", description=__doc__.split("\n\n")[0])

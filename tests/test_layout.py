@@ -1,7 +1,8 @@
 """The package's layering, read from the source with ``ast`` (nothing is imported or run).
 
-The core (``vllm_namm``) must not depend on its own tools (``evolve``, ``benchmarks``), and the
-kernels enter it through one door, :mod:`vllm_namm.kernels`.
+A straight stack: ``vllm_namm`` (the plugin) < ``evolve`` < ``benchmarks``. The core depends on
+neither tool, ``evolve`` never imports ``benchmarks``, and the kernels enter the core through one
+door, :mod:`vllm_namm.kernels`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import vllm_namm
 
 CORE = Path(vllm_namm.__file__).resolve().parent
+ROOT = CORE.parent
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,6 +39,14 @@ def test_the_core_imports_neither_evolve_nor_benchmarks() -> None:
         str(p.relative_to(CORE)): sorted(_imports(p) & {"evolve", "benchmarks"}) for p in _core_modules()
     }
     assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_evolve_never_imports_benchmarks() -> None:
+    """benchmarks may import evolve (tasks, metrics, a generation), never the reverse (issue 30)."""
+    modules = sorted((ROOT / "evolve").rglob("*.py"))
+    assert len(modules) > 15, f"found only {len(modules)} modules under evolve/"
+    offending = {str(p.relative_to(ROOT)): "benchmarks" in _imports(p) for p in modules}
+    assert [k for k, v in offending.items() if v] == []
 
 
 def test_only_the_kernels_facade_imports_namm_kernels() -> None:
