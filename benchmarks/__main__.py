@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from evolve.extras import require
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "benchmarks.demo",
@@ -42,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 
+NO_EXTRA = frozenset({"demo"})
+"""Commands that run on the plugin's own dependencies (the demo: vLLM brings the OpenAI client)."""
+
 
 def usage() -> str:
     lines = ["usage: python -m benchmarks COMMAND [--help] [ARGS...]", "", "commands:"]
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name not in NO_EXTRA:
+        require("bench", f"python -m benchmarks {name}")
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "main", None)
     if entry is None:

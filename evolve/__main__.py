@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from evolve.config import ConfigError, EvolveConfig, load_config
+from evolve.extras import require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,7 @@ def resolve_config(args: argparse.Namespace) -> EvolveConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require("evolve", "python -m evolve")
     # Only our own logger at the chosen level: httpx logs every request at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("evolve").setLevel(getattr(logging, args.log_level))

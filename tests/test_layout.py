@@ -1,8 +1,8 @@
 """The package's layering, read from the source with ``ast`` (nothing is imported or run).
 
 A straight stack: ``vllm_namm`` (the plugin) < ``evolve`` < ``benchmarks``. The core depends on
-neither tool, ``evolve`` never imports ``benchmarks``, and the kernels enter the core through one
-door, :mod:`vllm_namm.kernels`.
+neither tool nor on the tools' extras (cma, openai, matplotlib, ...), ``evolve`` never imports
+``benchmarks``, and the kernels enter the core through one door, :mod:`vllm_namm.kernels`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import vllm_namm
+from evolve.extras import EXTRAS
 
 CORE = Path(vllm_namm.__file__).resolve().parent
 ROOT = CORE.parent
@@ -47,6 +48,34 @@ def test_evolve_never_imports_benchmarks() -> None:
     assert len(modules) > 15, f"found only {len(modules)} modules under evolve/"
     offending = {str(p.relative_to(ROOT)): "benchmarks" in _imports(p) for p in modules}
     assert [k for k, v in offending.items() if v] == []
+
+
+def test_the_core_needs_none_of_the_extras() -> None:
+    """``pip install vllm-namm`` serves without ``[evolve]`` or ``[bench]``: no core module imports
+    their packages, not even lazily (tests/test_plugin_install.py checks the import at run time)."""
+    extras = {m for modules in EXTRAS.values() for m in modules}
+    assert {"cma", "openai", "matplotlib", "rouge_score"} <= extras
+    offending = {str(p.relative_to(CORE)): sorted(_imports(p) & extras) for p in _core_modules()}
+    assert {k: v for k, v in offending.items() if v} == {}
+
+
+NAME_OWNERS = ("policies/namm.py", "policies/registry.py", "weights.py", "shipped_weights.py")
+"""Where the string ``"namm"`` may appear in the core: the NAMM policy (its name), the registry (its
+entry) and the weights code (the weights files' namespace, which is also vLLM's config key)."""
+
+
+def test_no_policy_name_as_a_string_outside_its_own_file() -> None:
+    """Issue 30: a policy's name is tested as a string only in its own file and the registry."""
+    found = {
+        str(p.relative_to(CORE)): [
+            n.lineno
+            for n in ast.walk(ast.parse(p.read_text(), filename=str(p)))
+            if isinstance(n, ast.Constant) and n.value == "namm"
+        ]
+        for p in _core_modules()
+    }
+    assert found["policies/namm.py"] and found["policies/registry.py"], "the scan found no name at all"
+    assert {k: v for k, v in found.items() if v and k not in NAME_OWNERS} == {}
 
 
 def test_only_the_kernels_facade_imports_namm_kernels() -> None:
