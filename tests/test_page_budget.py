@@ -15,7 +15,7 @@ from vllm_namm.config import BudgetConfig, EvictionConfig
 from vllm_namm.page_plan import budget_pages
 from vllm_namm.policies import POLICIES, make_policy
 from vllm_namm.policies.budget import BudgetPolicy
-from vllm_namm.policy_registry import budget_policies, budget_takers
+from vllm_namm.policies.registry import budget_policies, budget_takers
 from vllm_namm.request_memory import RequestMemory, eviction_step
 
 BS = 32

@@ -29,7 +29,7 @@ from servers import (
 
 from vllm_namm.policies import POLICIES
 from vllm_namm.policies.budget import BudgetPolicy
-from vllm_namm.policy_registry import budget_takers
+from vllm_namm.policies.registry import budget_takers
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 

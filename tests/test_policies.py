@@ -14,7 +14,7 @@ from vllm_namm.policies import (
     protect,
     protected_mask,
 )
-from vllm_namm.policy_registry import POLICY_NAMES, REGISTRY, budget_policies, policy_class
+from vllm_namm.policies.registry import POLICY_NAMES, REGISTRY, budget_policies, policy_class
 from vllm_namm.weights import NammWeights
 
 KV, N, NQ = 2, 96, 32
