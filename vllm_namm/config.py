@@ -52,7 +52,7 @@ class EngineSettings(Strict):
         "max",
         description="page-level selection: a page's score from its tokens' per-head normalised "
         "ranks over every layer and KV head (max, mean, or the share the token-level budget would keep); "
-        "max measured best (README, Measured results)",
+        "max measured best (docs/results/2026-12-01-budgets-in-pages.md)",
     )
     kernels: Kernels = Field(
         "auto",
