@@ -1,9 +1,10 @@
 """One owner per setting (issue 30, item 2).
 
 * The eviction config is parsed once per process and per engine: every reader goes through
-  :func:`vllm_namm.vllm_patch.engine_config.eviction_config`, which keeps the parsed config on the
-  ``VllmConfig`` (or ``EngineArgs``) it belongs to. Counted here by counting validations of
-  :class:`~vllm_namm.config.EvictionConfig`.
+  :func:`vllm_namm.vllm_patch.engine_config.eviction_config`; the flags (or the engine options)
+  hand vLLM the parsed config with its JSON form, and a config built by hand keeps its parsed form
+  on the ``VllmConfig`` it belongs to. Counted here by counting validations of
+  :class:`~vllm_namm.config.EvictionConfig`, along ``vllm serve``'s and the Python API's whole way in.
 * Requests' settings are applied to the server's config once per distinct setting (a process's
   :class:`~vllm_namm.vllm_patch.policy_book.PolicyBook`), and weights files load once per book.
 * The budget/knob rules are written once (:mod:`vllm_namm.rules`) and every front end words them as
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,8 +31,6 @@ from vllm_namm.vllm_patch.engine_config import (
     CONFIG_KEY,
     NammConfigError,
     eviction_config,
-    prepare_engine_args,
-    remember,
 )
 from vllm_namm.vllm_patch.policy_book import PolicyBook
 from vllm_namm.vllm_patch.request_settings import (
@@ -87,34 +87,47 @@ def test_each_engine_config_is_parsed_once_per_process(validations: list[dict[st
     assert eviction_config(first).policy == "l2" and len(validations) == 3
 
 
-def test_flags_to_engine_config_parse_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``vllm serve`` flags -> EngineArgs -> the engine options -> VllmConfig -> every reader: the
-    flags build the config, ``prepare_engine_args`` reuses it, the VllmConfig vLLM builds from the
-    engine args parses its copy once, and nobody parses again."""
+@pytest.mark.parametrize("front", ["flags", "python"])
+def test_vllm_serve_and_the_python_api_parse_once(
+    front: str, tiny_model: Path, validations: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole way in, as ``vllm serve`` (flags -> ``EngineArgs.from_cli_args`` ->
+    ``create_engine_config``) and ``LLM(additional_config=...)`` take it, then every reader of the
+    engine config (the ``use_v2_model_runner`` property vLLM reads while building it, the scheduler,
+    runner and API server, a copy pickled to the engine process): one validation in all."""
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parses: list[Any] = []
-    original = engine_config.parse_eviction_config
-    monkeypatch.setattr(
-        engine_config, "parse_eviction_config", lambda raw: parses.append(raw) or original(raw)
-    )
+    from vllm_namm.vllm_patch import cli
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    cli.install()  # the flags and the engine-config patch, as vLLM's plugin loader installs them
     engine_config.install()
-    parser = argparse.ArgumentParser()
-    add_flags(parser)
-    args = parser.parse_args(
-        ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.25", "--kv-eviction-lag", "0"]
-    )
-    cfg = eviction_config_from_args(args)
-    assert cfg is not None
-    engine_args = EngineArgs(additional_config={CONFIG_KEY: cfg.model_dump(mode="json")})
-    remember(engine_args, cfg)  # what the from_cli_args patch does
-    prepare_engine_args(engine_args)
+    common = ["--model", str(tiny_model), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
+    if front == "flags":
+        parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+        flags = ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.25", "--kv-eviction-lag", "0"]
+        engine_args = EngineArgs.from_cli_args(parser.parse_args(common + flags))
+    else:
+        raw = {"policy": "h2o", "budget": {"ratio": 0.25}, "lag": 0}
+        engine_args = EngineArgs(
+            model=str(tiny_model),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=1024,
+            additional_config={CONFIG_KEY: raw},
+        )
+    vllm_config = engine_args.create_engine_config()
     assert engine_args.scheduler_cls == engine_config.SCHEDULER_CLS
-    assert engine_args.long_prefill_token_threshold == 512 and parses == []
-    vllm_config = _vllm_config(engine_args.additional_config[CONFIG_KEY])
-    for _ in range(10):
-        assert eviction_config(vllm_config) == cfg and vllm_config.use_v2_model_runner is False
-    assert len(parses) == 1
+    assert vllm_config.scheduler_config.long_prefill_token_threshold == 512
+    cfg = eviction_config(vllm_config)
+    assert cfg is not None and cfg.policy == "h2o" and cfg.budget == BudgetConfig(ratio=0.25)
+    for _ in range(10):  # the scheduler (every finished request), the runner, the property
+        assert eviction_config(vllm_config) is cfg and vllm_config.use_v2_model_runner is False
+    PolicyBook(eviction_config(vllm_config))  # the API server's
+    shipped = pickle.loads(pickle.dumps(vllm_config))  # the engine core's and the workers' copy
+    assert eviction_config(shipped) == cfg
+    assert len(validations) == 1
 
 
 def test_a_bad_config_is_one_clear_error_every_time() -> None:

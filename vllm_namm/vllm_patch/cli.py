@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from vllm_namm.config import EvictionConfig
 from vllm_namm.policies.registry import KNOBS, OFF, POLICY_NAMES, KnobSpec, budget_takers, policy_class
 from vllm_namm.rules import Conflict, first_conflict
-from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, remember
+from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, NammConfigError, ParsedSettings
 from vllm_namm.vllm_patch.patching import patch
 
 FlagTable = Mapping[str, tuple[str, dict[str, Any]]]
@@ -284,10 +284,9 @@ def install() -> None:
             cfg = eviction_config_from_args(args)
         except NammConfigError as e:
             fail(str(e))
-        if cfg is not None:
-            raw = cfg.model_dump(mode="json")
-            engine_args.additional_config = dict(engine_args.additional_config or {}) | {CONFIG_KEY: raw}
-            remember(engine_args, cfg)  # parsed here once: the engine-config patch reads it back
+        if cfg is not None:  # parsed here once: the engine config and every reader after it reuse it
+            settings = ParsedSettings.of(cfg)
+            engine_args.additional_config = dict(engine_args.additional_config or {}) | {CONFIG_KEY: settings}
         return engine_args
 
     @patch(EngineArgs, "create_engine_config")

@@ -46,36 +46,52 @@ def parse_eviction_config(raw: Any) -> EvictionConfig:
         ) from None
 
 
+class ParsedSettings(dict):
+    """``additional_config[CONFIG_KEY]`` once parsed: the settings' JSON form (what vLLM hashes, logs
+    and pickles), carrying the parsed :class:`EvictionConfig` in :attr:`config`.
+
+    The flags (or, for the Python API, :func:`prepare_engine_args`) put one in the engine args; vLLM
+    hands this very object to the ``VllmConfig`` it builds and pickles it to the engine and worker
+    processes, so no reader there validates the settings again.
+    """
+
+    config: EvictionConfig
+
+    @classmethod
+    def of(cls, cfg: EvictionConfig) -> ParsedSettings:
+        settings = cls(cfg.model_dump(mode="json"))
+        settings.config = cfg
+        return settings
+
+
 _CACHE = "_namm_eviction_config"
 """Attribute of the owner (a ``VllmConfig`` or ``EngineArgs``) holding ``(raw, parsed)``."""
 
 
 def eviction_config(owner: Any) -> EvictionConfig | None:
     """The eviction config of an engine, or None when eviction is off: the one way every part of the
-    plugin reads it (flags, engine options, scheduler, runner, API server).
+    plugin reads it (flags, engine options, scheduler, runner, API server)."""
+    cfg = settings_of(owner)
+    return cfg if cfg is not None and policy_class(cfg.policy).evicts else None
 
-    ``owner`` is a ``VllmConfig`` (or the ``EngineArgs`` it is made from). The parsed config is kept
-    on the owner itself, next to the raw ``additional_config[CONFIG_KEY]`` it came from, so each engine's
-    settings are parsed once per process (at most: vLLM pickles the owner, with the parsed config, to
-    its engine and worker processes) and two engines in one process never share one.
+
+def settings_of(owner: Any) -> EvictionConfig | None:
+    """The parsed ``additional_config[CONFIG_KEY]`` of ``owner`` (None when absent), evicting or not.
+
+    ``owner`` is a ``VllmConfig`` (or the ``EngineArgs`` it is made from). A :class:`ParsedSettings`
+    is read as it is; a plain dict (``VllmConfig`` built by hand, or a copy that dropped the parsed
+    config) is parsed and kept on the owner, next to the raw value it came from, so each engine's
+    settings are parsed once per process and two engines in one process never share one.
     """
     raw = (getattr(owner, "additional_config", None) or {}).get(CONFIG_KEY)
     cached = vars(owner).get(_CACHE)
     if cached is None or cached[0] is not raw:
-        cfg = None if raw is None else parse_eviction_config(raw)
-        cached = remember(owner, cfg, raw)
-    cfg = cached[1]
-    return cfg if cfg is not None and policy_class(cfg.policy).evicts else None
-
-
-def remember(owner: Any, cfg: EvictionConfig | None, raw: Any = None) -> tuple[Any, EvictionConfig | None]:
-    """Keep ``cfg`` as the parsed form of ``owner``'s ``additional_config[CONFIG_KEY]`` (for whoever parsed
-    it already, e.g. the flags); ``raw`` defaults to that value."""
-    if raw is None:
-        raw = (getattr(owner, "additional_config", None) or {}).get(CONFIG_KEY)
-    entry = (raw, cfg)
-    object.__setattr__(owner, _CACHE, entry)
-    return entry
+        cfg = getattr(raw, "config", None) if isinstance(raw, ParsedSettings) else None
+        if cfg is None and raw is not None:
+            cfg = parse_eviction_config(raw)
+        cached = (raw, cfg)
+        object.__setattr__(owner, _CACHE, cached)
+    return cached[1]
 
 
 def prepare_engine_args(args: Any) -> None:
@@ -86,6 +102,11 @@ def prepare_engine_args(args: Any) -> None:
     graphs on GPU (:func:`piecewise_cuda_graphs`), no context parallelism and a lag with
     pipeline stages (:func:`check_parallelism`), and no speculative decoding.
     """
+    settings = settings_of(args)
+    if settings is None:
+        return
+    if not isinstance(args.additional_config[CONFIG_KEY], ParsedSettings):  # the Python API's dict
+        args.additional_config = dict(args.additional_config) | {CONFIG_KEY: ParsedSettings.of(settings)}
     cfg = eviction_config(args)
     if cfg is None:
         return
@@ -122,8 +143,6 @@ def prepare_engine_args(args: Any) -> None:
     args.enable_chunked_prefill = True
     if not current_platform.is_cpu():
         piecewise_cuda_graphs(args)
-    args.additional_config = dict(args.additional_config) | {CONFIG_KEY: cfg.model_dump(mode="json")}
-    remember(args, cfg)
     tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
     logger.info(
         "vllm-namm: KV eviction %s, interval %d%s",
