@@ -114,6 +114,7 @@ class ParamSpace:
         """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
         import torch
 
+        from vllm_namm.model_match import shape_of_model
         from vllm_namm.weights import NammWeights, Provenance, save_weights
 
         params, gamma, threshold = self.split(x)
@@ -140,6 +141,7 @@ class ParamSpace:
                 fitness_kind=fitness_kind,
                 command=command,
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                model_shape=shape_of_model(base_model) or (w.provenance and w.provenance.model_shape),
             ),
         )
         path = Path(path)

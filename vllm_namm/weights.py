@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vllm_namm.model_match import ModelShape
 from vllm_namm.scorers import Scorer, ScorerConfig, make_scorer
 from vllm_namm.settings import FeatureConfig
 from vllm_namm.shipped_weights import DEFAULT_WEIGHTS, resolve_weights
@@ -52,6 +53,9 @@ class Provenance(BaseModel):
     fitness_kind: str | None = Field(None, description="exact_match or loglik")
     date: str | None = None
     command: str | None = None
+    model_shape: ModelShape | None = Field(
+        None, description="the shape of the model the weights were evolved for (vllm_namm.model_match)"
+    )
 
 
 class WeightsMeta(BaseModel):

@@ -114,9 +114,10 @@ def prepare_engine_args(args: Any) -> None:
     from vllm_namm.weights import WeightsError
 
     try:
-        make_policy(cfg)  # loads and checks the weights file now, not in the engine process
+        policy = make_policy(cfg)  # loads and checks the weights file now, not in the engine process
     except (WeightsError, ValueError, OSError) as e:
         raise NammConfigError(str(e)) from None
+    note_foreign_weights(policy, cfg, args.model)
     check_parallelism(args, cfg)
     if args.speculative_config:
         raise NammConfigError("--kv-eviction does not support speculative decoding yet")
@@ -152,6 +153,24 @@ def prepare_engine_args(args: Any) -> None:
         if tp * pp > 1
         else "",
     )
+
+
+def note_foreign_weights(policy: Any, cfg: EvictionConfig, model: str) -> None:
+    """One log line when the NAMM weights were evolved for a model of another shape."""
+    from vllm_namm.model_match import foreign_model_note, shape_of_model
+
+    weights = getattr(policy, "weights", None)
+    provenance = getattr(weights, "provenance", None)
+    if provenance is None:
+        return
+    note = foreign_model_note(
+        str(getattr(cfg, "weights", None) or "(the default)"),
+        provenance.model_shape,
+        provenance.base_model,
+        shape_of_model(model),
+    )
+    if note is not None:
+        logger.warning(note)
 
 
 def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
