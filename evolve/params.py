@@ -130,6 +130,7 @@ class ParamSpace:
             norm_std=w.norm_std.clone(),
             threshold=w.threshold if threshold is None else threshold,
             budget_ratio=budget_ratio,
+            page_score=w.page_score,
             provenance=Provenance(
                 description="evolved with python -m evolve (CMA-ES; best mean)",
                 base_model=base_model,

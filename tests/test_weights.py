@@ -139,3 +139,21 @@ def test_weights_evolved_under_a_budget_rank_under_it_by_default(tmp_path):
     assert make_policy(EvictionConfig(policy="namm", weights=path, threshold=0.5)).budget is None
     explicit = make_policy(EvictionConfig(policy="namm", weights=path, budget=BudgetConfig(tokens=512)))
     assert explicit.budget == BudgetConfig(tokens=512)
+
+
+def test_weights_carry_their_page_score(tmp_path):
+    """Weights evolved with mean page scores keep ranking pages by the mean on a server whose
+    --kv-eviction-page-score is max; other policies and files without one use the server's."""
+    from vllm_namm.config import EvictionConfig
+    from vllm_namm.policies import make_policy
+
+    w = NammWeights.zeros()
+    w.budget_ratio, w.page_score = 0.25, "mean"
+    path = tmp_path / "mean.safetensors"
+    save_weights(path, w)
+    assert load_weights(path).page_score == "mean"
+    assert "page score under a budget: mean" in describe(load_weights(path))
+    assert make_policy(EvictionConfig(policy="namm", weights=path, page_score="max")).page_score == "mean"
+    assert make_policy(EvictionConfig(policy="namm")).page_score is None
+    h2o = make_policy(EvictionConfig(policy="h2o", budget={"ratio": 0.25}, page_score="mean"))
+    assert h2o.page_score is None

@@ -271,7 +271,7 @@ def _evict_pages(
             positions,
             page_size,
             keep_tokens=policy.budget.size(n, int(positions.max()) + 1),
-            aggregate=config.page_score,
+            aggregate=policy.page_score or config.page_score,
             protected_token_mask=protected_mask(views[0], config.protect).any(dim=0),
         )
     )

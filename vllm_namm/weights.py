@@ -24,7 +24,7 @@ from torch import Tensor
 
 from vllm_namm.model_match import ModelShape
 from vllm_namm.scorers import Scorer, ScorerConfig, make_scorer
-from vllm_namm.settings import FeatureConfig
+from vllm_namm.settings import FeatureConfig, PageScore
 from vllm_namm.shipped_weights import DEFAULT_WEIGHTS, resolve_weights
 
 FORMAT_VERSION = 1
@@ -74,6 +74,11 @@ class WeightsMeta(BaseModel):
         description="weights evolved to rank under a memory budget: the budget (fraction of the context) "
         "`--kv-eviction namm` uses when no budget or threshold is given; None = the threshold rule",
     )
+    page_score: PageScore | None = Field(
+        None,
+        description="how the scores become page scores under a budget, as evolved (max, mean or vote); "
+        "None = the server's --kv-eviction-page-score",
+    )
     provenance: Provenance | None = None
 
 
@@ -90,6 +95,8 @@ class NammWeights:
     provenance: Provenance | None = None
     budget_ratio: float | None = None
     """Evolved to rank under this budget (fraction of the context): the default rule; None = threshold."""
+    page_score: PageScore | None = None
+    """The page aggregation the weights were evolved with under a budget; None = the server's."""
 
     def build_scorer(self) -> Scorer:
         scorer = make_scorer(self.scorer)
@@ -142,6 +149,7 @@ def save_weights(path: str | Path, weights: NammWeights) -> None:
         threshold=weights.threshold,
         provenance=weights.provenance,
         budget_ratio=weights.budget_ratio,
+        page_score=weights.page_score,
     )
     tensors = {
         "params": weights.params.detach().float().contiguous().cpu(),
@@ -205,6 +213,7 @@ def load_weights(path: str | Path) -> NammWeights:
         threshold=meta.threshold,
         provenance=meta.provenance,
         budget_ratio=meta.budget_ratio,
+        page_score=meta.page_score,
     )
     if meta.num_params != w.params.numel():
         raise WeightsError(
@@ -250,6 +259,7 @@ def describe(w: NammWeights) -> str:
         if w.budget_ratio is None
         else f"rule: rank under a budget of {w.budget_ratio:g} of the context (the default of --kv-eviction namm; "
         f"--namm-threshold switches to the threshold rule, keep score >= {w.threshold})",
+        f"page score under a budget: {w.page_score or 'the server setting'}",
         f"normalisation mean: {[round(x, 5) for x in w.norm_mean.tolist()]}",
         f"normalisation std: {[round(x, 5) for x in w.norm_std.tolist()]}",
     ]

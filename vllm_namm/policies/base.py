@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from vllm_namm.settings import BudgetConfig, PolicySettings, ProtectConfig
+from vllm_namm.settings import BudgetConfig, PageScore, PolicySettings, ProtectConfig
 
 if TYPE_CHECKING:
     from vllm_namm.config import EvictionConfig
@@ -83,6 +83,8 @@ class EvictionPolicy(ABC):
     budget: BudgetConfig | None = None
     """The budget this instance ranks under (None: its own rule). The one test of "is this a budget
     policy" at run time: ``policy.budget is not None``."""
+    page_score: PageScore | None = None
+    """Its own page aggregation under a budget (NAMM weights evolved with one); None = the server's."""
     hop: int = 16
     """Queries per STFT hop: a step scores whole hops, so its decisions do not depend on batching
     (NAMM: its weights' ``s_w``)."""

@@ -207,6 +207,7 @@ class NammPolicy(EvictionPolicy):
         self.kernels = kernels
         self.budget = budget
         """None: the threshold rule; else rank under this budget."""
+        self.page_score = weights.page_score
         self.protect_cfg = protect or ProtectConfig()
         self.needs_keys = self.features.key_norm  # type: ignore[misc]  # per weights file
         self.hop = self.features.s_w
