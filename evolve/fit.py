@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from evolve.command import command_line
+    from vllm_namm.model_match import shape_of_model
     from vllm_namm.weights import describe, save_weights
 
     p = argparse.ArgumentParser(prog="python -m evolve.fit", description=__doc__.split("\n\n")[0])
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="write this budget_ratio into the file (rank under it by default, as evolution will)",
+    )
+    p.add_argument(
+        "--page-score",
+        choices=["max", "mean", "vote"],
+        default=None,
+        help="write this page aggregation into the file (the server's --kv-eviction-page-score otherwise)",
     )
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -314,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     weights = build_weights(kind, window, a.ema, mean, std, w, b, prov, key_norm=a.key_norm)
     weights.budget_ratio = a.budget_ratio
+    weights.page_score = a.page_score
+    weights.provenance = weights.provenance and weights.provenance.model_copy(
+        update={"model_shape": shape_of_model(a.model)}
+    )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(a.out, weights)
     print(describe(weights))
