@@ -298,6 +298,10 @@ class VllmServer:
             )
         return int(m.group(1).replace(",", "")) // block_size
 
+    def block_size(self) -> int:
+        """Tokens per KV block, from ``vllm:cache_config_info``."""
+        return int(metric_label(self.metrics(), "vllm:cache_config_info", "block_size") or 16)
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

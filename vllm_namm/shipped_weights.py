@@ -28,6 +28,12 @@ EVOLVED_KEYNORM_WEIGHTS = DATA_DIR / "evolved_keynorm_tiny_llama.safetensors"
 """Evolved from the L2 ranking with every layer free; it moved away from L2 (0.667 vs L2's 0.800
 on held-out prompts at 0.3 retained, README)."""
 
+SMOLLM2_WEIGHTS = DATA_DIR / "l2_smollm2.safetensors"
+"""For SmolLM2-135M-Instruct (the real model the install script fetches): the L2 ranking written as a
+NAMM scorer over that model's feature statistics, mean page scores, a 0.25 budget. Not evolved (a
+generation did not fit the CPU); on held-out real text it is measured against H2O and SnapKV in
+docs/results/2026-12-06-smollm2-real-text.md."""
+
 HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 """The hand-set BAM (keep a token with non-negligible attention); written by
 ``python -m evolve.initial_weights``."""
@@ -37,6 +43,7 @@ SHIPPED_WEIGHTS: Mapping[str, Path] = MappingProxyType(
         "evolved": EVOLVED_WEIGHTS,
         "evolved-attn": EVOLVED_ATTN_WEIGHTS,
         "evolved-kn": EVOLVED_KEYNORM_WEIGHTS,
+        "l2-smollm2": SMOLLM2_WEIGHTS,
         "hand": HAND_WEIGHTS,
     }
 )
@@ -45,5 +52,5 @@ DEFAULT_WEIGHTS = EVOLVED_WEIGHTS
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A shipped name (``evolved``, ``evolved-attn``, ``evolved-kn``, ``hand``) → its file; else a path."""
+    """A shipped name (``evolved``, ``evolved-attn``, ``evolved-kn``, ``l2-smollm2``, ``hand``) → its file; else a path."""
     return SHIPPED_WEIGHTS.get(str(value), Path(value))

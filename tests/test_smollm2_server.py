@@ -1,0 +1,52 @@
+"""The real model end to end: SmolLM2-135M-Instruct (fetched by the install script) served with
+``--kv-eviction namm --namm-weights l2-smollm2`` (its shipped weights) answers a short real-text question right while holding fewer KV blocks
+than the full cache (issue 26's CI check)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from servers import ServerPool, complete, engine_errors, namm_summary
+
+from evolve.assets import SMOLLM2_DIR, AssetError, check_model_dir
+
+pytestmark = pytest.mark.server
+
+PROMPT_TOKENS = 1800
+"""Three eviction steps (every 512 tokens) before the question is read, short enough for CI."""
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    try:
+        return str(check_model_dir(SMOLLM2_DIR))
+    except AssetError as e:
+        if os.environ.get("NAMM_FETCH_ASSETS") == "0":
+            pytest.skip(f"NAMM_FETCH_ASSETS=0: {e}")
+        raise
+
+
+def test_namm_on_smollm2_answers_a_real_text_question_with_fewer_blocks(
+    smollm2: str, server_pool: ServerPool
+) -> None:
+    from evolve.tasks import realtext
+
+    sample = realtext.make_sample(
+        "niah_number", 10**9 + 11, PROMPT_TOKENS, realtext.load_tokenizer(smollm2), depth=0.3
+    )
+    server = server_pool.get(
+        "smollm2-namm",
+        smollm2,
+        ["--kv-eviction", "namm", "--namm-weights", "l2-smollm2", "--max-model-len", "2048"],
+        env={"VLLM_CPU_KVCACHE_SPACE": "2"},
+    )
+    namm = complete(server, sample.prompt, max_tokens=sample.max_tokens)
+    full = complete(server, sample.prompt, max_tokens=sample.max_tokens, vllm_xargs={"kv_eviction": "none"})
+    stats = namm_summary(namm)
+    answers = [r["choices"][0]["text"] for r in (namm, full)]
+    assert [realtext.score_answer(a, sample) for a in answers] == [1.0, 1.0], (sample.answer, answers)
+    block = 32
+    full_blocks = -(-(full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"] - 1) // block)
+    assert stats["evicted_blocks"] > 0 and stats["held_blocks"] < full_blocks, (stats, full_blocks)
+    assert not engine_errors(server)
