@@ -404,6 +404,45 @@ FLAG_CASES: list[FlagCase] = [
         "invalid choice",
         kind="argparse",
     ),
+    # --kv-eviction-granularity, --kv-eviction-layer-budget
+    _c(
+        "granularity-bogus",
+        [*STREAM_B, "--kv-eviction-granularity", "head"],
+        "--kv-eviction-granularity",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
+    _c(
+        "layer-budget-bogus",
+        [*STREAM_B, "--kv-eviction-granularity", "layer", "--kv-eviction-layer-budget", "cone"],
+        "--kv-eviction-layer-budget",
+        "choice",
+        "invalid choice",
+        kind="argparse",
+    ),
+    _c(
+        "layer-budget-shared-pages",
+        [*STREAM_B, "--kv-eviction-layer-budget", "pyramid"],
+        "--kv-eviction-layer-budget",
+        "conflict",
+        "needs granularity 'layer'",
+    ),
+    _c(
+        "layer-budget-token-selection",
+        [
+            *STREAM_B,
+            "--kv-eviction-granularity",
+            "layer",
+            "--kv-eviction-layer-budget",
+            "pyramid",
+            "--kv-eviction-selection",
+            "token",
+        ],
+        "--kv-eviction-layer-budget",
+        "conflict",
+        "needs page-level selection",
+    ),
     # --kv-eviction-lag
     _c(
         "lag-negative",
@@ -443,6 +482,8 @@ VALID_VALUE = {
     "--kv-eviction-lag": "0",
     "--kv-eviction-selection": "token",
     "--kv-eviction-page-score": "mean",
+    "--kv-eviction-granularity": "layer",
+    "--kv-eviction-layer-budget": "pyramid",
 }
 FLAG_CASES += [
     _c(f"{flag.lstrip('-')}-without-policy", [flag, value], flag, "conflict", ONLY_WITH_POLICY)
@@ -478,6 +519,16 @@ GOOD_FLAGS: dict[str, list[str]] = {
         "vote",
     ],
     "h2o-ratio": ["--kv-eviction", "h2o", "--kv-eviction-ratio", "0.5"],
+    "h2o-layer-pyramid": [
+        "--kv-eviction",
+        "h2o",
+        "--kv-eviction-ratio",
+        "0.5",
+        "--kv-eviction-granularity",
+        "layer",
+        "--kv-eviction-layer-budget",
+        "pyramid",
+    ],
     "one-shot": [*NAMM, "--max-model-len", "4096", "--kv-eviction-interval", "8192"],
     "one-shot-derived-len": [*NAMM, "--kv-eviction-interval", str(1 << 24)],  # length from the model
     "interval-512": [*NAMM, "--max-model-len", "4096"],

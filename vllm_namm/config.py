@@ -19,8 +19,10 @@ from vllm_namm.rules import Conflict, config_knobs, first_conflict
 from vllm_namm.settings import (
     BudgetConfig,
     FeatureConfig,
+    Granularity,
     Invalid,
     Kernels,
+    LayerBudget,
     PageRule,
     PageScore,
     ProtectConfig,
@@ -67,6 +69,19 @@ class EngineSettings(Strict):
         "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )
 
+    granularity: Granularity = Field(
+        "shared",
+        description="pages shared by every layer of a KV-cache group (vLLM's grouping: one group for a "
+        "plain model, its full-attention groups for a hybrid one), or 'layer': every attention layer its "
+        "own KV-cache group, so each layer frees its own pages (the paper's per-layer eviction; opt-in)",
+    )
+    layer_budget: LayerBudget = Field(
+        "uniform",
+        description="with granularity 'layer': how a budget is spread over the layers: the same in every "
+        "layer, or a pyramid (PyramidKV: linear from 2 - 1/20 of the mean at the first layer down to 1/20 at "
+        "the last, the same total)",
+    )
+
     @field_validator("interval")
     @classmethod
     def _whole_hops(cls, v: int) -> int:
@@ -83,6 +98,14 @@ class EngineSettings(Strict):
         conflict = first_conflict(self.policy, budget, given)
         if conflict is not None:
             raise ValueError(config_message(conflict))
+        if self.layer_budget != "uniform":
+            need = "granularity 'layer' (per-layer pages)" if self.granularity != "layer" else None
+            if need is None and self.selection != "page":
+                need = "page-level selection (selection 'page')"
+            if need is not None:
+                raise Invalid(
+                    "layer_budget", f"spreads a budget over the layers: needs {need}"
+                ).as_validation_error(type(self).__name__, self.layer_budget)
         try:
             policy_class(self.policy).check_config(self)  # type: ignore[arg-type]
         except Invalid as e:

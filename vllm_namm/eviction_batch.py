@@ -143,7 +143,7 @@ def _local_votes(
                 [scores_of[j, layer] for layer in layers],
                 step.positions,
                 mem.block_size,
-                keep_tokens=budget.size(step.positions.numel(), step.num_tokens),
+                keep_tokens=budget.size(step.positions.numel(), step.num_tokens, mem.budget_scale),
                 aggregate=mem.policy.page_score or config.page_score,
                 protected_token_mask=protected_mask(views[j, 0], config.protect).any(dim=0),
                 protect_from_position=step.protect_from_position,

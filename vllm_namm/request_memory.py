@@ -65,6 +65,9 @@ class RequestMemory:
     """Other per-request options of the policy's states (``new_state`` arguments, e.g. an EMA coefficient)."""
     num_tokens: int = 0
     """Logical tokens whose KV is in the cache (evicted ones included)."""
+    budget_scale: float = 1.0
+    """This memory's share of a budget relative to the mean layer (per-layer pages under a pyramid
+    allocation, :mod:`vllm_namm.layer_budgets`); 1 for pages shared by every layer."""
     evicted_pages: set[int] = field(default_factory=set)
     scored_tokens: int = 0
     """Tokens [0, scored_tokens) have been through a step (policy states track the live ones)."""

@@ -21,6 +21,8 @@ PageRule = Literal["all", "majority", "any"]
 Selection = Literal["page", "token"]
 PageScore = Literal["max", "mean", "vote"]
 Kernels = Literal["auto", "triton", "torch", "reference"]
+Granularity = Literal["shared", "layer"]
+LayerBudget = Literal["uniform", "pyramid"]
 
 
 class Strict(BaseModel):
@@ -125,18 +127,21 @@ class BudgetConfig(Strict):
             raise ValueError("budget: give exactly one of 'tokens' or 'ratio'")
         return self
 
-    def size(self, n_tokens: int, context_tokens: int | None = None) -> int:
+    def size(self, n_tokens: int, context_tokens: int | None = None, scale: float = 1.0) -> int:
         """Tokens to keep out of the ``n_tokens`` cached (never more than there are).
 
         ``ratio`` is a fraction of the *context so far* (``context_tokens``: every token the
         request has seen, evicted ones included), not of what is still cached: applied to the
-        cache at every step it would compound (25 % of 25 % of ...).
+        cache at every step it would compound (25 % of 25 % of ...). ``scale``: this layer's
+        share of the budget relative to the mean layer (per-layer pages, e.g. a pyramid), applied
+        before the cap, so a layer above the mean can keep more than the plain budget.
         """
         if self.tokens is not None:
-            return min(self.tokens, n_tokens)
+            wanted = self.tokens if scale == 1.0 else math.ceil(scale * self.tokens)
+            return min(max(1, wanted), n_tokens)
         assert self.ratio is not None
         context = n_tokens if context_tokens is None else max(context_tokens, n_tokens)
-        return min(n_tokens, max(1, math.ceil(self.ratio * context)))
+        return min(n_tokens, max(1, math.ceil(scale * self.ratio * context)))
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,26 @@ ENGINE_FLAGS: FlagTable = MappingProxyType(
                 "layers and KV heads (max, default; mean; or the share a per-head token budget keeps).",
             ),
         ),
+        "--kv-eviction-granularity": (
+            "granularity",
+            dict(
+                choices=["shared", "layer"],
+                default=None,
+                help="Pages shared by every layer of a KV-cache group (shared, default), or every attention "
+                "layer its own KV-cache group, freeing its own pages as the paper evicts per layer (layer; "
+                "an experiment: more groups cost scheduler and metadata time).",
+            ),
+        ),
+        "--kv-eviction-layer-budget": (
+            "layer_budget",
+            dict(
+                choices=["uniform", "pyramid"],
+                default=None,
+                help="With --kv-eviction-granularity layer: the budget per layer is the same everywhere "
+                "(uniform, default), or a pyramid (PyramidKV): more in the first layers, less in the last, "
+                "the same total.",
+            ),
+        ),
         "--namm-kernels": (
             "kernels",
             dict(
