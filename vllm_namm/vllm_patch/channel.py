@@ -29,6 +29,8 @@ class EvictionReport:
     realised_tokens: int
     tokens: int = 0
     """Logical tokens in the request's cache when the step ran (evicted ones included)."""
+    group: int = 0
+    """The KV-cache group whose pages these are (each evicted group has its own plans)."""
 
 
 class Outbox:
@@ -38,10 +40,16 @@ class Outbox:
         self._pending: list[EvictionReport] = []
 
     def post(
-        self, req_id: str, pages: list[tuple[int, int]], requested: int, realised: int, tokens: int = 0
+        self,
+        req_id: str,
+        pages: list[tuple[int, int]],
+        requested: int,
+        realised: int,
+        tokens: int = 0,
+        group: int = 0,
     ) -> None:
-        """Queue the report of one eviction step for this step's output."""
-        self._pending.append(EvictionReport(req_id, pages, requested, realised, tokens))
+        """Queue the report of one eviction step (of one KV-cache group) for this step's output."""
+        self._pending.append(EvictionReport(req_id, pages, requested, realised, tokens, group))
 
     def attach(self, output: Any) -> Any:
         """Move pending reports onto ``output`` (copying shared singletons)."""

@@ -1,12 +1,14 @@
 """Freed pages become holes in this worker's block table, and attention never sees them.
 
 * :class:`Holes`: a computed plan's pages are nulled (block id 0, vLLM's null block) in the
-  worker's table and in the runner's own copy of the request's block ids, right away or, under
-  pipeline parallelism, ``pp - 1`` engine steps after the report (:meth:`Holes.make_due`).
+  worker's table of the plan's KV-cache group and in the runner's own copy of the request's block
+  ids, right away or, under pipeline parallelism, ``pp - 1`` engine steps after the report
+  (:meth:`Holes.make_due`).
 * :func:`compact_metadata`: before attention metadata is built, the block-table rows that have holes
   are compacted and their ``seq_lens`` shortened, so that stock attention backends simply never see
-  the evicted pages. Slot mappings keep using the logical table (new tokens are never written into a
-  hole) and RoPE positions stay logical.
+  the evicted pages. Each KV-cache group has its own holes, so each group's metadata gets its own
+  compaction (:func:`compacting`). Slot mappings keep using the logical table (new tokens are never
+  written into a hole) and RoPE positions stay logical.
 """
 
 from __future__ import annotations
@@ -46,16 +48,18 @@ def compaction_of(attention_group: Any) -> Compaction | None:
 
 
 @contextmanager
-def compacting(attention_groups: list[list[Any]], compaction: Compaction | None) -> Iterator[None]:
-    """Hand ``compaction`` to the runner's attention groups while their metadata is built."""
-    groups = [g for per_kv_group in attention_groups for g in per_kv_group]
-    for g in groups:
-        setattr(g, ATTR, compaction)
+def compacting(attention_groups: list[list[Any]], compactions: dict[int, Compaction]) -> Iterator[None]:
+    """Hand each KV-cache group's compaction (``compactions``: group index -> its rows with holes) to
+    that group's attention groups while their metadata is built."""
+    for kv_group, per_kv_group in enumerate(attention_groups):
+        for g in per_kv_group:
+            setattr(g, ATTR, compactions.get(kv_group))
     try:
         yield
     finally:
-        for g in groups:
-            setattr(g, ATTR, None)
+        for per_kv_group in attention_groups:
+            for g in per_kv_group:
+                setattr(g, ATTR, None)
 
 
 def compact_metadata(cm: Any, rows: dict[int, int], block_size: int) -> Any:
@@ -108,14 +112,15 @@ class Holes:
     def __init__(self, runner: Any, delay: int) -> None:
         self.runner = runner
         self.delay = delay
-        self._deferred: list[tuple[int, EvictionStep, Freed]] = []
+        self._deferred: list[tuple[int, EvictionStep, int, Freed]] = []
 
-    def freed_blocks(self, step: EvictionStep) -> Freed:
-        """The (page, block id) pairs the step's plan frees, from the runner's own copy of the request's
-        block ids: the request may be out of this step's batch (not scheduled, e.g. every other step
-        under pipeline parallelism); its table row is rebuilt from these ids when it comes back."""
+    def freed_blocks(self, step: EvictionStep, group: int) -> Freed:
+        """The (page, block id) pairs the step's plan frees in KV-cache group ``group``, from the runner's
+        own copy of the request's block ids: the request may be out of this step's batch (not
+        scheduled, e.g. every other step under pipeline parallelism); its table row is rebuilt from
+        these ids when it comes back."""
         assert step.plan is not None
-        block_ids = self.runner.requests[step.req_id].block_ids[0]
+        block_ids = self.runner.requests[step.req_id].block_ids[group]
         freed = []
         for page in step.plan.free_pages:
             block_id = int(block_ids[page])
@@ -124,27 +129,27 @@ class Holes:
             freed.append((page, block_id))
         return freed
 
-    def make(self, step: EvictionStep, freed: Freed, now: int) -> None:
-        """The holes of a computed step: now, or at engine step ``now + delay``."""
+    def make(self, step: EvictionStep, group: int, freed: Freed, now: int) -> None:
+        """The holes of a computed step in KV-cache group ``group``: now, or at engine step ``now + delay``."""
         if self.delay:
-            self._deferred.append((now + self.delay, step, freed))
+            self._deferred.append((now + self.delay, step, group, freed))
         else:
-            self._make(step, freed)
+            self._make(step, group, freed)
 
     def make_due(self, now: int, current: Callable[[EvictionStep], bool]) -> None:
         """The deferred holes whose delay has passed, of the steps whose request still waits for them."""
         while self._deferred and self._deferred[0][0] <= now:
-            _, step, freed = self._deferred.pop(0)
+            _, step, group, freed = self._deferred.pop(0)
             if current(step):
-                self._make(step, freed)
+                self._make(step, group, freed)
 
-    def _make(self, step: EvictionStep, freed: Freed) -> None:
-        """Null the freed pages in this worker's block table and finish the step."""
+    def _make(self, step: EvictionStep, group: int, freed: Freed) -> None:
+        """Null the freed pages in this worker's block table of ``group`` and finish the step."""
         req_id = step.req_id
         batch = self.runner.input_batch
-        table = batch.block_table[0].block_table.np
+        table = batch.block_table[group].block_table.np
         row = batch.req_id_to_index.get(req_id)  # None: not scheduled this step (rebuilt from block_ids)
-        block_ids = self.runner.requests[req_id].block_ids[0]
+        block_ids = self.runner.requests[req_id].block_ids[group]
         for page, block_id in freed:
             if block_ids[page] != block_id or (row is not None and int(table[row, page]) != block_id):
                 raise RuntimeError(

@@ -9,7 +9,8 @@ with eviction on):
   step's eviction reports on the output (:mod:`.channel`);
 * ``sample_tokens``: reports on that output too (vLLM returns either);
 * ``_build_attention_metadata`` and ``AttentionGroup.build_metadata``: the rows with holes are
-  compacted (:mod:`.holes`) in the metadata every attention group builds for the step.
+  compacted (:mod:`.holes`) in the metadata every attention group of an evicted KV-cache group
+  builds for the step (each KV-cache group with its own holes).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_namm.policies.registry import policy_class
 from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.engine_config import SUMMARY_KEY, eviction_config
+from vllm_namm.vllm_patch.kv_groups import evicted_groups
 from vllm_namm.vllm_patch.policy_book import PolicyBook
 from vllm_namm.vllm_patch.request_settings import RequestSettings, parse_request_settings
 
@@ -36,10 +37,12 @@ class NammScheduler(Scheduler):
     """vLLM's scheduler plus: apply the worker's eviction reports before each update.
 
     * Freed blocks go back to the pool through ``BlockPool.free_blocks`` (a shared or
-      prefix-cached block only loses this request's reference) and the request's slot
-      becomes the null block, exactly like vLLM's own sliding-window eviction.
+      prefix-cached block only loses this request's reference) and the request's slot in the
+      report's KV-cache group becomes the null block, exactly like vLLM's own sliding-window
+      eviction. Eviction runs in the full-attention groups (:mod:`.kv_groups`); vLLM frees
+      the sliding-window groups' blocks itself.
     * After a request's first eviction its new blocks are never registered in the prefix
-      cache: they were computed over a pruned context.
+      cache, in any group: they were computed over a pruned context.
     * ``long_prefill_token_threshold`` (= the eviction interval) caps prompt chunks so that
       eviction steps see ``interval`` queries; vLLM lifts that cap when a single request is
       eligible, which for us would skip eviction steps, so we keep it.
@@ -49,11 +52,11 @@ class NammScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self._namm_in_schedule = False
         self.namm_stats: dict[str, RequestEvictionStats] = {}
-        manager = self.kv_cache_manager.coordinator.single_type_managers
-        if len(manager) != 1:
-            raise RuntimeError("vllm-namm: KV eviction supports one KV-cache group")
-        self._namm_manager = manager[0]
-        self._namm_block_size = self._namm_manager.block_size
+        self._namm_all_managers = self.kv_cache_manager.coordinator.single_type_managers
+        self._namm_groups = evicted_groups(self.kv_cache_config)
+        """The KV-cache groups eviction frees pages in; the block size is the first one's."""
+        self._namm_managers = {g: self._namm_all_managers[g] for g in self._namm_groups}
+        self._namm_block_size = self._namm_managers[self._namm_groups[0]].block_size
         server = eviction_config(self.vllm_config)
         if server is None:
             raise RuntimeError("vllm-namm: NammScheduler runs only with an eviction policy")
@@ -112,8 +115,8 @@ class NammScheduler(Scheduler):
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def apply_evictions(self, reports: list[channel.EvictionReport]) -> None:
-        manager = self._namm_manager
         for report in reports:
+            manager = self._namm_managers[report.group]
             request = self.requests.get(report.req_id)
             blocks = manager.req_to_blocks.get(report.req_id)
             if request is None or request.is_finished() or blocks is None:
@@ -127,24 +130,31 @@ class NammScheduler(Scheduler):
                     continue
                 if block.block_id != block_id:
                     raise RuntimeError(
-                        f"vllm-namm: worker evicted block {block_id} at page {page} of {report.req_id}, "
-                        f"but the scheduler holds block {block.block_id} there"
+                        f"vllm-namm: worker evicted block {block_id} at page {page} of {report.req_id} "
+                        f"(KV-cache group {report.group}), but the scheduler holds block {block.block_id} there"
                     )
                 blocks[page] = manager._null_block
                 freed.append(block)
                 stats.evicted_pages.append(page)
             if freed:
                 manager.block_pool.free_blocks(freed)
-                manager.num_cached_block[report.req_id] = _NEVER_CACHE
+                for every in self._namm_all_managers:  # later blocks of every group saw a pruned context
+                    every.num_cached_block[report.req_id] = _NEVER_CACHE
             stats.evicted_blocks += len(freed)
             stats.requested_tokens += report.requested_tokens
             stats.realised_tokens += report.realised_tokens
-            stats.steps += 1
+            if report.group == self._namm_groups[0]:  # one eviction step covers every evicted group
+                stats.steps += 1
             stats.last_step_tokens = report.tokens
 
     def held_blocks(self, req_id: str) -> int:
-        blocks = self._namm_manager.req_to_blocks.get(req_id) or []
-        return sum(1 for b in blocks if not b.is_null)
+        """Blocks the request holds in the evicted groups."""
+        return sum(
+            1
+            for manager in self._namm_managers.values()
+            for b in manager.req_to_blocks.get(req_id) or []
+            if not b.is_null
+        )
 
     def _namm_budget(self, request: Any) -> dict[str, int]:
         """``budget_tokens`` / ``budget_blocks`` of a policy ranking under a budget, at the request's final
@@ -163,7 +173,8 @@ class NammScheduler(Scheduler):
         stats = self.namm_stats.pop(request.request_id, None)
         summary = None
         if stats is not None:
-            logical = -(-request.num_computed_tokens // self._namm_block_size)
+            pages = -(-request.num_computed_tokens // self._namm_block_size)
+            logical = pages * len(self._namm_groups)  # every evicted group spans the whole context
             held = self.held_blocks(request.request_id)
             summary = {
                 "retained_fraction": held / logical if logical else 1.0,
