@@ -87,6 +87,60 @@ def build_random_llama(path: str | Path, *, seed: int = 0, init_std: float = 0.5
     return path
 
 
+def gemma3_config(
+    *,
+    layers: int = 6,
+    sliding_every: int = 6,
+    sliding_window: int = 256,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    max_positions: int = 16384,
+):
+    """A tiny Gemma 3 text config: every ``sliding_every``-th layer full attention, the others
+    sliding-window (Gemma 3's 5:1 pattern at the default 6), so vLLM serves it as a hybrid model."""
+    from transformers import Gemma3TextConfig
+
+    tokenizer = build_tokenizer()
+    types = ["full_attention" if (i + 1) % sliding_every == 0 else "sliding_attention" for i in range(layers)]
+    return Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        query_pre_attn_scalar=hidden // heads,
+        sliding_window=sliding_window,
+        layer_types=types,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+
+
+def build_random_gemma3(path: str | Path, *, seed: int = 0, init_std: float = 0.5, **config_kwargs) -> Path:
+    """Write a random-initialised hybrid Gemma 3 text model (sliding-window and full-attention layers,
+    HF format) and the tokenizer to ``path``: the smallest model vLLM serves with several KV-cache groups."""
+    from transformers import Gemma3ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = gemma3_config(**config_kwargs)
+    config.initializer_range = init_std / (config.hidden_size**0.5)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    build_tokenizer().save_pretrained(path)
+    (path / "namm_model_card.json").write_text(json.dumps({"kind": "random tiny gemma3", "seed": seed}))
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 

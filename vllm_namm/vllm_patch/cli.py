@@ -312,14 +312,19 @@ def install() -> None:
     @patch(EngineArgs, "create_engine_config")
     def create_engine_config(original, self, *a, **kw):
         from vllm_namm.vllm_patch.engine_config import prepare_engine_args
+        from vllm_namm.vllm_patch.model_check import check_model
 
         try:
             prepare_engine_args(self)
+            config = original(self, *a, **kw)
+            reason = check_model(config)  # the model's config is known now; no engine has started
+            if reason is not None:
+                raise NammConfigError(f"--kv-eviction cannot serve this model: {reason}")
         except NammConfigError as e:
             if _is_cli():
                 fail(str(e))
             raise
-        return original(self, *a, **kw)
+        return config
 
 
 def _is_cli() -> bool:
