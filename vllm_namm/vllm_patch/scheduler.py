@@ -149,12 +149,14 @@ class NammScheduler(Scheduler):
 
     def held_blocks(self, req_id: str) -> int:
         """Blocks the request holds in the evicted groups."""
-        return sum(
-            1
+        return sum(self.held_blocks_by_group(req_id))
+
+    def held_blocks_by_group(self, req_id: str) -> list[int]:
+        """Blocks the request holds in each evicted group, in group order."""
+        return [
+            sum(1 for b in manager.req_to_blocks.get(req_id) or [] if not b.is_null)
             for manager in self._namm_managers.values()
-            for b in manager.req_to_blocks.get(req_id) or []
-            if not b.is_null
-        )
+        ]
 
     def _namm_budget(self, request: Any) -> dict[str, int]:
         """``budget_tokens`` / ``budget_blocks`` of a policy ranking under a budget, at the request's final
@@ -188,6 +190,8 @@ class NammScheduler(Scheduler):
                 "last_eviction_at": stats.last_step_tokens,
                 "blocks_held_by_evicting_requests": sum(self.held_blocks(r) for r in self.namm_stats),
             }
+            if len(self._namm_groups) > 1:  # per-layer pages (or several full-attention groups)
+                summary["held_blocks_by_group"] = self.held_blocks_by_group(request.request_id)
             summary |= self._namm_budget(request)
             logger.info(
                 "vllm-namm: request %s finished holding %d of %d KV blocks (retained %.1f%%, %d evicted)",
