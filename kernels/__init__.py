@@ -15,9 +15,9 @@ from typing import Literal
 
 import torch
 
+from .cpu_columns import attention_column_sums_dense, attention_columns_dense, column_blocks
 from .paged_attention_columns import (
     PagedKeyLayout,
-    attention_columns_dense,
     attention_columns_paged_ref,
     attention_columns_paged_torch,
     attention_columns_paged_triton,
@@ -51,12 +51,14 @@ __all__ = [
     "N_FFT",
     "Backend",
     "PagedKeyLayout",
+    "attention_column_sums_dense",
     "attention_columns_dense",
     "attention_columns_paged",
     "attention_columns_paged_ref",
     "attention_columns_paged_torch",
     "attention_columns_paged_triton",
     "check_triton_stft",
+    "column_blocks",
     "ema_reduce",
     "first_valid_frame",
     "frame_weights",

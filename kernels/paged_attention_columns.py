@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cpu_columns import attention_columns_dense
+
 LOG2E = 1.4426950408889634
 
 
@@ -559,50 +561,6 @@ def attention_columns_paged_triton(
 # ----------------------------------------------------------------------------- fast torch path (CPU)
 
 
-def attention_columns_dense(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    scale: float,
-    max_block_elems: int = 1 << 22,
-) -> torch.Tensor:
-    """Exact fast torch version of the columns: q ``[n_q, Hq, D]``, k ``[n, Hkv, D]`` → ``[Hkv, n_q, n]`` fp32.
-
-    Why it is faster than ``attention_columns_paged_ref`` while computing the same numbers:
-    queries go in blocks of ~4M logits, reused in place for exp and normalisation (measured
-    fastest on CPU at 8k keys, 8B shapes: 1M-logit blocks leave each GEMM only 16 rows),
-    GQA is a reshape of the queries instead of a ``repeat_interleave`` copy of the keys, and
-    with sorted key positions only the key *suffix* newer than a block's oldest query needs
-    the causal mask.
-    """
-    n_q, hq, d = q.shape
-    n, hkv = k.shape[0], k.shape[1]
-    g = hq // hkv
-    if n == 0 or n_q == 0:
-        return torch.zeros(hkv, n_q, n, dtype=torch.float32, device=q.device)
-    out = torch.empty(hkv, n_q, n, dtype=torch.float32, device=q.device)  # every row is written below
-    kt = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, n]
-    qg = q.float().reshape(n_q, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
-    pos_sorted = positions.numel() < 2 or bool((positions[1:] >= positions[:-1]).all())
-    bq = max(1, min(n_q, max_block_elems // max(1, hq * n)))
-    for q0 in range(0, n_q, bq):
-        q1 = min(n_q, q0 + bq)
-        b = q1 - q0
-        s = torch.matmul(qg[:, :, q0:q1].reshape(hkv, g * b, d), kt).mul_(scale).view(hkv, g, b, n)
-        qpos = query_positions[q0:q1]
-        lo = int(torch.searchsorted(positions, qpos.min(), right=True)) if pos_sorted else 0
-        if lo < n:  # keys [0, lo) are visible to every query of the block
-            hidden = positions[lo:].view(1, -1) > qpos.view(-1, 1)
-            s[..., lo:].masked_fill_(hidden, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        s.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
-        # a row that sees no key sums to 0 and stays all-zero (the reference's nan_to_num(0))
-        s.div_(s.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
-        out[:, q0:q1] = s.sum(dim=1).div_(g)
-    return out
-
-
 def attention_columns_paged_torch(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -612,7 +570,7 @@ def attention_columns_paged_torch(
     query_positions: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """The paged entry point of :func:`attention_columns_dense` (keys gathered once, in torch)."""
+    """The paged entry point of :func:`~.cpu_columns.attention_columns_dense` (keys gathered once, in torch)."""
     _check_inputs(q, layout, block_table, positions, query_positions)
     k = gather_keys(key_cache, layout, block_table)[: positions.numel()]
     return attention_columns_dense(q, k, positions, query_positions, scale)

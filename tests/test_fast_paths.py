@@ -69,6 +69,31 @@ def test_attention_columns_fast_equals_reference(backend, hq, hkv, d, bs, n_q, n
     torch.testing.assert_close(nk.attention_columns_paged(**req, backend=backend), want, **TOL)
 
 
+@pytest.mark.parametrize("hq,hkv,d,bs,n_q,n_live,newest", SHAPES)
+def test_attention_column_sums_equal_the_reference_columns_summed(hq, hkv, d, bs, n_q, n_live, newest):
+    """H2O's sums over the queries, computed without the [kv, n_q, n] matrix (CPU)."""
+    req = request(hq, hkv, d, bs, n_q, n_live, seed=n_live, newest=newest)
+    want = nk.attention_columns_paged(
+        **{**req, "key_cache": req["key_cache"].cpu()}, backend="reference"
+    ).sum(1)
+    keys = nk.gather_keys(req["key_cache"], req["layout"], req["block_table"])[:n_live].cpu()
+    args = (req["q"].cpu(), keys, req["positions"].cpu(), req["query_positions"].cpu(), req["scale"])
+    for block in (1, 100, 1 << 30):
+        torch.testing.assert_close(
+            nk.attention_column_sums_dense(*args, max_block_elems=block), want.cpu(), **TOL
+        )
+
+
+def test_attention_columns_of_a_query_that_sees_no_key_are_zero():
+    """The definition's nan_to_num(0) for a query older than every key (softmax over nothing)."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(4, 4, 16, generator=g), torch.randn(6, 2, 16, generator=g)
+    pos, qpos = torch.arange(10, 16), torch.tensor([3, 9, 10, 12])
+    got = nk.attention_columns_dense(q, k, pos, qpos, 0.25)
+    assert torch.equal(got[:, :2], torch.zeros(2, 2, 6)) and torch.isfinite(got).all()
+    torch.testing.assert_close(got[:, 2:].sum(-1), torch.ones(2, 2))
+
+
 def test_attention_columns_blocks_do_not_matter():
     req = request(8, 2, 32, 16, 64, 200, seed=3, newest=False)
     keys = nk.gather_keys(req["key_cache"], req["layout"], req["block_table"])[:200]

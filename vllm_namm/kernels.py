@@ -12,6 +12,7 @@ from __future__ import annotations
 from namm_kernels import (
     Backend,
     PagedKeyLayout,
+    attention_column_sums_dense,
     attention_columns_dense,
     attention_columns_paged,
     check_triton_stft,
@@ -31,6 +32,7 @@ from namm_kernels import (
 __all__ = [
     "Backend",
     "PagedKeyLayout",
+    "attention_column_sums_dense",
     "attention_columns_dense",
     "attention_columns_paged",
     "check_triton_stft",
