@@ -262,10 +262,14 @@ def random_weights_file(tmp_path, kind="bam", window=None, seed=0):
     return path
 
 
-def run_steps(cfg, n_tokens=1300, n_requests=3, seed=0):
-    """Every request of a toy paged cache through compute_steps in one batch per step: freed pages."""
+def run_steps(cfg, n_tokens=1300, n_requests=3, seed=0, full_columns=False):
+    """Every request of a toy paged cache through compute_steps in one batch per step: freed pages.
+    ``full_columns``: the policy gets the whole [kv, n_q, n] matrix, whatever rows or sums it reads."""
     g = torch.Generator().manual_seed(seed)
     policy = make_policy(cfg)
+    if full_columns:
+        policy.attention_window = None
+        policy.attention_sums = False
     pool = n_requests * (-(-n_tokens // BS)) + 1
     cache = torch.randn(pool, KV, BS, 2 * D, generator=g)
     layout = nk.PagedKeyLayout.flash(cache)
@@ -300,6 +304,14 @@ def test_engine_steps_free_the_same_pages_on_fast_paths(policy, tmp_path):
     fast = run_steps(EvictionConfig(kernels="torch", **extra))
     assert fast == slow
     assert any(slow), "the check is empty: nothing was freed"
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_engine_steps_reading_only_rows_or_sums_free_the_same_pages(policy):
+    """SnapKV's window rows and H2O's sums (never the whole matrix) against the whole matrix."""
+    cfg = EvictionConfig(policy=policy, budget={"ratio": 0.3}, page_rule="majority", kernels="torch")
+    whole = run_steps(cfg, full_columns=True)
+    assert run_steps(cfg) == whole and any(whole)
 
 
 def test_fused_paged_features_free_the_same_pages():

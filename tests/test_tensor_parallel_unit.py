@@ -277,7 +277,7 @@ def test_a_failure_on_one_worker_drops_the_batch_everywhere(tmp_path):
         def keys(self, *args):
             raise MemoryError("out of memory on this worker")
 
-        columns = paged_features = keys
+        columns = column_sums = paged_features = keys
 
     def step(rank: int, reduce: Callable) -> BaseException | None:
         mem = RequestMemory(policy, L, BS)

@@ -5,7 +5,7 @@ stays valid while the engine moves on."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -29,6 +29,12 @@ class CacheReader(Protocol):
         """Attention columns [kv_heads, n_q, n] straight from the cache, or None (then: from keys)."""
         ...
 
+    def column_sums(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
+        """The columns summed over the queries [kv_heads, n], never writing the columns, or None."""
+        ...
+
     def paged_features(
         self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
     ) -> PagedFeatures | None:
@@ -50,6 +56,11 @@ class KeysReader:
     ) -> Tensor | None:
         return None
 
+    def column_sums(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
+        return None
+
     def paged_features(
         self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
     ) -> PagedFeatures | None:
@@ -63,6 +74,9 @@ class PagedCacheReader:
 
     ``fused``: NAMM's spectral features come from the fused paged STFT+EMA kernel (Triton on
     GPU; window 32 / hop 16 only), which never materialises the attention columns.
+
+    On the torch side (CPU) a layer's keys are gathered once, whoever asks first (the key-norm
+    feature or the columns): the reader keeps the last layer it gathered.
     """
 
     layers: list[tuple[Tensor, Any]]
@@ -71,19 +85,32 @@ class PagedCacheReader:
     scale: float
     backend: kernels.Backend = "auto"
     fused: bool = False
+    _gathered: tuple[int, Tensor] | None = field(default=None, init=False, repr=False)
 
     def _blocks(self, cache: Tensor) -> Tensor:
         return self.blocks.to(cache.device)
 
     def keys(self, layer: int) -> Tensor:
+        if self._gathered is not None and self._gathered[0] == layer:
+            return self._gathered[1]
         cache, layout = self.layers[layer]
-        return kernels.gather_keys(cache, layout, self._blocks(cache))
+        keys = kernels.gather_keys(cache, layout, self._blocks(cache))
+        self._gathered = (layer, keys)
+        return keys
+
+    def _torch_side(self, queries: Tensor) -> bool:
+        return kernels.resolve_backend(self.backend, queries) == "torch" and not queries.is_cuda
 
     def columns(
         self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
     ) -> Tensor | None:
         cache, layout = self.layers[layer]
         dev = cache.device
+        if self._torch_side(queries):
+            n = positions.numel()
+            return kernels.attention_columns_dense(
+                queries, self.keys(layer)[:n], positions, query_positions, self.scale
+            )
         return kernels.attention_columns_paged(
             queries.to(dev),
             cache,
@@ -93,6 +120,16 @@ class PagedCacheReader:
             query_positions.to(dev),
             self.scale,
             backend=self.backend,
+        )
+
+    def column_sums(
+        self, layer: int, queries: Tensor, query_positions: Tensor, positions: Tensor
+    ) -> Tensor | None:
+        if not self._torch_side(queries):
+            return None  # GPU: the columns kernel, then a sum
+        n = positions.numel()
+        return kernels.attention_column_sums_dense(
+            queries, self.keys(layer)[:n], positions, query_positions, self.scale
         )
 
     def paged_features(

@@ -84,20 +84,32 @@ def _layer_view(
     kv_heads: int,
     device: torch.device | str,
 ) -> LayerView:
-    """One layer's view: columns from the reader (or from its keys), or the fused feature source."""
+    """One layer's view: columns from the reader (or from its keys), only the rows or the sums the
+    policy reads (:attr:`~vllm_namm.policies.EvictionPolicy.attention_window`,
+    :attr:`~vllm_namm.policies.EvictionPolicy.attention_sums`), or the fused feature source."""
     reader, positions, qpos = step.reader, step.positions, step.query_positions
     n = positions.numel()
     keys = reader.keys(layer)[:n] if policy.needs_keys else None
-    attn, paged = None, None
+    attn, sums, paged = None, None, None
     if policy.needs_attention:
+        queries = step.queries[layer]
+        rows = policy.attention_window
+        if rows is not None and rows < queries.shape[0]:  # each row's softmax is its own: exact
+            queries, qrows = queries[-rows:], qpos[-rows:]
+        else:
+            qrows = qpos
         if policy.accepts_paged_features:
-            paged = reader.paged_features(layer, step.queries[layer], qpos, positions)
-        if paged is None:
-            attn = reader.columns(layer, step.queries[layer], qpos, positions)
+            paged = reader.paged_features(layer, queries, qrows, positions)
+        if paged is None and policy.attention_sums:
+            sums = reader.column_sums(layer, queries, qrows, positions)
+            if sums is not None and not bool(torch.isfinite(sums).all()):
+                sums = None  # a broken row: the policy reads the matrix (it drops non-finite entries)
+        if paged is None and sums is None:
+            attn = reader.columns(layer, queries, qrows, positions)
             if attn is None:
                 k = keys if keys is not None else reader.keys(layer)[:n]
                 attn = attention_columns(
-                    step.queries[layer].to(k.device), k, qpos.to(k.device), positions.to(k.device), scale
+                    queries.to(k.device), k, qrows.to(k.device), positions.to(k.device), scale
                 )
             attn = attn[..., :n]
     return LayerView(
@@ -106,6 +118,7 @@ def _layer_view(
         positions=positions.to(device).unsqueeze(0).expand(kv_heads, -1),
         query_positions=qpos.to(device),
         num_new_tokens=step.num_new_tokens,
+        attn_sums=sums,
         paged_features=paged,
     )
 
@@ -122,7 +135,7 @@ def _local_votes(
         for layer in range(step.mem.num_layers):
             view = _layer_view(step, layer, policy, scale, kv_heads, device)
             prepared.append(policy.prepare(view, step.mem.states[layer]))
-            view.attn, view.paged_features = None, None  # consumed: free before the next layer
+            view.attn, view.attn_sums, view.paged_features = None, None, None  # consumed: free them now
             views[j, layer] = view
             slots.append((j, layer))
     keep: dict[tuple[int, int], Tensor] = {}

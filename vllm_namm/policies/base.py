@@ -36,7 +36,9 @@ class LayerView:
     attn: Tensor | None
     """[kv_heads, n_queries, n_tokens] softmax attention of the latest queries (oldest query
     first) to every cached token, averaged over the query heads sharing a KV head; exactly 0
-    where the causal mask hides the key. ``None`` when the policy does not need it."""
+    where the causal mask hides the key. ``None`` when the policy does not need it. The engine
+    may give only the newest :attr:`EvictionPolicy.attention_window` rows, or only
+    :attr:`attn_sums` (:attr:`EvictionPolicy.attention_sums`)."""
     keys: Tensor | None
     """[kv_heads, n_tokens, head_dim] cached keys (post-RoPE). ``None`` unless needed."""
     positions: Tensor
@@ -46,6 +48,9 @@ class LayerView:
     """[n_queries] int64 logical positions of the queries in ``attn``."""
     num_new_tokens: int
     """How many trailing tokens entered the cache since this state's previous step."""
+    attn_sums: Tensor | None = None
+    """[kv_heads, n_tokens] ``attn`` summed over the queries, given *instead of* ``attn`` to policies
+    that read only that (:attr:`EvictionPolicy.attention_sums`): the engine never writes the matrix."""
     paged_features: Any = None
     """Engine on GPU: ``(prev_pad, prev_ema, first_frame, features) -> (ema, pad)`` computed by the
     fused paged STFT+EMA kernel, given *instead of* ``attn`` to policies that only need NAMM's
@@ -77,6 +82,12 @@ class EvictionPolicy(ABC):
     needs_keys: ClassVar[bool] = False
     accepts_paged_features: ClassVar[bool] = False
     """True when the policy can use ``LayerView.paged_features`` instead of ``attn``."""
+    attention_window: int | None = None
+    """Only the newest this-many queries' attention rows are read (SnapKV's observation window): the
+    engine computes only those rows (each row's softmax is its own, so they are exact)."""
+    attention_sums: ClassVar[bool] = False
+    """Only the attention summed over the queries is read (H2O): the engine may give ``attn_sums``
+    instead of ``attn``, computed without writing the ``[kv, n_q, n]`` matrix."""
     budget_rule: ClassVar[BudgetRule] = "none"
     """Whether a budget is ``required`` (the policy only ranks), ``optional`` (it has a rule of its
     own and can also rank under one) or refused (``none``); read via :mod:`vllm_namm.policies.registry`."""

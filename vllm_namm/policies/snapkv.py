@@ -43,6 +43,7 @@ class SnapKVPolicy(BudgetPolicy):
     ) -> None:
         super().__init__(budget, protect)
         self.window = window
+        self.attention_window = window  # the engine computes only these rows
         self.kernel = _odd(kernel)
 
     @classmethod
