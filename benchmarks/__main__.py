@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks.overhead",
         "one eviction step vs the model's forward over the same chunk, 8B layer shapes",
     ),
+    "step-profile": (
+        "benchmarks.step_profile",
+        "where a prompt's eviction steps spend their time, by phase, at a real model's shapes",
+    ),
 }
 
 NO_EXTRA = frozenset({"demo"})
