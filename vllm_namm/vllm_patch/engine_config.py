@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from vllm_namm.config import EvictionConfig
 from vllm_namm.policies.registry import policy_class
+from vllm_namm.vllm_patch.block_size import choose_block_size
 from vllm_namm.vllm_patch.patching import patch
 from vllm_namm.weights import NAMESPACE
 
@@ -100,7 +101,8 @@ def prepare_engine_args(args: Any) -> None:
     Eviction needs: our scheduler (frees the reported blocks, chunks prompts at NAMM
     boundaries), no async scheduling (it would race with freeing), attention outside CUDA
     graphs on GPU (:func:`piecewise_cuda_graphs`), no context parallelism and a lag with
-    pipeline stages (:func:`check_parallelism`), and no speculative decoding.
+    pipeline stages (:func:`check_parallelism`), and no speculative decoding; it wants small
+    blocks (:func:`~vllm_namm.vllm_patch.block_size.choose_block_size`).
     """
     settings = settings_of(args)
     if settings is None:
@@ -142,6 +144,7 @@ def prepare_engine_args(args: Any) -> None:
     args.async_scheduling = False
     args.long_prefill_token_threshold = cfg.interval  # capped at the model length: cap_prefill_chunk
     args.enable_chunked_prefill = True
+    choose_block_size(args, on_cpu=current_platform.is_cpu())
     if not current_platform.is_cpu():
         piecewise_cuda_graphs(args)
     tp, pp = args.tensor_parallel_size or 1, args.pipeline_parallel_size or 1
