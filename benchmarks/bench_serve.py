@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.launch import CPU_DEFAULTS, VllmServer, vllm_bin
+from benchmarks.launch import CPU_DEFAULTS, VllmServer, metric_label, vllm_bin
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
 from benchmarks.serving import Mode
 from benchmarks.weights_files import resolve
@@ -59,15 +59,8 @@ def run_mode(mode: Mode, model: Path, a: argparse.Namespace, out_dir: Path) -> d
         i = flags.index("--namm-weights") + 1
         flags[i] = resolve(flags[i], out_dir)
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
-    base = [
-        *CPU_DEFAULTS,
-        "--max-model-len",
-        str(a.max_model_len),
-        "--block-size",
-        str(a.block_size),
-        "--seed",
-        "0",
-    ]
+    block = [] if a.block_size == "default" or "block" in mode.options else ["--block-size", a.block_size]
+    base = [*CPU_DEFAULTS, "--max-model-len", str(a.max_model_len), *block, "--seed", "0"]
     with VllmServer(
         model,
         flags,
@@ -115,6 +108,7 @@ def run_mode(mode: Mode, model: Path, a: argparse.Namespace, out_dir: Path) -> d
     result["mode"] = mode.spec
     result["server_flags"] = flags
     result["evicted_blocks"] = held.get("vllm_namm:evicted_blocks_total", 0.0)
+    result["block_size"] = metric_label(held, "vllm:cache_config_info", "block_size")
     return result
 
 
@@ -132,6 +126,7 @@ def format_table(results: list[dict]) -> str:
             row.append(cell)
         rows.append(row)
     rows.append(["evicted blocks"] + [f"{r['evicted_blocks']:.0f}" for r in results])
+    rows.append(["block size"] + [str(r.get("block_size") or "?") for r in results])
     return "\n".join(markdown_table(header, rows))
 
 
@@ -144,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=16384)
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument(
+        "--block-size",
+        default="32",
+        type=lambda v: v if v == "default" else str(int(v)),
+        help="N for every server, or 'default': each server's own (vLLM's 128 on CPU for none, "
+        "the plugin's smallest block with eviction); a mode's block=N wins",
+    )
     p.add_argument("--kv-space-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)

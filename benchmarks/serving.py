@@ -64,7 +64,10 @@ MODE_KEYS = {
     "selection": "--kv-eviction-selection",
     "page_score": "--kv-eviction-page-score",
     "watermark": "--watermark",  # vLLM's own: KV blocks kept free when admitting requests
+    "block": "--block-size",  # vLLM's own: tokens per KV block (= eviction page)
 }
+VLLM_KEYS = ("watermark", "block")
+"""Mode keys that are vLLM's own flags: ``none`` takes them too (plain vLLM with that setting)."""
 DEFAULT_MODES = ["none", "streaming:ratio=0.25", "namm"]
 
 
@@ -95,15 +98,13 @@ class Mode(BaseModel):
             if not eq or key not in MODE_KEYS:
                 raise ValueError(f"mode {spec!r}: expected key=value with key in {', '.join(MODE_KEYS)}")
             options[key] = value
-        if policy == "none" and options:
-            raise ValueError(f"mode {spec!r}: 'none' takes no options (it is plain vLLM)")
+        if policy == "none" and set(options) - set(VLLM_KEYS):
+            raise ValueError(f"mode {spec!r}: 'none' takes only vLLM's own options ({', '.join(VLLM_KEYS)})")
         return cls(spec=spec, policy=policy, options=options)
 
     def server_flags(self) -> list[str]:
-        """Plugin flags; ``none`` passes nothing at all, so the baseline is plain vLLM."""
-        if self.policy == "none":
-            return []
-        flags = ["--kv-eviction", self.policy]
+        """Plugin flags; ``none`` passes no plugin flag at all, so the baseline is plain vLLM."""
+        flags = [] if self.policy == "none" else ["--kv-eviction", self.policy]
         for key, value in self.options.items():
             flags += [MODE_KEYS[key], value]
         return flags
@@ -660,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = command_line("python -m benchmarks serving", argv)
     modes = [Mode.parse(m) for m in args.modes]
+    if any("block" in m.options for m in modes):  # the pool is sized in blocks of --block-size
+        raise SystemExit("benchmarks serving: use --block-size for every mode, not block= in one")
     stamp = time_stamp()
     out_dir: Path = args.out or results_dir("serving", stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
