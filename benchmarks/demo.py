@@ -108,14 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(SMOLLM2_DIR), help="local model folder (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=3500, help="prompt length in the model's tokens")
     p.add_argument("--block-size", type=int, default=None, help="default: the plugin's choice for eviction")
-    p.add_argument("--namm-weights", default=None, help="weights file or shipped name (default: the default)")
+    p.add_argument(
+        "--namm-weights",
+        default=None,
+        help="weights file or shipped name (default: l2-smollm2 for SmolLM2, made for it; else the plugin's default)",
+    )
     a = p.parse_args(argv)
     try:
         check_model_dir(a.model)
     except AssetError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
-    policy = ["--kv-eviction", "namm"] + (["--namm-weights", a.namm_weights] if a.namm_weights else [])
+    weights = a.namm_weights or ("l2-smollm2" if Path(a.model).resolve() == SMOLLM2_DIR.resolve() else None)
+    policy = ["--kv-eviction", "namm"] + (["--namm-weights", weights] if weights else [])
     return run(str(Path(a.model)), a.tokens, policy, a.block_size)
 
 
