@@ -69,6 +69,8 @@ class QualityConfig(BaseModel):
     runner: str = "server"
     tasks: Literal["synthetic", "realtext"] = "synthetic"
     essays: str | None = None
+    layer_pages: bool = False
+    """Every eviction row again with per-layer pages (``--kv-eviction-granularity layer``)."""
 
 
 class Setting(BaseModel):
@@ -126,10 +128,17 @@ class QualityReport(BaseModel):
     outcomes: list[Outcome] = Field(default_factory=list)
     paired: list[dict[str, Any]] = Field(default_factory=list)
     paired_namm: list[dict[str, Any]] = Field(default_factory=list)
+    paired_layer: list[dict[str, Any]] = Field(default_factory=list)
     table: str = ""
 
 
 ONE_SHOT = "one-shot"
+LAYER = "layer"
+"""The server group (and label suffix) of the per-layer-page rows."""
+
+
+def layer_label(label: str) -> str:
+    return f"{label} [{LAYER}]"
 
 
 def build_settings(cfg: QualityConfig) -> list[Setting]:
@@ -155,6 +164,12 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
         settings.append(Setting(label=f"snapkv one-shot@{r:g}", policy="snapkv", ratio=r, group=ONE_SHOT))
         if cfg.namm_thresholds:
             settings.append(Setting(label=f"namm one-shot@{r:g}", policy="namm", ratio=r, group=ONE_SHOT))
+    if cfg.layer_pages:  # the main server's eviction rows once more, each layer freeing its own pages
+        settings += [
+            s.model_copy(update={"label": layer_label(s.label), "group": LAYER})
+            for s in settings
+            if s.group == "main" and s.policy != "none"
+        ]
     return settings
 
 
@@ -186,6 +201,19 @@ def paired_against(
         if ref is None or st.label == ref or not any(s.label == ref for s in settings):
             continue
         rows.append(paired_counts(by, st.label, ref))
+    return rows
+
+
+def paired_layer(outcomes: list[Outcome], settings: list[Setting]) -> list[dict[str, Any]]:
+    """Each per-layer-page row against the same policy and budget on shared pages (same prompts)."""
+    by = correct_by_prompt(outcomes)
+    rows = []
+    for st in settings:
+        if st.group != LAYER:
+            continue
+        row = paired_counts(by, st.label, st.label.removesuffix(f" [{LAYER}]"))
+        if row["prompts"]:
+            rows.append(row | {"sign_test_p": sign_test_p(row["wins"], row["losses"])})
     return rows
 
 
@@ -456,24 +484,35 @@ def format_table(report: QualityReport) -> str:
             "",
             "NAMM paired against the full cache and every baseline at the same measured retained fraction "
             "(wins = NAMM right and the other wrong, same prompts; p = two-sided sign test):",
-            *markdown_table(
-                ["NAMM setting", "against", "prompts", "wins", "losses", "wins - losses", "p"],
-                [
-                    [
-                        p["setting"],
-                        p["against"],
-                        str(p["prompts"]),
-                        str(p["wins"]),
-                        str(p["losses"]),
-                        f"{(p['wins'] - p['losses']) / p['prompts']:+.1%}",
-                        f"{p['sign_test_p']:.3f}" if p["sign_test_p"] >= 0.001 else "<0.001",
-                    ]
-                    for p in report.paired_namm
-                ],
-            ),
+            *_paired_table("NAMM setting", report.paired_namm),
+        ]
+    if report.paired_layer:
+        lines += [
+            "",
+            "Per-layer pages paired against shared pages, same policy and budget (wins = per-layer right "
+            "and shared wrong, same prompts; p = two-sided sign test):",
+            *_paired_table("per-layer setting", report.paired_layer),
         ]
     lines.append(f"command: {report.command}")
     return "\n".join(lines)
+
+
+def _paired_table(first: str, pairs: list[dict[str, Any]]) -> list[str]:
+    return markdown_table(
+        [first, "against", "prompts", "wins", "losses", "wins - losses", "p"],
+        [
+            [
+                p["setting"],
+                p["against"],
+                str(p["prompts"]),
+                str(p["wins"]),
+                str(p["losses"]),
+                f"{(p['wins'] - p['losses']) / p['prompts']:+.1%}",
+                f"{p['sign_test_p']:.3f}" if p["sign_test_p"] >= 0.001 else "<0.001",
+            ]
+            for p in pairs
+        ],
+    )
 
 
 def series_of(summary: SettingSummary) -> str:
@@ -483,6 +522,8 @@ def series_of(summary: SettingSummary) -> str:
         return f"{summary.policy} {ONE_SHOT}"
     if summary.setting.startswith("namm["):
         return summary.setting.split("]")[0] + "]"
+    if summary.setting.endswith(f" [{LAYER}]"):
+        return f"{summary.policy} [{LAYER}]"
     return summary.policy
 
 
@@ -590,6 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra namm rows at these score thresholds (more points on the curve)",
     )
     p.add_argument("--no-namm", action="store_true")
+    p.add_argument(
+        "--layer-pages",
+        action="store_true",
+        help="every eviction row again on a server with per-layer pages (--kv-eviction-granularity layer; rows "
+        "'ROW [layer]'), paired against its shared-page row",
+    )
     p.add_argument("--kinds", nargs="+", default=None, help="default: every kind of --tasks")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
     p.add_argument("--samples", type=int, default=4, help="held-out samples per kind and length")
@@ -746,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         runner="reference" if args.reference else "server",
         tasks=args.tasks,
         essays=str(args.essays) if args.essays else None,
+        layer_pages=args.layer_pages,
     )
     settings = build_settings(cfg)
     # No prefix caching: every setting asks the same prompts, and a cache hit would hand an
@@ -771,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
             "--kv-eviction-page-score",
             args.page_score,
         ]
+        if group == LAYER:
+            flags += ["--kv-eviction-granularity", "layer"]
         weights = extra.get(group, str(args.namm_weights) if args.namm_weights else None)
         return flags + (["--namm-weights", weights] if weights else [])
 
@@ -797,6 +847,18 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes += asyncio.run(_run_all(server.url, rows, samples, cfg))
             if group == "main":
                 server_command, server_log = server.command, str(server.log)
+            # what is measured so far survives a run stopped before its last server
+            partial = QualityReport(
+                command=command,
+                started=stamp,
+                server_command=server_command,
+                server_log=server_log,
+                wall_s=time.monotonic() - t0,
+                config=cfg,
+                summaries=[],
+                outcomes=outcomes,
+            )
+            (out_dir / "quality.partial.json").write_text(partial.model_dump_json(indent=1))
     report = QualityReport(
         command=command,
         started=stamp,
@@ -817,6 +879,7 @@ def analyse(report: QualityReport) -> QualityReport:
     report.summaries = summarise(settings, report.outcomes)
     report.paired = paired_against(report.outcomes, settings)
     report.paired_namm = paired_namm(report.outcomes, settings, report.summaries)
+    report.paired_layer = paired_layer(report.outcomes, settings)
     report.table = format_table(report)
     return report
 

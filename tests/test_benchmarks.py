@@ -292,6 +292,37 @@ def test_quality_report_pairs_namm_with_every_baseline_at_its_measured_fraction(
     assert series["snapkv one-shot@0.3"] == "snapkv one-shot" and series["l2@0.5"] == "l2"
 
 
+def test_quality_layer_pages_rows_pair_with_their_shared_rows(tmp_path):
+    """``--layer-pages`` repeats every eviction row of the main server (not full, not one-shot) on a
+    per-layer-page server, and each is paired with the same policy and budget on shared pages."""
+    from benchmarks.quality import LAYER, QualityConfig, build_settings, main
+
+    path = _saved_quality_report(tmp_path)
+    report = json.loads(path.read_text())
+    report["config"]["layer_pages"] = True
+    layer_right = {"streaming@0.3 [layer]": {0, 1, 2}, "l2@0.3 [layer]": {0}, "namm [layer]": {0, 1, 2, 3, 5}}
+    for label, ok in layer_right.items():
+        for i in range(6):
+            report["outcomes"].append(
+                report["outcomes"][i] | {"setting": label, "seed": 10**9 + i, "correct": float(i in ok)}
+            )
+    path.write_text(json.dumps(report))
+    rows = [s for s in build_settings(QualityConfig.model_validate(report["config"])) if s.group == LAYER]
+    assert {s.label for s in rows} == {
+        f"{p}@{r:g} [layer]" for p in ("streaming", "l2") for r in (0.3, 0.5)
+    } | {"namm [layer]"}
+    assert all(s.policy != "none" and "one-shot" not in s.label for s in rows)
+    assert main(["--report", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    pairs = {(p["setting"], p["against"]): (p["wins"], p["losses"]) for p in saved["paired_layer"]}
+    assert pairs == {
+        ("streaming@0.3 [layer]", "streaming@0.3"): (2, 0),
+        ("l2@0.3 [layer]", "l2@0.3"): (0, 3),
+        ("namm [layer]", "namm"): (0, 0),
+    }
+    assert "Per-layer pages paired against shared pages" in saved["table"]
+
+
 def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
     from benchmarks.quality import main
 
