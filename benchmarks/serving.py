@@ -19,7 +19,7 @@ Usage::
     python -m benchmarks serving --tensor-parallel-size 2 --modes none streaming:budget=512   # 2 workers each
 
 A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights, threshold,
-sink, recent, page_rule, selection, page_score (the matching ``--kv-eviction-*`` / ``--namm-*``
+sink, recent, page_rule, selection, page_score, granularity, layer_budget (the matching ``--kv-eviction-*`` / ``--namm-*``
 flags) and watermark (vLLM's ``--watermark``: the fraction of KV blocks kept free when admitting
 requests), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
 """
@@ -63,6 +63,8 @@ MODE_KEYS = {
     "kernels": "--namm-kernels",
     "selection": "--kv-eviction-selection",
     "page_score": "--kv-eviction-page-score",
+    "granularity": "--kv-eviction-granularity",
+    "layer_budget": "--kv-eviction-layer-budget",
     "watermark": "--watermark",  # vLLM's own: KV blocks kept free when admitting requests
     "block": "--block-size",  # vLLM's own: tokens per KV block (= eviction page)
 }

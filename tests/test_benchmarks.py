@@ -68,6 +68,12 @@ def test_mode_parsing():
     ]
     assert Mode.parse("h2o:ratio=0.25,watermark=0.05").server_flags()[-2:] == ["--watermark", "0.05"]
     assert Mode.parse("none:block=128").server_flags() == ["--block-size", "128"]  # vLLM's own flag
+    assert Mode.parse("namm:granularity=layer,layer_budget=pyramid").server_flags()[2:] == [
+        "--kv-eviction-granularity",
+        "layer",
+        "--kv-eviction-layer-budget",
+        "pyramid",
+    ]
     for bad in ("foo", "streaming:ratio", "streaming:size=3", "none:ratio=0.5"):
         with pytest.raises(ValueError):
             Mode.parse(bad)
