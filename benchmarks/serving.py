@@ -22,6 +22,13 @@ A mode is ``POLICY[:key=value,...]`` with keys budget, ratio, interval, weights,
 sink, recent, page_rule, selection, page_score, granularity, layer_budget (the matching ``--kv-eviction-*`` / ``--namm-*``
 flags) and watermark (vLLM's ``--watermark``: the fraction of KV blocks kept free when admitting
 requests), e.g. ``snapkv:ratio=0.25,selection=token,page_rule=majority``.
+
+``--tasks realtext`` draws the prompts from the real-text tasks (held-out seeds, the model's chat
+template) and scores each answer, so the table shows what a mode's extra concurrency costs in
+answers, in the same run. The answer is the text of a request's first tokens, as many as its task
+asks for (the requests run on with ``ignore_eos``, so every mode decodes the same number of
+tokens). The table also gives the KV memory per running request and a *modelled* memory-bound
+decode throughput (stated in the table; never a measured accelerator figure).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel as _PydanticBase
@@ -217,6 +224,12 @@ class ServingConfig(BaseModel):
     seed: int
     sample_interval_s: float
     tensor_parallel_size: int = 1
+    tasks: Literal["synthetic", "realtext"] = "synthetic"
+    essays: str | None = None
+    kv_bytes_per_token: int | None = None
+    """KV cache bytes one token takes in every layer (K and V, served dtype)."""
+    weights_bytes: int | None = None
+    """Bytes of the model's weights files: what a memory-bound decode step reads besides the KV."""
 
 
 class RequestRecord(BaseModel):
@@ -228,6 +241,9 @@ class RequestRecord(BaseModel):
     output_tokens: int
     tpot_s: float | None  # (last - first token time) / (output_tokens - 1)
     error: str | None = None
+    answer_text: str | None = None
+    """realtext: the text of the first tokens, as many as the task asks for."""
+    correct: float | None = None
 
 
 class Sample(BaseModel):
@@ -255,6 +271,10 @@ class ModeSummary(BaseModel):
     preemptions: int
     failed_requests: int
     wall_s: float
+    accuracy: float | None = None
+    """realtext: mean score of the answers (failed requests count as wrong)."""
+    kv_mib_per_request: float | None = None
+    """Mean KV memory per running request: mean blocks in use / mean requests running."""
 
 
 class ModeResult(BaseModel):
@@ -280,6 +300,49 @@ class ServingReport(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
+def build_realtext(cfg: ServingConfig, model: Path) -> list[Any]:
+    """Held-out real-text samples, one per request, kinds in turn (their chat template opens every
+    prompt, so the first block is shared by prefix caching, alike in every mode)."""
+    from evolve.tasks.realtext import load_tokenizer, make_sample
+
+    tok = load_tokenizer(str(model))
+    return [
+        make_sample(
+            cfg.task_kinds[i % len(cfg.task_kinds)],
+            cfg.seed + i,
+            cfg.prompt_tokens,
+            tok,
+            essays_dir=cfg.essays,
+        )
+        for i in range(cfg.num_requests)
+    ]
+
+
+def kv_bytes_per_token(model: Path, dtype_bytes: int = 4) -> int | None:
+    """K and V of one token in every layer, from ``config.json`` (float32 on the CPU build)."""
+    try:
+        c = json.loads((model / "config.json").read_text())
+        c = c.get("text_config") or c
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads", c["num_attention_heads"])
+        return 2 * c["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def memory_bound_ratio(mode: ModeSummary, base: ModeSummary, cfg: ServingConfig) -> float | None:
+    """Modelled decode tok/s of ``mode`` over ``base`` on a memory-bound accelerator, at the
+    concurrency measured here: a decode step reads the weights once and each running request's KV,
+    so tok/s ~ running / (weights + running x KV per request). A stated model, not a measurement."""
+    if cfg.weights_bytes is None or None in (mode.kv_mib_per_request, base.kv_mib_per_request):
+        return None
+
+    def rate(s: ModeSummary) -> float:
+        return s.mean_running / (cfg.weights_bytes + s.mean_running * s.kv_mib_per_request * 2**20)
+
+    return rate(mode) / rate(base) if base.mean_running > 0 else None
+
+
 def build_prompts(cfg: ServingConfig, count_tokens: Callable[[str], int]) -> list[str]:
     """Synthetic long prompts, each opened by a unique tag.
 
@@ -311,6 +374,7 @@ async def _one_request(
     t_run: float,
     delay: float,
     done: Callable[[], None],
+    answer_tokens: int | None = None,
 ) -> RequestRecord:
     await asyncio.sleep(delay)
     body = {
@@ -327,6 +391,7 @@ async def _one_request(
     last = t0
     usage: dict[str, int] = {}
     error: str | None = None
+    answer: list[str] = []
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -340,6 +405,8 @@ async def _one_request(
                         error = str(chunk["error"])[:300]
                     if chunk.get("usage"):
                         usage = chunk["usage"]
+                    if chunk.get("choices") and answer_tokens and len(answer) < answer_tokens:
+                        answer.append(chunk["choices"][0].get("text") or "")  # one chunk per token
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         now = time.perf_counter()
                         first = first or now
@@ -360,6 +427,7 @@ async def _one_request(
         output_tokens=n_out,
         tpot_s=(last - first) / (n_out - 1) if n_out > 1 else None,
         error=error,
+        answer_text="".join(answer) if answer_tokens else None,
     )
 
 
@@ -412,7 +480,13 @@ def _arrivals(cfg: ServingConfig) -> list[float]:
 
 
 async def _run_workload(
-    url: str, model: str, prompts: list[str], cfg: ServingConfig, total_blocks: int, label: str
+    url: str,
+    model: str,
+    prompts: list[str],
+    cfg: ServingConfig,
+    total_blocks: int,
+    label: str,
+    answer_tokens: list[int | None],
 ) -> tuple[list[RequestRecord], list[Sample], dict[str, float], float]:
     from tqdm import tqdm
 
@@ -437,8 +511,8 @@ async def _run_workload(
         try:
             records = await asyncio.gather(
                 *(
-                    _one_request(client, model, p, cfg.max_tokens, i, t_run, d, lambda: bar.update(1))
-                    for i, (p, d) in enumerate(zip(prompts, _arrivals(cfg), strict=True))
+                    _one_request(client, model, p, cfg.max_tokens, i, t_run, d, lambda: bar.update(1), k)
+                    for i, (p, d, k) in enumerate(zip(prompts, _arrivals(cfg), answer_tokens, strict=True))
                 )
             )
         finally:
@@ -452,7 +526,12 @@ async def _run_workload(
 
 
 def summarise(
-    all_records: list[RequestRecord], samples: list[Sample], delta: dict[str, float], wall: float
+    all_records: list[RequestRecord],
+    samples: list[Sample],
+    delta: dict[str, float],
+    wall: float,
+    kv_bytes_per_token: int | None = None,
+    block_size: int = 0,
 ) -> ModeSummary:
     """Latencies over successful requests; throughput counts only tokens actually received."""
 
@@ -468,11 +547,18 @@ def summarise(
     n_all = len(all_records)
     n_evicting = int(round(delta.get("vllm_namm:retained_fraction_count", 0.0)))
     retained_sum = delta.get("vllm_namm:retained_fraction_sum", 0.0)
+    scored = [r.correct if r.error is None else 0.0 for r in all_records if r.answer_text is not None]
+    mean_blocks, mean_running = mean([s.kv_blocks for s in live]), mean([float(s.running) for s in live])
+    kv_mib = (
+        mean_blocks / mean_running * block_size * kv_bytes_per_token / 2**20
+        if kv_bytes_per_token and mean_running > 0
+        else None
+    )
     return ModeSummary(
         peak_kv_blocks=max((s.kv_blocks for s in samples), default=0.0),
-        mean_kv_blocks=mean([s.kv_blocks for s in live]),
+        mean_kv_blocks=mean_blocks,
         max_running=max((s.running for s in samples), default=0),
-        mean_running=mean([float(s.running) for s in live]),
+        mean_running=mean_running,
         output_tok_per_s=sum(r.output_tokens for r in all_records) / wall,
         requests_per_s=n / wall,
         mean_ttft_s=mean(ttfts),
@@ -485,12 +571,21 @@ def summarise(
         preemptions=int(round(delta.get("vllm:num_preemptions_total", 0.0))),
         failed_requests=sum(r.error is not None for r in all_records),
         wall_s=wall,
+        accuracy=mean([c or 0.0 for c in scored]) if scored else None,
+        kv_mib_per_request=kv_mib,
     )
 
 
 def run_mode(
-    mode: Mode, model: Path, prompts: list[str], cfg: ServingConfig, out_dir: Path, startup_timeout_s: float
+    mode: Mode,
+    model: Path,
+    prompts: list[str],
+    cfg: ServingConfig,
+    out_dir: Path,
+    startup_timeout_s: float,
+    samples: list[Any] | None = None,
 ) -> ModeResult:
+    """One server, the whole workload; with ``samples`` (real text) every answer is scored."""
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", mode.spec)
     with vllm_server(
         model,
@@ -507,9 +602,15 @@ def run_mode(
             httpx.get(f"{server.url}/metrics", timeout=30).text, server.log, cfg.block_size
         )
         served = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
-        records, samples, delta, wall = asyncio.run(
-            _run_workload(server.url, served, prompts, cfg, total, mode.spec)
+        answer_tokens = [s.max_tokens for s in samples] if samples else [None] * len(prompts)
+        records, scrapes, delta, wall = asyncio.run(
+            _run_workload(server.url, served, prompts, cfg, total, mode.spec, answer_tokens)
         )
+    if samples:
+        from evolve.tasks.realtext import score_answer
+
+        for r, s in zip(records, samples, strict=True):
+            r.correct = score_answer(r.answer_text or "", s)
     return ModeResult(
         mode=mode.spec,
         policy=mode.policy,
@@ -517,9 +618,9 @@ def run_mode(
         server_log=str(server.log),
         startup_s=server.startup_s,
         total_blocks=total,
-        summary=summarise(records, samples, delta, wall),
+        summary=summarise(records, scrapes, delta, wall, cfg.kv_bytes_per_token, cfg.block_size),
         requests=records,
-        samples=samples,
+        samples=scrapes,
     )
 
 
@@ -536,6 +637,8 @@ ROWS: list[tuple[str, str, str]] = [  # (label, field, format)
     ("p90 TTFT (s)", "p90_ttft_s", "{:.2f}"),
     ("mean TPOT (ms)", "mean_tpot_s", "{:.1f}"),
     ("mean retained fraction", "mean_retained_fraction", "{:.3f}"),
+    ("KV MiB per running request", "kv_mib_per_request", "{:.1f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
     ("preemptions", "preemptions", "{:d}"),
     ("failed requests", "failed_requests", "{:d}"),
     ("wall time (s)", "wall_s", "{:.1f}"),
@@ -549,9 +652,14 @@ def format_table(report: ServingReport) -> str:
     header = ["metric"] + [r.mode for r in results]
     lines: list[list[str]] = []
     for label, field, fmt in ROWS:
+        if all(getattr(r.summary, field) is None for r in results):
+            continue  # accuracy without --tasks realtext, KV size of an unreadable config
         row = [label]
         for r in results:
             v = getattr(r.summary, field)
+            if v is None:
+                row.append("-")
+                continue
             shown = v * 1000 if field == "mean_tpot_s" else v
             cell = fmt.format(shown)
             if base is not None and r is not base:
@@ -561,6 +669,13 @@ def format_table(report: ServingReport) -> str:
             row.append(cell)
         lines.append(row)
     c = report.config
+    if base is not None and c.weights_bytes:
+        modelled = [memory_bound_ratio(r.summary, base.summary, c) for r in results]
+        if any(m is not None for m in modelled):
+            lines.append(
+                ["modelled memory-bound tok/s vs none"]
+                + ["-" if m is None else f"{m:.2f}x" for m in modelled]
+            )
     rate = "all at once" if math.isinf(c.request_rate) else f"{c.request_rate:g} req/s"
     out = [
         f"{c.num_requests} requests x {c.prompt_tokens} prompt tokens, max_tokens {c.max_tokens}, arrival {rate}; "
@@ -568,6 +683,17 @@ def format_table(report: ServingReport) -> str:
         f"(~{c.kv_capacity_requests:g} full requests); model {Path(c.model).name}",
         *markdown_table(header, lines),
     ]
+    if c.tasks == "realtext":
+        out.append(
+            f"prompts: held-out real-text tasks ({', '.join(c.task_kinds)}; seeds {c.seed}+i), scored on the "
+            "first tokens of each answer"
+        )
+    if c.weights_bytes and base is not None:
+        out.append(
+            "modelled (not measured): decode on a memory-bound accelerator reads the weights "
+            f"({c.weights_bytes / 2**20:.0f} MiB) and every running request's KV per step, so "
+            "tok/s ~ running / (weights + running x KV per request), at the concurrency measured here"
+        )
     out.append(f"command: {report.command}")
     return "\n".join(out)
 
@@ -640,7 +766,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="VLLM_CPU_KVCACHE_SPACE (whole GiB only in vLLM 0.32; the block count is what limits)",
     )
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--task-kinds", nargs="+", default=["passkey", "kv_retrieval", "needle"])
+    p.add_argument(
+        "--tasks",
+        choices=["synthetic", "realtext"],
+        default="synthetic",
+        help="realtext: prompts from the real-text tasks in the model's chat template, each answer scored "
+        "(accuracy beside the serving figures)",
+    )
+    p.add_argument(
+        "--task-kinds",
+        nargs="+",
+        default=None,
+        help="default: passkey kv_retrieval needle (synthetic), every real-text kind (realtext)",
+    )
+    p.add_argument(
+        "--essays", type=Path, default=None, help="realtext: essays folder (default: the fetched one)"
+    )
     p.add_argument("--seed", type=int, default=10**9)
     p.add_argument("--sample-interval", type=float, default=0.2, help="seconds between /metrics samples")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -659,15 +800,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_realtext_args(args: argparse.Namespace) -> str | None:
+    """Fill in the real-text defaults (SmolLM2, every kind); the one line naming bad input, or None."""
+    from evolve.assets import ESSAYS_DIR, SMOLLM2_DIR, AssetError, check_essays_dir, check_model_dir
+    from evolve.tasks.realtext import REALTEXT_KINDS, seed_split
+
+    args.model = args.model or SMOLLM2_DIR
+    args.task_kinds = args.task_kinds or list(REALTEXT_KINDS)
+    try:
+        check_model_dir(args.model)
+        args.essays = check_essays_dir(args.essays or ESSAYS_DIR)
+        if seed_split(args.seed) != "heldout":
+            raise ValueError(f"--seed {args.seed} is a training seed; held-out seeds start at 10**9")
+        bad = [k for k in args.task_kinds if k not in REALTEXT_KINDS]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a realtext kind ({', '.join(REALTEXT_KINDS)})")
+    except AssetError as e:
+        return str(e)
+    except ValueError as e:
+        return f"benchmarks serving: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = command_line("python -m benchmarks serving", argv)
     modes = [Mode.parse(m) for m in args.modes]
     if any("block" in m.options for m in modes):  # the pool is sized in blocks of --block-size
         raise SystemExit("benchmarks serving: use --block-size for every mode, not block= in one")
+    if args.tasks == "realtext" and (error := check_realtext_args(args)):
+        print(error, file=sys.stderr)
+        return 2
     stamp = time_stamp()
     out_dir: Path = args.out or results_dir("serving", stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
+    args.task_kinds = args.task_kinds or ["passkey", "kv_retrieval", "needle"]
     model = (args.model or default_model(out_dir)).resolve()
     full_len = args.prompt_tokens + args.max_tokens
     blocks_per_request = -(-full_len // args.block_size)
@@ -694,8 +861,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         sample_interval_s=args.sample_interval,
         tensor_parallel_size=args.tensor_parallel_size,
+        tasks=args.tasks,
+        essays=str(args.essays) if args.essays else None,
+        kv_bytes_per_token=kv_bytes_per_token(model),
+        weights_bytes=sum(f.stat().st_size for f in model.glob("*.safetensors")) or None,
     )
-    prompts = build_prompts(cfg, token_counter(model))
+    samples = build_realtext(cfg, model) if args.tasks == "realtext" else None
+    prompts = [s.prompt for s in samples] if samples else build_prompts(cfg, token_counter(model))
     tp = f", tensor parallel {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     print(
         f"model {model}\n{len(modes)} servers{tp}, {usable} KV blocks each; logs in {out_dir}",
@@ -704,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ServingReport(command=command, started=stamp, config=cfg, results=[])
     json_path = out_dir / "serving.json"
     for mode in modes:
-        report.results.append(run_mode(mode, model, prompts, cfg, out_dir, args.startup_timeout))
+        report.results.append(run_mode(mode, model, prompts, cfg, out_dir, args.startup_timeout, samples))
         json_path.write_text(report.model_dump_json(indent=1))  # partial results survive a crash
     report.table = format_table(report)
     json_path.write_text(report.model_dump_json(indent=1))

@@ -336,3 +336,143 @@ def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["--report", str(bad)]) == 2
     assert "cannot read the report" in capsys.readouterr().err
+
+
+def _record(index: int, correct: float | None, error: str | None = None):
+    from benchmarks.serving import RequestRecord
+
+    return RequestRecord(
+        index=index,
+        sent_s=0.0,
+        ttft_s=1.0,
+        e2e_s=2.0,
+        prompt_tokens=100,
+        output_tokens=8,
+        tpot_s=0.1,
+        error=error,
+        answer_text=None if correct is None else "x",
+        correct=correct,
+    )
+
+
+def test_serving_summary_scores_answers_and_sizes_the_kv_per_request():
+    """Accuracy counts a failed request as wrong; KV per running request = mean blocks in use /
+    mean requests running x block bytes; the modelled memory-bound ratio follows its formula."""
+    from benchmarks.serving import Sample, ServingConfig, memory_bound_ratio, summarise
+
+    samples = [
+        Sample(t_s=t, kv_usage=0.5, kv_blocks=blocks, running=run, waiting=0)
+        for t, blocks, run in [(0.0, 40.0, 4), (1.0, 40.0, 4)]
+    ]
+    records = [_record(0, 1.0), _record(1, 0.0), _record(2, 1.0), _record(3, 1.0, error="HTTP 500")]
+    s = summarise(records, samples, {}, wall=10.0, kv_bytes_per_token=1024, block_size=32)
+    assert s.accuracy == 0.5
+    assert s.kv_mib_per_request == 10 * 32 * 1024 / 2**20
+    unscored = summarise([_record(0, None)], samples, {}, wall=1.0)
+    assert unscored.accuracy is None and unscored.kv_mib_per_request is None
+    cfg = ServingConfig(
+        model="m",
+        modes=["none", "namm"],
+        num_requests=4,
+        prompt_tokens=100,
+        max_tokens=8,
+        request_rate=math.inf,
+        kv_capacity_requests=4,
+        num_blocks=41,
+        kv_space_gib=1,
+        block_size=32,
+        max_model_len=256,
+        task_kinds=["passkey"],
+        seed=10**9,
+        sample_interval_s=0.2,
+        kv_bytes_per_token=1024,
+        weights_bytes=2**20,
+    )
+    more = s.model_copy(update={"mean_running": 12.0, "kv_mib_per_request": s.kv_mib_per_request / 4})
+    rate = lambda r, kv: r / (2**20 + r * kv * 2**20)  # noqa: E731
+    expected = rate(12.0, s.kv_mib_per_request / 4) / rate(4.0, s.kv_mib_per_request)
+    assert math.isclose(memory_bound_ratio(more, s, cfg), expected)
+    assert memory_bound_ratio(more, s, cfg.model_copy(update={"weights_bytes": None})) is None
+
+
+def test_kv_bytes_per_token_reads_the_config(tmp_path):
+    from benchmarks.serving import kv_bytes_per_token
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+        )
+    )
+    assert kv_bytes_per_token(tmp_path) == 2 * 30 * 3 * 64 * 4
+    assert kv_bytes_per_token(tmp_path / "missing") is None
+
+
+def test_serving_realtext_bad_input_is_one_line(tmp_path, capsys):
+    from benchmarks.serving import main
+
+    assert (
+        main(["--tasks", "realtext", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_serving_table_shows_accuracy_and_the_modelled_line_only_when_measured():
+    from benchmarks.serving import ModeResult, Sample, ServingConfig, ServingReport, format_table, summarise
+
+    cfg = ServingConfig(
+        model="m",
+        modes=["none", "namm"],
+        num_requests=2,
+        prompt_tokens=100,
+        max_tokens=8,
+        request_rate=math.inf,
+        kv_capacity_requests=4,
+        num_blocks=41,
+        kv_space_gib=1,
+        block_size=32,
+        max_model_len=256,
+        task_kinds=["niah_number"],
+        seed=10**9,
+        sample_interval_s=0.2,
+        tasks="realtext",
+        kv_bytes_per_token=1024,
+        weights_bytes=2**20,
+    )
+
+    def result(mode: str, running: int, blocks: float, right: list[float | None]) -> ModeResult:
+        samples = [Sample(t_s=0.0, kv_usage=0.5, kv_blocks=blocks, running=running, waiting=0)]
+        records = [_record(i, c) for i, c in enumerate(right)]
+        return ModeResult(
+            mode=mode,
+            policy=mode,
+            server_command=[],
+            server_log="",
+            startup_s=1.0,
+            total_blocks=40,
+            summary=summarise(records, samples, {}, 1.0, cfg.kv_bytes_per_token, cfg.block_size),
+            requests=records,
+            samples=samples,
+        )
+
+    table = format_table(
+        ServingReport(
+            command="c",
+            started="t",
+            config=cfg,
+            results=[result("none", 2, 40.0, [1.0, 1.0]), result("namm", 4, 20.0, [1.0, 0.0])],
+        )
+    )
+    assert "| accuracy" in table and "0.500 (0.50x)" in table
+    assert "modelled memory-bound tok/s vs none" in table and "modelled (not measured)" in table
+    synthetic = cfg.model_copy(update={"tasks": "synthetic", "weights_bytes": None})
+    plain = format_table(
+        ServingReport(
+            command="c",
+            started="t",
+            config=synthetic,
+            results=[result("none", 2, 40.0, [None, None]), result("namm", 4, 20.0, [None, None])],
+        )
+    )
+    assert "accuracy" not in plain and "modelled" not in plain
