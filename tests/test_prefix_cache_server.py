@@ -125,7 +125,9 @@ def test_other_settings_never_see_the_snapshots(server: VllmServer):
     """Snapshots are keyed by the settings' fingerprint: a request on the same prefix with another EMA
     coefficient, threshold or budget resumes from none of them and gets its own fresh answer; with
     the recording settings again, it resumes."""
-    prompt = SAMPLE.prompt + " Again?"  # a prompt of its own: snapshots come only from this test
+    # A prompt of its own from the first page on: the other tests' snapshots (snapkv's at budget
+    # 512 among them) cover SAMPLE.prompt, so any prompt extending it would resume from them.
+    prompt = "Once more. " + SAMPLE.prompt
     recorder = {"kv_eviction": "h2o", "kv_eviction_budget": 512}
     greedy(server, prompt, recorder)
     others = [
