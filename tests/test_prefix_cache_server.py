@@ -21,12 +21,23 @@ there, its pages freed after the next chunk) and the 64-token one at lag 0 (free
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from servers import BASE_FLAGS, ServerPool, VllmServer, metric_sum
+from servers import (
+    BASE_FLAGS,
+    HOLD_FLAGS,
+    Hold,
+    ServerPool,
+    VllmServer,
+    engine_errors,
+    metric_sum,
+    settled_usage,
+    wait_idle,
+)
 
 from evolve.tasks.synthetic import kv_question, make_sample, score_answer, shared_document
 
@@ -87,7 +98,7 @@ def block_size(request: pytest.FixtureRequest) -> int:
 def server(block_size: int, server_pool: ServerPool) -> VllmServer:
     if not (MODEL_DIR / "model.safetensors").exists():
         pytest.skip(f"trained model not found at {MODEL_DIR}")
-    flags = ["--kv-eviction", "namm", "--block-size", str(block_size)]  # prefix caching: on (vLLM's default)
+    flags = ["--kv-eviction", "namm", "--block-size", str(block_size), *HOLD_FLAGS]  # prefix caching: on
     if block_size == 64:
         flags += ["--kv-eviction-lag", "0"]
     return server_pool.get(
@@ -169,3 +180,38 @@ def test_a_shared_document_is_prefilled_once(server: VllmServer):
     assert delta("vllm_namm:prefix_snapshot_tokens_saved_total") == sum(restored)
     assert delta("vllm_namm:prefix_snapshot_hits_total") == 7
     assert metric_sum(after, "vllm_namm:prefix_snapshot_bytes") > 0
+
+
+def test_an_aborted_restored_request_gives_everything_back(server: VllmServer):
+    """A client leaves a request that resumed from a snapshot, in the middle of its decode (held at
+    its third token, so the moment cannot be missed): every KV block comes back, the engine logs no
+    error, and the snapshot still serves the next request, which answers as it does fresh."""
+    prompt = "Left behind. " + SAMPLE.prompt  # a prompt of its own from the first page on
+    greedy(server, prompt, None)  # records the snapshots
+    usage = settled_usage(server)
+    cached = metric_sum(server.metrics(), "vllm:prompt_tokens_cached_total")
+    hold = Hold(3)
+    body = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": 256,
+        "temperature": 0.0,
+        "stream": True,
+        "vllm_xargs": hold.xargs,
+    }
+    r = requests.post(server.base_url + "/completions", json=body, stream=True, timeout=600)
+    try:
+        assert r.status_code == 200, r.text[:2000]
+        hold.wait_held()
+        line = next(x for x in r.iter_lines() if x.startswith(b"data: "))
+        assert json.loads(line[len(b"data: ") :])["choices"][0]["finish_reason"] is None
+    finally:
+        r.close()
+        hold.release()
+    wait_idle(server)
+    assert metric_sum(server.metrics(), "vllm:prompt_tokens_cached_total") - cached >= 512, "no resume"
+    assert settled_usage(server) == usage
+    again = greedy(server, prompt, None)
+    assert again["restored"] >= 512
+    assert same(again, greedy(server, prompt, None, salt=f"left-{server.port}"))
+    assert not engine_errors(server), engine_errors(server)[:5]
