@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -308,3 +309,20 @@ def test_a_snapshot_that_disagrees_with_the_scheduler_is_refused() -> None:
     bad = type(bad)(1, bad.boundary, [5], [], 100)  # page 7 is a hole for the scheduler
     records.add(b"fp", request, blocks, bad, stats={})
     assert records.take_drops() == [1] and len(records) == 0
+
+
+@pytest.mark.parametrize(
+    ("groups", "caching", "possible"), [(1, True, True), (1, False, False), (4, True, False)]
+)
+def test_snapshots_need_prefix_caching_and_one_kv_cache_group(groups: int, caching: bool, possible: bool):
+    """Several KV-cache groups (a hybrid model, per-layer pages) mean several memories per request:
+    the one decision both the scheduler and the workers read says no snapshots there."""
+    from vllm_namm.vllm_patch.engine_config import snapshots_possible
+
+    vllm_config = SimpleNamespace(
+        cache_config=SimpleNamespace(enable_prefix_caching=caching),
+        kv_transfer_config=None,
+        kv_events_config=None,
+    )
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[object()] * groups)
+    assert snapshots_possible(vllm_config, kv_cache_config) is possible
