@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks.evolve_overhead",
         "one evolution generation vs the same requests without eviction",
     ),
+    "prefix-snapshots": (
+        "benchmarks.prefix_snapshots",
+        "prefill saved by eviction-aware prefix caching: questions over one shared document",
+    ),
     "overhead": (
         "benchmarks.overhead",
         "one eviction step vs the model's forward over the same chunk, 8B layer shapes",

@@ -576,7 +576,9 @@ for n, seed, max_tokens, xargs in job["requests"]:
     rng = random.Random(seed)
     prompts.append("".join(rng.choice(alphabet) for _ in range(n)))
     params.append(SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0, extra_args=xargs))
-outs = llm.generate(prompts, params)
+outs = []
+for _ in range(job["repeat"]):  # in turn: a later round may read what an earlier one cached
+    outs += llm.generate(prompts, params)
 print("RESULT " + json.dumps([
     {"ids": list(o.outputs[0].token_ids),
      "logprobs": [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs],
@@ -591,12 +593,19 @@ def llm_results(
     *,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 900.0,
+    repeat: int = 1,
     **llm_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Greedy requests ``(prompt characters, seed, max_tokens, vllm_xargs)`` batched through one
-    ``vllm.LLM(model, **llm_kwargs)`` (float32, eager, block 32) in a subprocess; per request its
-    token ids, their log-probabilities and the eviction summary (None without eviction)."""
-    job = {"model": str(model), "llm": dict(llm_kwargs), "requests": [list(r) for r in requests_]}
+    ``vllm.LLM(model, **llm_kwargs)`` (float32, eager, block 32) in a subprocess, the batch ``repeat``
+    times in turn; per request (round after round) its token ids, their log-probabilities and the
+    eviction summary (None without eviction)."""
+    job = {
+        "model": str(model),
+        "llm": dict(llm_kwargs),
+        "requests": [list(r) for r in requests_],
+        "repeat": repeat,
+    }
     proc = subprocess.run(
         [sys.executable, "-c", _LLM_SCRIPT, json.dumps(job)],
         capture_output=True,

@@ -57,9 +57,15 @@ def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None
         start_usage = srv.metric("vllm:kv_cache_usage_perc")
         preempt0 = srv.metric("vllm:num_preemptions_total") or 0.0
 
-        def go(i: int):
-            return _complete(srv, model, f"Request {i}. " + "The grass is green. " * 60, 700, ignore_eos=True)
+        # 1200 tokens: one step snapshot, at 512 (at lag 2 a step begins at 512, 1536, 2560, ...)
+        shared = "The grass is green. " * 60
 
+        def go(i: int):
+            return _complete(srv, model, shared + f"Request {i}.", 700, ignore_eos=True)
+
+        # A lone request first records the shared prefix's step snapshots (eviction-aware prefix
+        # caching): the 8 requests resume from them, so preemption also meets restored requests.
+        _complete(srv, model, shared, 8)
         # No timing: the 8 requests are sent at once and each needs 700 decode steps, so they
         # decode side by side, and 8 x 16 blocks do not fit in 65: vLLM must preempt. The
         # counters and the gauge are read after every request ended (recorded before its answer).
@@ -73,6 +79,10 @@ def test_preempted_requests_resume_evicting_and_all_complete(model: str) -> None
             # Budget 8 pages + first page + page being written + partly scored tail: eviction
             # resumed after preemption (a request without eviction would hold ~62 blocks).
             assert stats["held_blocks"] <= 256 // 32 + 4 + 512 // 32, stats
+        # The first request admitted finds the snapshot's pages as the lone request left them.
+        assert (
+            max(r.model_extra["kv_transfer_params"]["namm"]["prefix_restored_tokens"] for r in results) >= 512
+        )
         assert srv.metric("vllm:kv_cache_usage_perc") == start_usage
         assert srv.healthy()
 

@@ -11,6 +11,9 @@ runs on three engines: shared pages, per-layer pages, per-layer pages under a py
   within its own budget; NAMM frees pages per layer too. (Not H2O: on this random model its
   accumulated attention favours the same positions in every layer, so all four free the same pages.)
 * A pyramid budget (PyramidKV) keeps more pages in the first layer than in the last.
+* Step snapshots (eviction-aware prefix caching) need a single KV-cache group: with per-layer pages
+  a repeated request resumes from nothing (it prefills again) and gives its first answer, where on
+  shared pages the same repeat resumes from a snapshot.
 """
 
 from __future__ import annotations
@@ -89,3 +92,24 @@ def test_pyramid_budget_keeps_more_in_the_first_layer(model: Path, per_layer):
     assert held == sorted(held, reverse=True), held
     # PyramidKV's shares add up to the layers: the total stays the uniform one, up to rounding in pages
     assert abs(sum(held) - sum(uniform)) <= LAYERS + 2, (held, uniform)
+
+
+@pytest.mark.parametrize("granularity", ["shared", "layer"])
+def test_snapshots_need_one_kv_cache_group(model: Path, granularity: str):
+    lone = [REQUESTS[0]]  # alone, so its history is canonical and its steps leave snapshots
+    first, again = llm_results(
+        model,
+        lone,
+        repeat=2,
+        max_model_len=4096,
+        enable_prefix_caching=True,
+        additional_config={"namm": ENGINE | {"granularity": granularity}},
+    )
+    assert again["ids"] == first["ids"]
+    assert max(abs(a - b) for a, b in zip(again["logprobs"], first["logprobs"], strict=True)) < 1e-5
+    assert first["summary"]["prefix_restored_tokens"] == 0
+    restored = again["summary"]["prefix_restored_tokens"]
+    if granularity == "layer":  # several groups: no snapshot recorded or resumed
+        assert restored == 0 and "prefix_records" not in again["summary"], again["summary"]
+    else:  # the control: the same repeat on shared pages does resume
+        assert restored >= 512, again["summary"]

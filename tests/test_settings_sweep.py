@@ -466,6 +466,28 @@ FLAG_CASES: list[FlagCase] = [
         "invalid int value",
         kind="argparse",
     ),
+    _c(
+        "prefix-cache-negative",
+        [*NAMM, "--kv-eviction-prefix-cache-mib", "-1"],
+        "--kv-eviction-prefix-cache-mib",
+        "range",
+        "greater than or equal to 0",
+    ),
+    _c(
+        "prefix-cache-nan",
+        [*NAMM, "--kv-eviction-prefix-cache-mib", "nan"],
+        "--kv-eviction-prefix-cache-mib",
+        "nonfinite",
+        "finite number",
+    ),
+    _c(
+        "prefix-cache-abc",
+        [*NAMM, "--kv-eviction-prefix-cache-mib", "abc"],
+        "--kv-eviction-prefix-cache-mib",
+        "type",
+        "invalid float value",
+        kind="argparse",
+    ),
 ]
 
 # A valid value of each flag: given without a policy (--kv-eviction none), each is a conflict.
@@ -480,6 +502,7 @@ VALID_VALUE = {
     "--kv-eviction-page-rule": "any",
     "--namm-kernels": "torch",
     "--kv-eviction-lag": "0",
+    "--kv-eviction-prefix-cache-mib": "64",
     "--kv-eviction-selection": "token",
     "--kv-eviction-page-score": "mean",
     "--kv-eviction-granularity": "layer",
@@ -507,6 +530,8 @@ GOOD_FLAGS: dict[str, list[str]] = {
         "--namm-kernels",
         "torch",
         "--kv-eviction-lag",
+        "0",
+        "--kv-eviction-prefix-cache-mib",
         "0",
     ],
     "streaming-budget": STREAM_B,

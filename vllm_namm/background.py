@@ -119,6 +119,20 @@ class LaggedExecutor(Generic[J, R]):
             future = self._executor.submit(self._run, jobs, ready)
         self._batches.append(_Batch(self.now + self.lag, future))
 
+    def submit_done(self, results: Sequence[R], submitted_at: int) -> None:
+        """Queue results computed elsewhere as if submitted at engine step ``submitted_at`` (at most
+        now): a restored request's pending step, applied at the lag it had in the request that
+        computed it."""
+        if submitted_at > self.now:
+            raise ValueError(f"results submitted at step {submitted_at}, after now ({self.now})")
+        future: Future[list[R]] = Future()
+        future.set_result(list(results))
+        apply_at = submitted_at + self.lag
+        at = len(self._batches)
+        while at and self._batches[at - 1].apply_at > apply_at:  # keep the queue in application order
+            at -= 1
+        self._batches.insert(at, _Batch(apply_at, future))
+
     def step(self) -> None:
         """One engine step has passed."""
         self.now += 1

@@ -68,6 +68,14 @@ class EngineSettings(Strict):
         description="engine steps between a step's start and its freed pages: the decision is computed "
         "off the critical path meanwhile (0 = synchronous, inside the engine step)",
     )
+    prefix_cache_mib: float = Field(
+        256.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="eviction-aware prefix caching: MiB per worker of policy states recorded at step "
+        "boundaries, so that a later request with the same prefix and settings resumes from there "
+        "(0 = off: an evicting request then prefills its whole prompt)",
+    )
 
     granularity: Granularity = Field(
         "shared",

@@ -78,6 +78,11 @@ class RequestMemory:
     steps: int = 0
     step: EvictionStep | None = None
     """The step begun and not finished yet (computing off the critical path), if any."""
+    canonical: bool = True
+    """Whether its history is the one a request with this prompt has on its own: every engine step
+    since it started computed one ``interval``-aligned chunk of ``interval`` tokens of it. Only then
+    is a step boundary's state a function of the prefix and the settings alone, so a later request
+    may resume from it (:mod:`vllm_namm.step_snapshots`)."""
 
     def __post_init__(self) -> None:
         self.queries = [[] for _ in range(self.num_layers)]
@@ -160,6 +165,11 @@ class EvictionStep:
     """Logical tokens in the request's cache when the step began (evicted ones included)."""
     plan: PagePlan | None = None
     """The pages to free, once computed."""
+    resumable: bool = False
+    """Begun at a boundary a later request can resume from: a canonical history, every query so far
+    taken by this step, nothing cached beyond it, and the boundary on the interval and page grids."""
+    restored: bool = False
+    """Replayed from a snapshot (computed by the request that recorded it): nothing to record again."""
 
     @property
     def is_current(self) -> bool:
@@ -217,6 +227,14 @@ def begin_step(
     )
     mem.scored_tokens = last + 1
     mem.step = step
+    step.resumable = (
+        mem.canonical
+        and not mem.query_positions
+        and last + 1 == mem.num_tokens
+        and interval is not None
+        and (last + 1) % interval == 0
+        and (last + 1) % mem.block_size == 0
+    )
     return step
 
 

@@ -252,6 +252,33 @@ def make_sample(
     )
 
 
+def shared_document(
+    seed: int, target_tokens: int, n_facts: int, count_tokens: Callable[[str], int] = len
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """One document of at most ``target_tokens`` tokens holding ``n_facts`` kv_retrieval facts spread
+    through filler, and the facts: many questions (``"\n" + kv_question(key)``) over one document, the
+    shared-prefix workload of eviction-aware prefix caching."""
+    rng = random.Random(f"shared:{seed}:{target_tokens}:{n_facts}")
+    facts = draw_facts("kv_retrieval", rng, n_facts)
+    needles = [kv_fact(k, v) for k, v in facts]
+    if count_tokens(TASK_HEADER + "".join(needles)) >= target_tokens:
+        raise ValueError(f"{n_facts} facts do not fit in {target_tokens} tokens")
+    n_chars = target_tokens * 2
+    while True:
+        spans = _filler(random.Random(f"shared-filler:{seed}"), n_chars).split(". ")[:-1]
+        per = max(len(spans) // (n_facts + 1), 1)
+        parts = [TASK_HEADER]
+        for i, span in enumerate(spans):
+            if i and i % per == 0 and i // per <= n_facts:
+                parts.append(needles[i // per - 1])
+            parts.append(span.strip() + ". ")
+        parts.extend(needles[min(max(len(spans) - 1, 0) // per, n_facts) :])
+        text = "".join(parts)
+        if count_tokens(text) <= target_tokens:
+            return text, facts
+        n_chars = int(n_chars * min(0.99, target_tokens / count_tokens(text))) - 1
+
+
 def rng_needle_positions(n_spans: int, n_needles: int, depth: float, seed: int) -> list[int]:
     """Sentence indices where needles go: the first around ``depth``, the others anywhere."""
     rng = random.Random(f"pos:{seed}:{n_spans}:{n_needles}")

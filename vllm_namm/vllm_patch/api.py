@@ -61,6 +61,21 @@ class _Metrics:
             "vllm_namm:blocks_held_by_evicting_requests",
             "KV blocks held by running requests that evict (sampled at each request finish)",
         )
+        self.prefix_hits = Counter(
+            "vllm_namm:prefix_snapshot_hits",
+            "Finished evicting requests that resumed from a step snapshot (eviction-aware prefix caching)",
+        )
+        self.prefix_tokens = Counter(
+            "vllm_namm:prefix_snapshot_tokens_saved",
+            "Prompt tokens evicting requests took from step snapshots instead of prefilling them",
+        )
+        self.prefix_records = Gauge(
+            "vllm_namm:prefix_snapshots", "Step snapshots held (sampled at each evicting request's finish)"
+        )
+        self.prefix_bytes = Gauge(
+            "vllm_namm:prefix_snapshot_bytes",
+            "Bytes of policy state the step snapshots hold per worker (sampled at each evicting request's finish)",
+        )
 
     def observe(self, s: dict[str, Any]) -> None:
         self.requests.inc()
@@ -72,6 +87,13 @@ class _Metrics:
         self.held_blocks.inc(s.get("held_blocks", 0))
         self.budget_tokens.inc(s.get("budget_tokens", 0))
         self.budget_blocks.inc(s.get("budget_blocks", 0))
+        saved = s.get("prefix_restored_tokens", 0)
+        if saved:
+            self.prefix_hits.inc()
+            self.prefix_tokens.inc(saved)
+        if "prefix_records" in s:
+            self.prefix_records.set(s["prefix_records"])
+            self.prefix_bytes.set(s.get("prefix_record_bytes", 0))
 
 
 def _book(processor: Any) -> PolicyBook:

@@ -1,4 +1,5 @@
-"""Worker -> scheduler reports of evicted pages, carried on the step's ModelRunnerOutput.
+"""Worker -> scheduler reports of evicted pages, carried on the step's ModelRunnerOutput; and the
+scheduler's word to the workers about step snapshots, carried on its SchedulerOutput.
 
 The worker may live in another process than the scheduler (``vllm serve`` on CPU runs a
 multiprocess executor even for one worker), so reports ride on the object that already
@@ -7,6 +8,11 @@ to its ``ModelRunnerOutput`` (pickled with its ``__dict__``), and the scheduler 
 start of ``update_from_output`` of the same step, before it schedules the next one. A
 freed block can therefore never be handed out while this request's worker table still
 points at it.
+
+The other way (eviction-aware prefix caching, :mod:`.prefix_records`): a report may announce a step
+snapshot the worker took (:class:`SnapshotNote`); the scheduler keeps it or not, and its next
+``SchedulerOutput`` tells every worker which requests restore which snapshot and which snapshots
+to drop (:func:`send`, :func:`received`), before that step's forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTR = "namm_reports"
+DIRECTIVES = "namm_snapshots"
+
+
+@dataclass(frozen=True)
+class SnapshotNote:
+    """A step snapshot a worker took (:class:`~vllm_namm.step_snapshots.StepSnapshot`) and holds as ``snapshot_id``."""
+
+    snapshot_id: int
+    boundary: int
+    holes: list[int]
+    """Logical pages below the boundary that the snapshot has freed."""
+    pending: list[int]
+    """Pages its pending step frees (still held at the boundary)."""
+    nbytes: int
 
 
 @dataclass
@@ -31,6 +51,8 @@ class EvictionReport:
     """Logical tokens in the request's cache when the step ran (evicted ones included)."""
     group: int = 0
     """The KV-cache group whose pages these are (each evicted group has its own plans)."""
+    snapshot: SnapshotNote | None = None
+    """The snapshot taken at the boundary this step began at, if any (before its pages are freed)."""
 
 
 class Outbox:
@@ -47,9 +69,10 @@ class Outbox:
         realised: int,
         tokens: int = 0,
         group: int = 0,
+        snapshot: SnapshotNote | None = None,
     ) -> None:
         """Queue the report of one eviction step (of one KV-cache group) for this step's output."""
-        self._pending.append(EvictionReport(req_id, pages, requested, realised, tokens, group))
+        self._pending.append(EvictionReport(req_id, pages, requested, realised, tokens, group, snapshot))
 
     def attach(self, output: Any) -> Any:
         """Move pending reports onto ``output`` (copying shared singletons)."""
@@ -67,3 +90,15 @@ class Outbox:
 def take(output: Any) -> list[EvictionReport]:
     """Scheduler side: the reports that came with this step's output."""
     return list(getattr(output, ATTR, None) or [])
+
+
+def send(output: Any, restores: dict[str, int], drops: list[int]) -> None:
+    """Scheduler side: tell the workers which requests of this step restore which snapshot, and which
+    snapshots to forget (after the restores)."""
+    if restores or drops:
+        setattr(output, DIRECTIVES, (dict(restores), list(drops)))
+
+
+def received(output: Any) -> tuple[dict[str, int], list[int]]:
+    """Worker side: (request -> snapshot id to restore, snapshot ids to drop) of this scheduler output."""
+    return getattr(output, DIRECTIVES, None) or ({}, [])

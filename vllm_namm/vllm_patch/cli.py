@@ -145,6 +145,18 @@ ENGINE_FLAGS: FlagTable = MappingProxyType(
                 "computed off the critical path meanwhile (default 2; 0 = synchronous).",
             ),
         ),
+        "--kv-eviction-prefix-cache-mib": (
+            "prefix_cache_mib",
+            dict(
+                type=float,
+                default=None,
+                metavar="MIB",
+                help="Eviction-aware prefix caching: memory per worker for the eviction states recorded at "
+                "step boundaries, so that a request sharing a prefix with an earlier one (same settings) "
+                "resumes from its compressed cache (default 256; 0 = off: an evicting request then "
+                "prefills its whole prompt).",
+            ),
+        ),
     }
 )
 BUDGET_FLAGS: Mapping[str, str] = MappingProxyType(

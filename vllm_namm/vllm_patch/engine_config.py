@@ -95,6 +95,26 @@ def settings_of(owner: Any) -> EvictionConfig | None:
     return cached[1]
 
 
+def snapshots_possible(vllm_config: Any, kv_cache_config: Any) -> bool:
+    """Whether eviction-aware prefix caching can work on this engine: vLLM's prefix caching on, no
+    KV connector or KV-cache events (whose consumers would see the namespaced post-eviction blocks),
+    and a single KV-cache group, so exactly one evicted group (a plain model with shared pages).
+
+    The one place that decides it for the scheduler and the workers alike. A snapshot holds one
+    request memory and a record one block list; with several groups (a hybrid model's sliding-window
+    and full-attention groups, or ``--kv-eviction-granularity layer``'s group per layer) every
+    evicted group has its own holes and policy states, and a hit would have to bring blocks for
+    every group. There an evicting request records and resumes no snapshot: it skips the prefix
+    cache and prefills its whole prompt (issue 27, item 1)."""
+    events = getattr(vllm_config, "kv_events_config", None)
+    return bool(
+        vllm_config.cache_config.enable_prefix_caching
+        and len(kv_cache_config.kv_cache_groups) == 1
+        and getattr(vllm_config, "kv_transfer_config", None) is None
+        and not (events is not None and getattr(events, "enable_kv_cache_events", False))
+    )
+
+
 def prepare_engine_args(args: Any) -> None:
     """Validate the eviction settings and set the engine options eviction needs.
 

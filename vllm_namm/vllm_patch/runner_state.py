@@ -19,6 +19,12 @@ holes and compaction. For requests whose policy evicts, each engine step:
 3. :meth:`NammRunnerState.compaction`: before attention metadata is built, which rows of which
    group have holes.
 
+Eviction-aware prefix caching (:mod:`vllm_namm.step_snapshots`; with one KV-cache group only,
+:func:`~vllm_namm.vllm_patch.engine_config.snapshots_possible`): when a resumable step is applied,
+its request's state at the step's boundary is kept as a snapshot and announced on the report; a
+request the scheduler resumes from a snapshot gets that state back as it enters the batch (and the
+snapshot's pending step, applied after the same number of engine steps as in the recording request).
+
 Several workers: a tensor-parallel rank holds some KV heads of every layer, a pipeline stage
 some layers, but all share one block table (the scheduler's). Each rank scores what it holds
 and the ranks agree on every page plan through a gloo group of their own
@@ -40,8 +46,11 @@ from vllm_namm.background import LaggedExecutor, eviction_cpus
 from vllm_namm.config import EvictionConfig
 from vllm_namm.layer_budgets import layer_budget_scales
 from vllm_namm.request_memory import EvictionStep, PagedCacheReader, RequestMemory, begin_step, compute_steps
+from vllm_namm.step_snapshots import SnapshotStore, StepSnapshot
+from vllm_namm.vllm_patch import channel
 from vllm_namm.vllm_patch.attention_layers import AttentionLayers
-from vllm_namm.vllm_patch.channel import Outbox
+from vllm_namm.vllm_patch.channel import Outbox, SnapshotNote
+from vllm_namm.vllm_patch.engine_config import snapshots_possible
 from vllm_namm.vllm_patch.holes import Compaction, Holes
 from vllm_namm.vllm_patch.kv_groups import evicted_groups
 from vllm_namm.vllm_patch.policy_book import PolicyBook
@@ -76,6 +85,11 @@ class NammRunnerState:
         self.requests: dict[str, list[RequestMemory]] = {}
         """Per tracked request: one memory per evicted group, in :attr:`groups` order."""
         self.outbox = Outbox()
+        self.snapshots = SnapshotStore()
+        self.snapshotting = config.prefix_cache_mib > 0 and snapshots_possible(
+            runner.vllm_config, runner.kv_cache_config
+        )
+        """Whether resumable steps leave snapshots (the scheduler keeps records of them under the same conditions)."""
         side = kernels.resolve_backend(config.kernels, self.layers.key_layouts()[0][0])
         self.fused = side == "triton"
         """The fused paged STFT+EMA kernel (GPU) for the policies that accept it (NAMM, window 32 / hop 16)."""
@@ -102,18 +116,28 @@ class NammRunnerState:
             self.requests.pop(req_id, None)
         for req_id in scheduler_output.preempted_req_ids or ():
             self.requests.pop(req_id, None)
+        restores, drops = channel.received(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
-            self._track(new.req_id, new.sampling_params, new.num_computed_tokens)
+            self._track(new.req_id, new.sampling_params, new.num_computed_tokens, restores.get(new.req_id))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or ()
         for i, req_id in enumerate(cached.req_ids):
             if req_id in resumed:  # recomputed from scratch after preemption: state starts over
                 state = self.runner.requests.get(req_id)
-                self._track(req_id, state.sampling_params if state else None, cached.num_computed_tokens[i])
+                self._track(
+                    req_id,
+                    state.sampling_params if state else None,
+                    cached.num_computed_tokens[i],
+                    restores.get(req_id),
+                )
+        self.snapshots.drop(drops)
         self.layers.start(capturing=bool(self.requests))
 
-    def _track(self, req_id: str, sampling_params: Any, num_computed_tokens: int) -> None:
-        """Start (or restart) eviction bookkeeping of a request that enters the batch."""
+    def _track(
+        self, req_id: str, sampling_params: Any, num_computed_tokens: int, snapshot_id: int | None = None
+    ) -> None:
+        """Start (or restart) eviction bookkeeping of a request that enters the batch, from a snapshot
+        when the scheduler resumes it from one."""
         self.requests.pop(req_id, None)
         try:
             settings = parse_request_settings(sampling_params.extra_args if sampling_params else None)
@@ -134,6 +158,7 @@ class NammRunnerState:
                     num_tokens=num_computed_tokens,
                     budget_scale=scale,
                     scored_tokens=0,
+                    canonical=num_computed_tokens == 0,
                 )
                 for layers, block_size, scale in zip(
                     self.group_layers, self.block_sizes, self.budget_scales, strict=True
@@ -141,6 +166,15 @@ class NammRunnerState:
             ]
         except ValueError as e:  # validated at the API server already; never kill the engine
             logger.error("vllm-namm: request %s runs without eviction: %s", req_id, e)
+        mems = self.requests.get(req_id)
+        if snapshot_id is None:
+            return
+        snapshot = self.snapshots.get(snapshot_id)
+        if mems is None or len(mems) != 1 or snapshot.boundary != num_computed_tokens:
+            raise RuntimeError(f"vllm-namm: request {req_id} cannot resume from snapshot {snapshot_id}")
+        pending = snapshot.restore(mems[0], req_id)
+        if pending is not None:  # as if begun at the end of the previous engine step, as it was
+            self.executor.submit_done([pending], self.executor.now - 1)
 
     def compaction(self) -> dict[int, Compaction]:
         """Per KV-cache group with holes: the rows of the persistent batch whose block table has holes."""
@@ -167,12 +201,20 @@ class NammRunnerState:
             num_reqs = batch.num_reqs
             qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
             steps = []
+            interval = self.config.interval
+            for req_id, mems in self.requests.items():  # an engine step without a chunk of it: not canonical
+                if scheduler_output.num_scheduled_tokens.get(req_id, 0) != interval:
+                    for mem in mems:
+                        mem.canonical = False
             for row, req_id in enumerate(batch.req_ids[:num_reqs]):
                 mems = self.requests.get(req_id)
                 n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
                 if mems is None or n == 0 or queries is None:
                     continue
                 start = int(batch.num_computed_tokens_cpu[row])
+                if start % interval:
+                    for mem in mems:
+                        mem.canonical = False
                 mine = [q[qsl[row] : qsl[row] + n] for q in queries]
                 prompt_len = runner.requests[req_id].num_prompt_tokens
                 for i, mem in enumerate(mems):
@@ -237,12 +279,29 @@ class NammRunnerState:
             assert step.plan is not None
             group = self.groups[i]
             freed = self.holes.freed_blocks(step, group)
+            note = self._snapshot(step)
             if self.reporter:  # the other ranks' outputs never reach the scheduler
                 plan = step.plan
                 self.outbox.post(
-                    step.req_id, freed, sum(plan.requested), sum(plan.realised), step.num_tokens, group
+                    step.req_id, freed, sum(plan.requested), sum(plan.realised), step.num_tokens, group, note
                 )
             self.holes.make(step, group, freed, self.executor.now)
+
+    def _snapshot(self, step: EvictionStep) -> SnapshotNote | None:
+        """Keep the state at the boundary a resumable step began at (every worker, same ids)."""
+        if not step.resumable or step.restored or not self.snapshotting:
+            return None
+        pending = self.config.lag >= 2  # else the step's holes were made within the step that began it
+        snapshot = StepSnapshot.take(step, pending)
+        snapshot_id = self.snapshots.add(snapshot)
+        free = step.plan.free_pages if step.plan is not None else []
+        return SnapshotNote(
+            snapshot_id,
+            snapshot.boundary,
+            sorted(snapshot.holes),
+            list(free) if pending else [],
+            snapshot.nbytes,
+        )
 
     def _log_start(self, side: str, engine_cpus: set[int], cpus: set[int] | None, num_groups: int) -> None:
         config, layers, votes = self.config, self.layers, self.votes
