@@ -828,10 +828,25 @@ def main(argv: list[str] | None = None) -> int:
         f"model {model}: {len(settings)} settings x {len(samples)} prompts; log in {out_dir}", file=sys.stderr
     )
     t0 = time.monotonic()
+    server_command: list[str] = []
+    server_log = ""
+    outcomes: list[Outcome] = []
+
+    def report_so_far() -> QualityReport:
+        return QualityReport(
+            command=command,
+            started=stamp,
+            server_command=server_command,
+            server_log=server_log,
+            wall_s=time.monotonic() - t0,
+            config=cfg,
+            summaries=[],
+            outcomes=outcomes,
+        )
+
     if args.reference:
-        outcomes, server_command, server_log = _run_reference(settings, samples, cfg), [], ""
+        outcomes = _run_reference(settings, samples, cfg)
     else:
-        outcomes, server_command, server_log = [], [], ""
         for group in dict.fromkeys(s.group for s in settings):  # in order: main first
             rows = [s for s in settings if s.group == group]
             log = out_dir / ("server.log" if group == "main" else f"server-{group}.log")
@@ -848,28 +863,8 @@ def main(argv: list[str] | None = None) -> int:
             if group == "main":
                 server_command, server_log = server.command, str(server.log)
             # what is measured so far survives a run stopped before its last server
-            partial = QualityReport(
-                command=command,
-                started=stamp,
-                server_command=server_command,
-                server_log=server_log,
-                wall_s=time.monotonic() - t0,
-                config=cfg,
-                summaries=[],
-                outcomes=outcomes,
-            )
-            (out_dir / "quality.partial.json").write_text(partial.model_dump_json(indent=1))
-    report = QualityReport(
-        command=command,
-        started=stamp,
-        server_command=server_command,
-        server_log=server_log,
-        wall_s=time.monotonic() - t0,
-        config=cfg,
-        summaries=[],
-        outcomes=outcomes,
-    )
-    return _finish(report, out_dir)
+            (out_dir / "quality.partial.json").write_text(report_so_far().model_dump_json(indent=1))
+    return _finish(report_so_far(), out_dir)
 
 
 def analyse(report: QualityReport) -> QualityReport:

@@ -338,6 +338,31 @@ def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
     assert "cannot read the report" in capsys.readouterr().err
 
 
+def _serving_config(**update):
+    """A serving run's config: two modes, 40 usable blocks of 32, 1 KiB of KV per token, 1 MiB of weights."""
+    from benchmarks.serving import ServingConfig
+
+    fields = dict(
+        model="m",
+        modes=["none", "namm"],
+        num_requests=2,
+        prompt_tokens=100,
+        max_tokens=8,
+        request_rate=math.inf,
+        kv_capacity_requests=4,
+        num_blocks=41,
+        kv_space_gib=1,
+        block_size=32,
+        max_model_len=256,
+        task_kinds=["passkey"],
+        seed=10**9,
+        sample_interval_s=0.2,
+        kv_bytes_per_token=1024,
+        weights_bytes=2**20,
+    )
+    return ServingConfig(**(fields | update))
+
+
 def _record(index: int, correct: float | None, error: str | None = None):
     from benchmarks.serving import RequestRecord
 
@@ -358,7 +383,7 @@ def _record(index: int, correct: float | None, error: str | None = None):
 def test_serving_summary_scores_answers_and_sizes_the_kv_per_request():
     """Accuracy counts a failed request as wrong; KV per running request = mean blocks in use /
     mean requests running x block bytes; the modelled memory-bound ratio follows its formula."""
-    from benchmarks.serving import Sample, ServingConfig, memory_bound_ratio, summarise
+    from benchmarks.serving import Sample, memory_bound_ratio, summarise
 
     samples = [
         Sample(t_s=t, kv_usage=0.5, kv_blocks=blocks, running=run, waiting=0)
@@ -370,24 +395,7 @@ def test_serving_summary_scores_answers_and_sizes_the_kv_per_request():
     assert s.kv_mib_per_request == 10 * 32 * 1024 / 2**20
     unscored = summarise([_record(0, None)], samples, {}, wall=1.0)
     assert unscored.accuracy is None and unscored.kv_mib_per_request is None
-    cfg = ServingConfig(
-        model="m",
-        modes=["none", "namm"],
-        num_requests=4,
-        prompt_tokens=100,
-        max_tokens=8,
-        request_rate=math.inf,
-        kv_capacity_requests=4,
-        num_blocks=41,
-        kv_space_gib=1,
-        block_size=32,
-        max_model_len=256,
-        task_kinds=["passkey"],
-        seed=10**9,
-        sample_interval_s=0.2,
-        kv_bytes_per_token=1024,
-        weights_bytes=2**20,
-    )
+    cfg = _serving_config()
     more = s.model_copy(update={"mean_running": 12.0, "kv_mib_per_request": s.kv_mib_per_request / 4})
     rate = lambda r, kv: r / (2**20 + r * kv * 2**20)  # noqa: E731
     expected = rate(12.0, s.kv_mib_per_request / 4) / rate(4.0, s.kv_mib_per_request)
@@ -419,27 +427,9 @@ def test_serving_realtext_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_serving_table_shows_accuracy_and_the_modelled_line_only_when_measured():
-    from benchmarks.serving import ModeResult, Sample, ServingConfig, ServingReport, format_table, summarise
+    from benchmarks.serving import ModeResult, Sample, ServingReport, format_table, summarise
 
-    cfg = ServingConfig(
-        model="m",
-        modes=["none", "namm"],
-        num_requests=2,
-        prompt_tokens=100,
-        max_tokens=8,
-        request_rate=math.inf,
-        kv_capacity_requests=4,
-        num_blocks=41,
-        kv_space_gib=1,
-        block_size=32,
-        max_model_len=256,
-        task_kinds=["niah_number"],
-        seed=10**9,
-        sample_interval_s=0.2,
-        tasks="realtext",
-        kv_bytes_per_token=1024,
-        weights_bytes=2**20,
-    )
+    cfg = _serving_config(tasks="realtext", task_kinds=["niah_number"])
 
     def result(mode: str, running: int, blocks: float, right: list[float | None]) -> ModeResult:
         samples = [Sample(t_s=0.0, kv_usage=0.5, kv_blocks=blocks, running=running, waiting=0)]
