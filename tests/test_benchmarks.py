@@ -2,8 +2,12 @@
 
 The serving run starts two real ``vllm serve`` processes (none, streaming at a 256-token
 budget) on a tiny random Llama and checks what the benchmark exists to show: with
-eviction, fewer KV blocks are in use for the same workload. That check reads vLLM's own
-``vllm:kv_cache_usage_perc`` through the benchmark, so it fails if pages are not freed.
+eviction, each request holds far fewer KV blocks for the same workload. That check reads
+counters the servers report after the run (the retained-fraction histogram and the freed
+blocks, both counted from the block tables the scheduler holds), never a ``/metrics`` sample
+caught mid-run: a loaded API server was seen to answer no scrape for the whole 21 s that
+streaming took to decode 4 x 8192 tokens (issue 31). vLLM's own KV gauge mid-decode is checked
+by ``test_engine_server.py`` on a request held at a decode position.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -90,28 +93,6 @@ def test_parse_metrics_sums_labels():
     assert m["vllm:num_requests_running"] == 3
 
 
-def blocks_per_request_while_decoding(mode: dict) -> float:
-    """Median KV blocks per running request over the /metrics samples taken while requests decoded.
-
-    A sample counts when its scrape began after every request's first token had reached the
-    client (the sampler starts a scrape only after the previous one returned) and it shows a
-    request running: no request is in its prompt then. Why: a prompt is allocated whole before
-    its prompt-end step frees it, so a prefill sample is a transient (once 118 blocks for
-    streaming against 103 for none), and a busy API server can answer a scrape seconds late
-    with a stale prefill value (once 96 against 154). The decode window is long by
-    construction (8192 tokens per request, 30 s or more): a loaded API server was seen to
-    answer no scrape for 8-20 s (a 2048-token window then held only 2 decoding samples).
-    """
-    decoding_from = max(r["sent_s"] + r["ttft_s"] for r in mode["requests"])
-    per = [
-        s["kv_blocks"] / s["running"]
-        for prev, s in pairwise(mode["samples"])
-        if prev["t_s"] >= decoding_from and s["running"] and not s["waiting"]
-    ]
-    assert per, f"{mode['mode']}: no /metrics sample showed the requests decoding"
-    return statistics.median(per)
-
-
 @pytest.mark.server
 @pytest.mark.timeout(1800)
 def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, server_pool):
@@ -149,14 +130,18 @@ def test_serving_benchmark_streaming_uses_fewer_blocks(tmp_path, tiny_model, ser
         assert m["samples"], "no /metrics samples"
         assert Path(m["server_log"]).exists()
     none, streaming = by_mode["none"]["summary"], by_mode["streaming:budget=256"]["summary"]
-    assert none["peak_kv_blocks"] > 0
-    # 3 000-token prompts: while decoding, none holds every prompt (>= 94 blocks per request);
-    # streaming holds its 256-token budget, the sink page, at most one 512-token interval of
-    # decoded tokens and the page being written (<= 28), below half of that at every position.
-    per_request = {mode: blocks_per_request_while_decoding(m) for mode, m in by_mode.items()}
-    assert per_request["streaming:budget=256"] < 0.5 * per_request["none"], per_request
-    assert streaming["evicted_blocks"] > 0 and streaming["mean_retained_fraction"] < 1.0
-    assert none["mean_retained_fraction"] == 1.0
+    # Read after the run, from counters: none holds every block its tokens span (retained 1.0,
+    # nothing freed). A streaming request spans ceil(11 192 / 32) = 350 blocks and, at its last
+    # decode step, holds its 256-token budget, the sink page, at most one 512-token interval of
+    # decoded tokens and the page being written: <= 28 blocks, under a tenth of what none holds.
+    assert none["mean_retained_fraction"] == 1.0 and none["evicted_blocks"] == 0
+    spanned = [
+        -(-(q["prompt_tokens"] + q["output_tokens"]) // 32)
+        for q in by_mode["streaming:budget=256"]["requests"]
+    ]
+    held_per_request = streaming["mean_retained_fraction"] * statistics.mean(spanned)
+    assert streaming["evicting_requests"] == 4 and held_per_request <= 28, (held_per_request, streaming)
+    assert streaming["evicted_blocks"] >= 4 * (min(spanned) - 28), streaming
     assert "command: python -m benchmarks serving" in report["table"]
     assert (out / "kv_usage.png").exists()
 
