@@ -36,7 +36,14 @@ import httpx
 from pydantic import Field
 
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
-from benchmarks.serving import ROOT, TRAINED_MODEL, BaseModel, token_counter, vllm_server
+from benchmarks.serving import (
+    ROOT,
+    TRAINED_MODEL,
+    BaseModel,
+    check_realtext_inputs,
+    token_counter,
+    vllm_server,
+)
 from evolve.assets import SMOLLM2_DIR
 from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 from vllm_namm.config import EvictionConfig
@@ -134,11 +141,9 @@ class QualityReport(BaseModel):
 
 ONE_SHOT = "one-shot"
 LAYER = "layer"
-"""The server group (and label suffix) of the per-layer-page rows."""
-
-
-def layer_label(label: str) -> str:
-    return f"{label} [{LAYER}]"
+"""The server group of the per-layer-page rows."""
+LAYER_SUFFIX = f" [{LAYER}]"
+"""What a per-layer-page row's label adds to its shared-page row's."""
 
 
 def build_settings(cfg: QualityConfig) -> list[Setting]:
@@ -166,7 +171,7 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
             settings.append(Setting(label=f"namm one-shot@{r:g}", policy="namm", ratio=r, group=ONE_SHOT))
     if cfg.layer_pages:  # the main server's eviction rows once more, each layer freeing its own pages
         settings += [
-            s.model_copy(update={"label": layer_label(s.label), "group": LAYER})
+            s.model_copy(update={"label": s.label + LAYER_SUFFIX, "group": LAYER})
             for s in settings
             if s.group == "main" and s.policy != "none"
         ]
@@ -211,7 +216,7 @@ def paired_layer(outcomes: list[Outcome], settings: list[Setting]) -> list[dict[
     for st in settings:
         if st.group != LAYER:
             continue
-        row = paired_counts(by, st.label, st.label.removesuffix(f" [{LAYER}]"))
+        row = paired_counts(by, st.label, st.label.removesuffix(LAYER_SUFFIX))
         if row["prompts"]:
             rows.append(row | {"sign_test_p": sign_test_p(row["wins"], row["losses"])})
     return rows
@@ -522,8 +527,8 @@ def series_of(summary: SettingSummary) -> str:
         return f"{summary.policy} {ONE_SHOT}"
     if summary.setting.startswith("namm["):
         return summary.setting.split("]")[0] + "]"
-    if summary.setting.endswith(f" [{LAYER}]"):
-        return f"{summary.policy} [{LAYER}]"
+    if summary.setting.endswith(LAYER_SUFFIX):
+        return summary.policy + LAYER_SUFFIX
     return summary.policy
 
 
@@ -695,21 +700,14 @@ def prepare_samples(args: argparse.Namespace) -> list[Any]:
     """Fill in the task family's defaults (``--model``, ``--kinds``), check the model (and the
     essays) and build the held-out samples of every kind and length."""
     if args.tasks == "realtext":
-        from evolve.assets import ESSAYS_DIR, AssetError, check_essays_dir, check_model_dir
-        from evolve.tasks.realtext import REALTEXT_KINDS, load_tokenizer, make_sample, seed_split
+        from evolve.assets import AssetError
+        from evolve.tasks.realtext import REALTEXT_KINDS, load_tokenizer, make_sample
 
         args.model = args.model or SMOLLM2_DIR
         args.kinds = args.kinds or list(REALTEXT_KINDS)
-        bad = [k for k in args.kinds if k not in REALTEXT_KINDS]
-        if bad:
-            raise InputError(
-                f"quality error: {bad[0]!r} is not a realtext kind ({', '.join(REALTEXT_KINDS)})"
-            )
         try:
-            check_model_dir(args.model)
-            args.essays = check_essays_dir(args.essays or ESSAYS_DIR)
-            seed_split(args.seed_base)
-            seed_split(args.seed_base + args.samples - 1)
+            seeds = [args.seed_base, args.seed_base + args.samples - 1]
+            args.essays = check_realtext_inputs(args.model, args.essays, args.kinds, seeds)
             tok = load_tokenizer(str(args.model.resolve()))
             return [
                 make_sample(k, args.seed_base + i, n, tok, essays_dir=args.essays)

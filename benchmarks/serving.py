@@ -318,16 +318,43 @@ def build_realtext(cfg: ServingConfig, model: Path) -> list[Any]:
     ]
 
 
+def model_shape(model: Path) -> dict[str, int]:
+    """Attention geometry from ``config.json`` (a multimodal config nests it in ``text_config``)."""
+    cfg = json.loads((model / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    heads = cfg["num_attention_heads"]
+    return {
+        "layers": cfg["num_hidden_layers"],
+        "heads": heads,
+        "kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+    }
+
+
 def kv_bytes_per_token(model: Path, dtype_bytes: int = 4) -> int | None:
-    """K and V of one token in every layer, from ``config.json`` (float32 on the CPU build)."""
+    """K and V of one token in every layer (float32 on the CPU build); None for an unreadable config."""
     try:
-        c = json.loads((model / "config.json").read_text())
-        c = c.get("text_config") or c
-        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        kv_heads = c.get("num_key_value_heads", c["num_attention_heads"])
-        return 2 * c["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+        shape = model_shape(model)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * dtype_bytes
+
+
+def check_realtext_inputs(model: Path, essays: Path | None, kinds: list[str], seeds: list[int]) -> Path:
+    """Check what real-text prompts are built from, for the benchmarks that ask them; returns the
+    essays folder. Raises ``AssetError`` (a model or essays folder) or ``ValueError`` (a kind, or a
+    seed in the gap between training and held-out seeds), each message naming the problem."""
+    from evolve.assets import ESSAYS_DIR, check_essays_dir, check_model_dir
+    from evolve.tasks.realtext import REALTEXT_KINDS, seed_split
+
+    bad = [k for k in kinds if k not in REALTEXT_KINDS]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a realtext kind ({', '.join(REALTEXT_KINDS)})")
+    check_model_dir(model)
+    folder = check_essays_dir(essays or ESSAYS_DIR)
+    for seed in seeds:
+        seed_split(seed)
+    return folder
 
 
 def memory_bound_ratio(mode: ModeSummary, base: ModeSummary, cfg: ServingConfig) -> float | None:
@@ -802,19 +829,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_realtext_args(args: argparse.Namespace) -> str | None:
     """Fill in the real-text defaults (SmolLM2, every kind); the one line naming bad input, or None."""
-    from evolve.assets import ESSAYS_DIR, SMOLLM2_DIR, AssetError, check_essays_dir, check_model_dir
+    from evolve.assets import SMOLLM2_DIR, AssetError
     from evolve.tasks.realtext import REALTEXT_KINDS, seed_split
 
     args.model = args.model or SMOLLM2_DIR
     args.task_kinds = args.task_kinds or list(REALTEXT_KINDS)
     try:
-        check_model_dir(args.model)
-        args.essays = check_essays_dir(args.essays or ESSAYS_DIR)
+        args.essays = check_realtext_inputs(args.model, args.essays, args.task_kinds, [args.seed])
         if seed_split(args.seed) != "heldout":
             raise ValueError(f"--seed {args.seed} is a training seed; held-out seeds start at 10**9")
-        bad = [k for k in args.task_kinds if k not in REALTEXT_KINDS]
-        if bad:
-            raise ValueError(f"{bad[0]!r} is not a realtext kind ({', '.join(REALTEXT_KINDS)})")
     except AssetError as e:
         return str(e)
     except ValueError as e:

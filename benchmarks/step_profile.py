@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.launch import ROOT
 from benchmarks.results import command_line, markdown_table, results_dir, time_stamp
+from benchmarks.serving import model_shape
 
 DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 PHASES = [
@@ -128,17 +129,6 @@ def timed_phases(timers: Timers) -> Iterator[None]:
     finally:
         for u in reversed(undo):
             u()
-
-
-def model_shape(model: Path) -> dict[str, int]:
-    cfg = json.loads((model / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    return {
-        "layers": cfg["num_hidden_layers"],
-        "heads": heads,
-        "kv_heads": cfg.get("num_key_value_heads", heads),
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-    }
 
 
 def policy_config(spec: str, interval: int) -> Any:
