@@ -112,8 +112,8 @@ def run_mode(mode: Mode, model: Path, a: argparse.Namespace, out_dir: Path) -> d
     return result
 
 
-def format_table(results: list[dict]) -> str:
-    base = next((r for r in results if r["mode"] == "none"), None)
+def format_table(results: list[dict], base: dict | None) -> str:
+    """One row per metric, one column per mode; each cell's ratio is to ``base`` (no ratio without one)."""
     header = ["metric"] + [r["mode"] for r in results]
     rows = []
     for label, key, fmt in FIELDS:
@@ -128,6 +128,24 @@ def format_table(results: list[dict]) -> str:
     rows.append(["evicted blocks"] + [f"{r['evicted_blocks']:.0f}" for r in results])
     rows.append(["block size"] + [str(r.get("block_size") or "?") for r in results])
     return "\n".join(markdown_table(header, rows))
+
+
+def format_tables(results: list[dict]) -> str:
+    """A table per ``none`` run in ``results`` (e.g. ``none`` and ``none:block=32``), ratios to that run.
+
+    Why: eviction runs at the backend's smallest block while ``none`` keeps vLLM's own; ratios to
+    each baseline separate the eviction step's price from the block size's.
+    """
+    bases = [r for r in results if r["mode"].partition(":")[0] == "none"] or [None]
+    parts = []
+    for base in bases:
+        title = (
+            "no `none` run: no ratios"
+            if base is None
+            else (f"ratios to `{base['mode']}` (block {base.get('block_size') or '?'})")
+        )
+        parts.append(f"{title}\n\n{format_table(results, base)}")
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "bench_serve.json").write_text(
             json.dumps({"command": command, "results": results}, indent=1)
         )
-    table = format_table(results)
+    table = format_tables(results)
     print(
         f"vllm bench serve, random dataset {a.input_len} in / {a.output_len} out x {a.num_prompts} prompts, "
         f"seed {a.seed}; model {model}"

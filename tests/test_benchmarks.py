@@ -451,3 +451,24 @@ def test_serving_table_shows_accuracy_and_the_modelled_line_only_when_measured()
         )
     )
     assert "accuracy" not in plain and "modelled" not in plain
+
+
+def test_bench_serve_prints_ratios_to_each_none_run():
+    """`none` at vLLM's block and `none:block=32` each get a table: the block's price apart from eviction's."""
+    from benchmarks.bench_serve import format_tables
+
+    def run(mode: str, tok_s: float, block: str) -> dict:
+        return {
+            "mode": mode,
+            "output_throughput": tok_s,
+            "completed": 4,
+            "evicted_blocks": 0.0,
+            "block_size": block,
+        }
+
+    text = format_tables([run("none", 20.0, "128"), run("none:block=32", 10.0, "32"), run("namm", 9.0, "32")])
+    first, second = text.split("ratios to `none:block=32`")
+    assert "ratios to `none` (block 128)" in first and "9.0 (0.45x)" in first and "10.0 (0.50x)" in first
+    assert "(block 32)" in second and "9.0 (0.90x)" in second and "20.0 (2.00x)" in second
+    alone = format_tables([run("namm", 9.0, "32")])
+    assert "no ratios" in alone and "x)" not in alone
