@@ -243,13 +243,19 @@ class MLPScorer(FlatScorer):
 
     def forward(self, x: Tensor, flat: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
         """x [batch, n, input_dim] -> scores [batch, n] (``valid`` unused: tokens are independent)."""
-        *hidden_layers, (w_s, b_s) = self.layers(flat)
+        w_s, b_s = self.layers(flat)[-1]
+        return _linear(self.hidden_state(x, flat), w_s, b_s).squeeze(-1)
+
+    def hidden_state(self, x: Tensor, flat: Tensor | None = None) -> Tensor:
+        """[batch, n, hidden]: what the final linear layer reads. Per token, so an offline search
+        over the output layer alone (``evolve.proxy``) computes it once per token."""
+        *hidden_layers, _ = self.layers(flat)
         h = x.to(self.flat.dtype)
         for i, (w, b) in enumerate(hidden_layers):
             out = torch.relu(_linear(h, w, b))
             residual = i > 0 or self.input_dim == self.hidden
             h = h + out if residual else out
-        return _linear(h, w_s, b_s).squeeze(-1)
+        return h
 
 
 Scorer = BAMScorer | MLPScorer

@@ -1,0 +1,42 @@
+"""The proxy's page decision is select_pages' decision; a replay keeps the budget and what it scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evolve.proxy import PreparedPrompt, budget_page_keep, replay
+from vllm_namm.page_plan import PagesByBudget, select_pages
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+@pytest.mark.parametrize("seed", range(6))
+def test_budget_page_keep_is_select_pages(aggregate: str, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(40, 700, (1,), generator=g))
+    positions = torch.sort(torch.randperm(2 * n, generator=g)[:n]).values  # holes, like an evicted cache
+    scores = torch.randn(12, n, generator=g)
+    if seed % 2:  # ties: coarse scores
+        scores = scores.round()
+    keep_tokens = int(torch.randint(1, n, (1,), generator=g))
+    protected = torch.zeros(n, dtype=torch.bool)
+    protected[-1] = True
+    plan = select_pages(
+        PagesByBudget(list(scores.view(4, 3, n)), positions, 32, keep_tokens, aggregate, protected)
+    )
+    assert torch.equal(budget_page_keep(scores, positions, 32, keep_tokens, aggregate), plan.token_keep)
+
+
+def test_replay_keeps_the_budget_and_the_pages_it_scores_best() -> None:
+    # 4 steps of 512 tokens; the score is the position itself (newest best), labels on the last 64
+    # tokens (kept: the newest pages) and on the first 64 of the second chunk (evicted)
+    n_steps, rows = 4, 6
+    inputs = [torch.arange(512 * (k + 1), dtype=torch.float32).expand(rows, -1) for k in range(n_steps)]
+    positions = [torch.arange(512 * (k + 1)) for k in range(n_steps)]
+    labels = torch.zeros(2048, dtype=torch.bool)
+    labels[-64:] = True
+    labels[512:576] = True
+    p = PreparedPrompt(inputs, positions, [512 * (k + 1) - 1 for k in range(n_steps)], labels, (2, 3))
+    fact, retained = replay(p, lambda x, idx: x[:, idx], "mean", 0.25, 32)
+    assert retained == pytest.approx(512 / 2048)  # 16 pages of 32 of the 2048 tokens
+    assert fact == pytest.approx(0.5)
