@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import pickle
 import re
 import sys
@@ -345,6 +346,14 @@ class ProxyScorer:
 # CMA-ES against the proxy (the caller-owned ask/tell loop, checkpointed every generation)
 
 
+_WORKER_PROXY: ProxyScorer | None = None
+
+
+def _worker_fact_kept(params: np.ndarray) -> float:
+    assert _WORKER_PROXY is not None
+    return _WORKER_PROXY(torch.tensor(params, dtype=torch.float32))["fact_kept"]
+
+
 def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -368,6 +377,10 @@ def run(a: argparse.Namespace) -> int:
     def fit(proxy: ProxyScorer, x: np.ndarray) -> dict[str, float]:
         return proxy(torch.tensor(space.split(x)[0], dtype=torch.float32))
 
+    global _WORKER_PROXY
+    _WORKER_PROXY = train  # forked workers inherit the prepared recordings (copy-on-write)
+    pool = mp.get_context("fork").Pool(a.workers, initializer=torch.set_num_threads, initargs=(1,))
+
     ckpt = out / "checkpoint.pkl"
     if a.resume and ckpt.exists():
         state = pickle.loads(ckpt.read_bytes())
@@ -383,27 +396,29 @@ def run(a: argparse.Namespace) -> int:
     while strategy.generation < a.generations:
         t0 = time.time()
         cands = strategy.ask()
-        fits = [fit(train, x)["fact_kept"] for x in cands]
+        fits = pool.map(_worker_fact_kept, [space.split(x)[0] for x in cands])
         strategy.tell(fits)
         mean = strategy.mean
-        row = {
+        row: dict[str, Any] = {
             "generation": strategy.generation - 1,
             "best": max(fits),
             "pop_mean": float(np.mean(fits)),
-            "train": fit(train, mean),
-            "valid": fit(valid, mean),
             "sigma": strategy.sigma,
-            "seconds": time.time() - t0,
             "x": mean.tolist(),
         }
+        if strategy.generation % a.eval_every == 0 or strategy.generation == a.generations:
+            row["train"], row["valid"] = fit(train, mean), fit(valid, mean)
+        row["seconds"] = time.time() - t0
         history.append(row)
         ckpt.write_bytes(pickle.dumps({"strategy": strategy.state_dict(), "history": history}))
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({k: v for k, v in row.items() if k != "x"}) + "\n")
         bar.update(1)
-        bar.set_postfix(train=f"{row['train']['fact_kept']:.3f}", valid=f"{row['valid']['fact_kept']:.3f}")
+        bar.set_postfix(best=f"{row['best']:.3f}", pop_mean=f"{row['pop_mean']:.3f}")
     bar.close()
-    best = max(history, key=lambda h: (h["valid"]["fact_kept"], h["train"]["fact_kept"]))
+    pool.close()
+    evaluated = [h for h in history if "valid" in h]
+    best = max(evaluated, key=lambda h: (h["valid"]["fact_kept"], h["train"]["fact_kept"]))
     plot_history(
         [
             {
@@ -411,8 +426,7 @@ def run(a: argparse.Namespace) -> int:
                 "stage": 0,
                 "best": h.get("best", h["train"]["fact_kept"]),
                 "mean": h.get("pop_mean", h["train"]["fact_kept"]),
-                "mean_candidate": h["valid"]["fact_kept"],
-                "retained_fraction": h["train"]["retained"],
+                "mean_candidate": h["valid"]["fact_kept"] if "valid" in h else None,
             }
             for h in history
         ],
@@ -487,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--model", type=Path, default=None, help="the recorded model (provenance)")
     e.add_argument("--resume", action="store_true")
+    e.add_argument("--workers", type=int, default=2, help="processes scoring candidates")
+    e.add_argument(
+        "--eval-every", type=int, default=4, help="score the CMA mean on both sets every N generations"
+    )
     e.add_argument("--out", type=Path, required=True)
     s = sub.add_parser("score", parents=[common], help="weights files' proxy fitness on recordings")
     s.add_argument("--recordings", type=Path, nargs="+", required=True)

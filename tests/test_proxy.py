@@ -40,3 +40,44 @@ def test_replay_keeps_the_budget_and_the_pages_it_scores_best() -> None:
     fact, retained = replay(p, lambda x, idx: x[:, idx], "mean", 0.25, 32)
     assert retained == pytest.approx(512 / 2048)  # 16 pages of 32 of the 2048 tokens
     assert fact == pytest.approx(0.5)
+
+
+def test_recording_replays_like_its_own_features() -> None:
+    """Recording a tiny random Llama: one step per 512 tokens, the second EMA coefficient equals a
+    recording made with it alone, and a replay of the L2 ranking at 0.25 keeps a quarter in pages."""
+    transformers = pytest.importorskip("transformers")
+    from evolve.fit import build_weights
+    from evolve.proxy import ProxyScorer, record_prompt
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 256, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    labels = torch.zeros(1100, dtype=torch.bool)
+    labels[600:640] = True
+    both = record_prompt(model, ids, labels, [0.99, 0.999])
+    alone = record_prompt(model, ids, labels, [0.999])
+    assert [s["newest"] for s in both["steps"]] == [511, 1023]
+    for s, t in zip(both["steps"], alone["steps"], strict=True):
+        assert s["ema"]["0.99"].shape == (2, 2, s["positions"].numel(), 17)
+        assert torch.equal(s["ema"]["0.999"], t["ema"]["0.999"])
+        assert torch.equal(s["key_norm"], t["key_norm"])
+    w = torch.zeros(26)
+    w[-1] = -1.0  # score = -normalised key norm: the L2 ranking
+    ones, zeros = torch.ones(18), torch.zeros(18)
+    l2 = build_weights("mlp", None, 0.99, zeros, ones, w, 0.0, {"description": "test"}, key_norm=True)
+    l2.page_score = "mean"
+    out = ProxyScorer([both], l2, 0.25, 32, output_only=True)()
+    slow = ProxyScorer([both], l2, 0.25, 32, output_only=False)()
+    assert out == slow
+    assert out["retained"] == pytest.approx(256 / 1024)  # 8 pages of 32 of the 1024 tokens stepped
+    assert 0.0 <= out["fact_kept"] <= 1.0
