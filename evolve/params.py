@@ -110,6 +110,7 @@ class ParamSpace:
         fitness_kind: str | None = None,
         command: str | None = None,
         budget_ratio: float | None = None,
+        description: str = "evolved with python -m evolve (CMA-ES; best mean)",
     ) -> Path:
         """Write ``x`` as a weights file ``vllm serve --namm-weights`` loads (start file's features/stats)."""
         import torch
@@ -132,7 +133,7 @@ class ParamSpace:
             budget_ratio=budget_ratio,
             page_score=w.page_score,
             provenance=Provenance(
-                description="evolved with python -m evolve (CMA-ES; best mean)",
+                description=description,
                 base_model=base_model,
                 stages=stages,
                 generations=generations,

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
+def plot_history(
+    history: list[dict[str, Any]], path: str | Path, ylabel: str = "fitness (score / full-cache score)"
+) -> None:
     """Best / population-mean / CMA-mean fitness per generation, retained KV fraction on a second axis,
     dashed lines at stage boundaries."""
     if not history:
@@ -29,7 +31,7 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
     if cm:
         ax.plot(*zip(*cm, strict=True), label="CMA mean", color="tab:purple", marker=".")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (score / full-cache score)")
+    ax.set_ylabel(ylabel)
     for prev, h in zip(history, history[1:], strict=False):
         if h["stage"] != prev["stage"]:
             ax.axvline(h["global_generation"] - 0.5, color="grey", linestyle="--", linewidth=0.8)

@@ -42,12 +42,11 @@ def test_replay_keeps_the_budget_and_the_pages_it_scores_best() -> None:
     assert fact == pytest.approx(0.5)
 
 
-def test_recording_replays_like_its_own_features() -> None:
-    """Recording a tiny random Llama: one step per 512 tokens, the second EMA coefficient equals a
-    recording made with it alone, and a replay of the L2 ranking at 0.25 keeps a quarter in pages."""
+@pytest.fixture(scope="module")
+def recording() -> tuple[dict, dict]:
+    """A 1100-token prompt of a tiny random Llama recorded with EMA 0.99 and 0.999, and with 0.999 alone."""
     transformers = pytest.importorskip("transformers")
-    from evolve.fit import build_weights
-    from evolve.proxy import ProxyScorer, record_prompt
+    from evolve.proxy import record_prompt
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -64,20 +63,65 @@ def test_recording_replays_like_its_own_features() -> None:
     ids = torch.randint(3, 256, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
     labels = torch.zeros(1100, dtype=torch.bool)
     labels[600:640] = True
-    both = record_prompt(model, ids, labels, [0.99, 0.999])
-    alone = record_prompt(model, ids, labels, [0.999])
-    assert [s["newest"] for s in both["steps"]] == [511, 1023]
-    for s, t in zip(both["steps"], alone["steps"], strict=True):
-        assert s["ema"]["0.99"].shape == (2, 2, s["positions"].numel(), 17)
-        assert torch.equal(s["ema"]["0.999"], t["ema"]["0.999"])
-        assert torch.equal(s["key_norm"], t["key_norm"])
+    return record_prompt(model, ids, labels, [0.99, 0.999]), record_prompt(model, ids, labels, [0.999])
+
+
+def _l2_weights():
+    from evolve.fit import build_weights
+
     w = torch.zeros(26)
     w[-1] = -1.0  # score = -normalised key norm: the L2 ranking
     ones, zeros = torch.ones(18), torch.zeros(18)
     l2 = build_weights("mlp", None, 0.99, zeros, ones, w, 0.0, {"description": "test"}, key_norm=True)
     l2.page_score = "mean"
+    return l2
+
+
+def test_recording_replays_like_its_own_features(recording: tuple[dict, dict]) -> None:
+    """One step per 512 tokens, the second EMA coefficient equals a recording made with it alone,
+    and a replay of the L2 ranking at 0.25 keeps a quarter in pages."""
+    from evolve.proxy import ProxyScorer
+
+    both, alone = recording
+    assert [s["newest"] for s in both["steps"]] == [511, 1023]
+    for s, t in zip(both["steps"], alone["steps"], strict=True):
+        assert s["ema"]["0.99"].shape == (2, 2, s["positions"].numel(), 17)
+        assert torch.equal(s["ema"]["0.999"], t["ema"]["0.999"])
+        assert torch.equal(s["key_norm"], t["key_norm"])
+    l2 = _l2_weights()
     out = ProxyScorer([both], l2, 0.25, 32, output_only=True)()
     slow = ProxyScorer([both], l2, 0.25, 32, output_only=False)()
     assert out == slow
     assert out["retained"] == pytest.approx(256 / 1024)  # 8 pages of 32 of the 1024 tokens stepped
     assert 0.0 <= out["fact_kept"] <= 1.0
+
+
+def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tmp_path) -> None:
+    """Two generations of 4 candidates, then --resume with 3: one more generation, same command in
+    the provenance, a file the server's loader reads."""
+    from evolve.proxy import main
+    from vllm_namm.weights import load_weights, save_weights
+
+    rec_dir = tmp_path / "rec"
+    rec_dir.mkdir()
+    torch.save(recording[0], rec_dir / "p.pt")
+    save_weights(tmp_path / "start.safetensors", _l2_weights())
+    args = [
+        "run",
+        "--weights",
+        str(tmp_path / "start.safetensors"),
+        "--train",
+        str(rec_dir),
+        "--valid",
+        str(rec_dir),
+    ]
+    args += ["--popsize", "4", "--workers", "1", "--eval-every", "1", "--out", str(tmp_path / "evo")]
+    assert main([*args, "--generations", "2"]) == 0
+    first = load_weights(tmp_path / "evo" / "best.safetensors")
+    assert main([*args, "--generations", "3", "--resume"]) == 0
+    lines = (tmp_path / "evo" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    again = load_weights(tmp_path / "evo" / "best.safetensors")
+    assert again.provenance.command == first.provenance.command
+    assert again.provenance.command.endswith("--generations 2")  # the first run's command
+    assert again.budget_ratio == 0.25 and again.page_score == "mean"
