@@ -436,6 +436,7 @@ def run(a: argparse.Namespace) -> int:
                 "best": h["best"],
                 "mean": h["pop_mean"],
                 "mean_candidate": overall(h) if "valid" in h else None,
+                "retained_fraction": h["train"]["retained"] if "train" in h else None,
             }
             for h in history[1:]  # [0] is the start point, scored only
         ],
