@@ -81,3 +81,35 @@ def test_the_server_logs_foreign_weights_once(caplog, tmp_path: Path) -> None:
         note_foreign_weights(policy, cfg, str(TINY))
     lines = [r.getMessage() for r in caplog.records if "were evolved for" in r.getMessage()]
     assert len(lines) == 1 and "30 layers" in lines[0]
+
+
+def test_namm_without_weights_gets_the_shipped_weights_of_its_model(tmp_path: Path) -> None:
+    """A SmolLM2-shaped model gets the weights shipped for SmolLM2 (and the engine config says so);
+    an explicit --namm-weights and a model nothing was shipped for keep theirs."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_namm.config import EvictionConfig
+    from vllm_namm.model_match import shipped_weights_for
+    from vllm_namm.shipped_weights import SHIPPED_WEIGHTS
+    from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, eviction_config, weights_for_served_model
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    match = shipped_weights_for(shape_of_model(tmp_path))
+    assert match is not None and SHIPPED_WEIGHTS[match[0]] == match[1] and "smollm2" in match[0]
+    assert shipped_weights_for(shape_of_model(TINY)) == ("evolved", SHIPPED_WEIGHTS["evolved"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(LLAMA | {"num_hidden_layers": 12}))
+    assert shipped_weights_for(shape_of_model(other)) is None
+
+    def args(model: Path, **namm: object) -> EngineArgs:
+        cfg = EvictionConfig(policy="namm", **namm)
+        return EngineArgs(model=str(model), additional_config={CONFIG_KEY: cfg.model_dump(mode="json")})
+
+    served = args(tmp_path)
+    assert weights_for_served_model(served, eviction_config(served)).weights == match[1]  # type: ignore[union-attr]
+    assert eviction_config(served).weights == match[1]  # type: ignore[union-attr]  # what the engine will read
+    explicit = args(tmp_path, weights="evolved")
+    assert weights_for_served_model(explicit, eviction_config(explicit)).weights == SHIPPED_WEIGHTS["evolved"]  # type: ignore[union-attr]
+    unknown = args(other)
+    assert weights_for_served_model(unknown, eviction_config(unknown)).weights is None  # type: ignore[union-attr]
