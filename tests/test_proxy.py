@@ -46,21 +46,12 @@ def test_replay_keeps_the_budget_and_the_pages_it_scores_best() -> None:
 def recording() -> tuple[dict, dict]:
     """A 1100-token prompt of a tiny random Llama recorded with EMA 0.99 and 0.999, and with 0.999 alone."""
     transformers = pytest.importorskip("transformers")
+    from benchmarks.tiny_model import VOCAB_SIZE, llama_config
     from evolve.proxy import record_prompt
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-        max_position_embeddings=4096,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(3, 256, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    model = transformers.LlamaForCausalLM(llama_config(hidden=64, intermediate=128)).eval()
+    ids = torch.randint(4, VOCAB_SIZE, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
     labels = torch.zeros(1100, dtype=torch.bool)
     labels[600:640] = True
     return record_prompt(model, ids, labels, [0.99, 0.999]), record_prompt(model, ids, labels, [0.999])
