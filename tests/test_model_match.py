@@ -71,7 +71,7 @@ def test_the_server_logs_foreign_weights_once(caplog, tmp_path: Path) -> None:
     """``prepare_engine_args``' note: the default (tiny-model) weights on a SmolLM2-shaped model."""
     from vllm_namm.config import EvictionConfig
     from vllm_namm.policies import make_policy
-    from vllm_namm.vllm_patch.engine_config import note_foreign_weights
+    from vllm_namm.vllm_patch.served_weights import note_foreign_weights
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     cfg = EvictionConfig(policy="namm", weights="evolved-kn")  # tiny-model weights
@@ -84,14 +84,15 @@ def test_the_server_logs_foreign_weights_once(caplog, tmp_path: Path) -> None:
 
 
 def test_namm_without_weights_gets_the_shipped_weights_of_its_model(tmp_path: Path) -> None:
-    """A SmolLM2-shaped model gets the weights shipped for SmolLM2 (and the engine config says so);
-    an explicit --namm-weights and a model nothing was shipped for keep theirs."""
+    """A SmolLM2-shaped model gets the weights shipped for SmolLM2, in the engine args too; an
+    explicit --namm-weights, another policy and a model nothing was shipped for keep theirs."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_namm.config import EvictionConfig
-    from vllm_namm.model_match import shipped_weights_for
     from vllm_namm.shipped_weights import SHIPPED_WEIGHTS
-    from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, eviction_config, weights_for_served_model
+    from vllm_namm.vllm_patch.engine_config import CONFIG_KEY, eviction_config, prepare_engine_args
+    from vllm_namm.vllm_patch.served_weights import weights_for_served_model
+    from vllm_namm.weights import shipped_weights_for
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     match = shipped_weights_for(shape_of_model(tmp_path))
@@ -102,14 +103,17 @@ def test_namm_without_weights_gets_the_shipped_weights_of_its_model(tmp_path: Pa
     (other / "config.json").write_text(json.dumps(LLAMA | {"num_hidden_layers": 12}))
     assert shipped_weights_for(shape_of_model(other)) is None
 
-    def args(model: Path, **namm: object) -> EngineArgs:
-        cfg = EvictionConfig(policy="namm", **namm)
-        return EngineArgs(model=str(model), additional_config={CONFIG_KEY: cfg.model_dump(mode="json")})
+    namm = EvictionConfig(policy="namm")
+    assert weights_for_served_model(namm, str(tmp_path)) == (
+        namm.model_copy(update={"weights": match[1]}),
+        match[0],
+    )
+    explicit = EvictionConfig(policy="namm", weights="evolved")
+    assert weights_for_served_model(explicit, str(tmp_path)) == (explicit, None)
+    h2o = EvictionConfig(policy="h2o", budget={"ratio": 0.25})
+    assert weights_for_served_model(h2o, str(tmp_path)) == (h2o, None)
+    assert weights_for_served_model(namm, str(other)) == (namm, None)
 
-    served = args(tmp_path)
-    assert weights_for_served_model(served, eviction_config(served)).weights == match[1]  # type: ignore[union-attr]
-    assert eviction_config(served).weights == match[1]  # type: ignore[union-attr]  # what the engine will read
-    explicit = args(tmp_path, weights="evolved")
-    assert weights_for_served_model(explicit, eviction_config(explicit)).weights == SHIPPED_WEIGHTS["evolved"]  # type: ignore[union-attr]
-    unknown = args(other)
-    assert weights_for_served_model(unknown, eviction_config(unknown)).weights is None  # type: ignore[union-attr]
+    args = EngineArgs(model=str(tmp_path), additional_config={CONFIG_KEY: namm.model_dump(mode="json")})
+    prepare_engine_args(args)
+    assert eviction_config(args).weights == match[1]  # type: ignore[union-attr]  # what the engine reads

@@ -72,18 +72,3 @@ def foreign_model_note(
         f"({evolved_for}); this server runs a different model ({served}): their eviction quality is "
         "unmeasured here (evolve weights for this model with python -m evolve)"
     )
-
-
-def shipped_weights_for(served: ModelShape | None) -> tuple[str, Path] | None:
-    """The first shipped weights (in ``SHIPPED_WEIGHTS`` order) evolved for a model of ``served``'s
-    shape, as (name, file); None when none was (then the plugin's default applies)."""
-    from vllm_namm.shipped_weights import SHIPPED_WEIGHTS
-    from vllm_namm.weights import load_weights
-
-    if served is None:
-        return None
-    for name, path in SHIPPED_WEIGHTS.items():
-        provenance = load_weights(path).provenance
-        if provenance is not None and provenance.model_shape == served:
-            return name, path
-    return None

@@ -132,8 +132,12 @@ def prepare_engine_args(args: Any) -> None:
     cfg = eviction_config(args)
     if cfg is None:
         return
-    cfg = weights_for_served_model(args, cfg)
     from vllm_namm.policies import make_policy
+    from vllm_namm.vllm_patch.served_weights import note_foreign_weights, weights_for_served_model
+
+    cfg, chosen = weights_for_served_model(cfg, args.model)
+    if chosen:  # the engine and workers read the settings from the engine args
+        args.additional_config = dict(args.additional_config) | {CONFIG_KEY: ParsedSettings.of(cfg)}
     from vllm_namm.weights import WeightsError
 
     try:
@@ -177,45 +181,6 @@ def prepare_engine_args(args: Any) -> None:
         if tp * pp > 1
         else "",
     )
-
-
-def weights_for_served_model(args: Any, cfg: EvictionConfig) -> EvictionConfig:
-    """``--kv-eviction namm`` without ``--namm-weights``: the shipped weights evolved for the served
-    model's shape when there are some (logged; the flag overrides), else the plugin's default."""
-    from vllm_namm.model_match import shape_of_model, shipped_weights_for
-
-    if cfg.policy != "namm" or cfg.weights is not None:  # type: ignore[attr-defined]
-        return cfg
-    match = shipped_weights_for(shape_of_model(args.model))
-    if match is None:
-        return cfg
-    name, path = match
-    cfg = cfg.model_copy(update={"weights": path})
-    args.additional_config = dict(args.additional_config) | {CONFIG_KEY: ParsedSettings.of(cfg)}
-    logger.info(
-        "vllm-namm: NAMM weights %s (%s), shipped for this model's shape; --namm-weights overrides",
-        name,
-        path.name,
-    )
-    return cfg
-
-
-def note_foreign_weights(policy: Any, cfg: EvictionConfig, model: str) -> None:
-    """One log line when the NAMM weights were evolved for a model of another shape."""
-    from vllm_namm.model_match import foreign_model_note, shape_of_model
-
-    weights = getattr(policy, "weights", None)
-    provenance = getattr(weights, "provenance", None)
-    if provenance is None:
-        return
-    note = foreign_model_note(
-        str(getattr(cfg, "weights", None) or "(the default)"),
-        provenance.model_shape,
-        provenance.base_model,
-        shape_of_model(model),
-    )
-    if note is not None:
-        logger.warning(note)
 
 
 def check_parallelism(args: Any, cfg: EvictionConfig) -> None:
