@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--namm-weights",
         default=None,
-        help="weights file or shipped name (default: l2-smollm2 for SmolLM2, made for it; else the plugin's default)",
+        help="weights file or shipped name (default: the plugin's choice, the shipped weights made for the "
+        "served model, e.g. SmolLM2's, else its default)",
     )
     a = p.parse_args(argv)
     try:
@@ -119,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except AssetError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
-    weights = a.namm_weights or ("l2-smollm2" if Path(a.model).resolve() == SMOLLM2_DIR.resolve() else None)
-    policy = ["--kv-eviction", "namm"] + (["--namm-weights", weights] if weights else [])
+    policy = ["--kv-eviction", "namm"] + (["--namm-weights", a.namm_weights] if a.namm_weights else [])
     return run(str(Path(a.model)), a.tokens, policy, a.block_size)
 
 

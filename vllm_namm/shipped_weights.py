@@ -34,6 +34,13 @@ NAMM scorer over that model's feature statistics, mean page scores, a 0.25 budge
 generation did not fit the CPU); on held-out real text it is measured against H2O and SnapKV in
 docs/results/2026-12-06-smollm2-real-text.md."""
 
+EVOLVED_SMOLLM2_WEIGHTS = DATA_DIR / "evolved_smollm2.safetensors"
+"""For SmolLM2-135M-Instruct: ``l2-smollm2``'s output layer evolved by CMA-ES against the offline
+proxy (``python -m evolve.proxy``; 30 generations of 16). It keeps more of the asked facts on the
+proxy (0.705 against 0.649) but not more answers on held-out real text (0.362 against 0.378, 3 / 7
+paired), so it comes after ``l2-smollm2`` in the order the served model's weights are chosen in
+(docs/results/2026-12-07-smollm2-evolution.md)."""
+
 HAND_WEIGHTS = DATA_DIR / "initial_weights.safetensors"
 """The hand-set BAM (keep a token with non-negligible attention); written by
 ``python -m evolve.initial_weights``."""
@@ -44,13 +51,17 @@ SHIPPED_WEIGHTS: Mapping[str, Path] = MappingProxyType(
         "evolved-attn": EVOLVED_ATTN_WEIGHTS,
         "evolved-kn": EVOLVED_KEYNORM_WEIGHTS,
         "l2-smollm2": SMOLLM2_WEIGHTS,
+        "evolved-smollm2": EVOLVED_SMOLLM2_WEIGHTS,
         "hand": HAND_WEIGHTS,
     }
 )
 DEFAULT_WEIGHTS = EVOLVED_WEIGHTS
-"""What ``--kv-eviction namm`` loads without ``--namm-weights`` and what evolution starts from."""
+"""What ``--kv-eviction namm`` loads without ``--namm-weights`` when no shipped weights were made for
+the served model's shape (the first of ``SHIPPED_WEIGHTS`` that was is loaded instead: on SmolLM2,
+``l2-smollm2``, best on held-out real text), and what evolution starts from."""
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A shipped name (``evolved``, ``evolved-attn``, ``evolved-kn``, ``l2-smollm2``, ``hand``) → its file; else a path."""
+    """A shipped name (``evolved``, ``evolved-attn``, ``evolved-kn``, ``l2-smollm2``, ``evolved-smollm2``,
+    ``hand``) → its file; else a path."""
     return SHIPPED_WEIGHTS.get(str(value), Path(value))

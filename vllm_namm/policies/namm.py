@@ -54,10 +54,12 @@ class NammSettings(PolicySettings):
         Knob(
             flag="--namm-weights",
             metavar="PATH|NAME",
-            help="NAMM weights (.safetensors), or a shipped name: 'evolved' (the default; evolved for our "
+            help="NAMM weights (.safetensors), or a shipped name (default: the first made for the served model's "
+            "shape, else 'evolved'): 'evolved' (evolved for our "
             "namm-tiny-llama from the L2 ranking, reads the key norm), 'evolved-attn' (evolved, attention "
             "features only), 'evolved-kn' (evolved, every layer free), 'l2-smollm2' (for SmolLM2-135M-Instruct: the "
-            "L2 ranking as a NAMM, mean pages, 0.25 budget) or 'hand' (the hand-set starting point).",
+            "L2 ranking as a NAMM, mean pages, 0.25 budget; loaded by default on SmolLM2), 'evolved-smollm2' (its "
+            "output layer evolved against the offline proxy) or 'hand' (the hand-set starting point).",
         ),
     ] = Field(
         None, description=f"NAMM weights file or shipped name ({', '.join(SHIPPED_WEIGHTS)}); None = evolved"
