@@ -1,6 +1,6 @@
 """The real model end to end: SmolLM2-135M-Instruct (fetched by the install script) served with
-``--kv-eviction namm --namm-weights l2-smollm2`` (its shipped weights) answers a short real-text question right while holding fewer KV blocks
-than the full cache (issue 26's CI check)."""
+``--kv-eviction namm`` (which loads the weights shipped for it, ``l2-smollm2``) answers a short
+real-text question right while holding fewer KV blocks than the full cache (issue 26's CI check)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_namm_on_smollm2_answers_a_real_text_question_with_fewer_blocks(
     server = server_pool.get(
         "smollm2-namm",
         smollm2,
-        ["--kv-eviction", "namm", "--namm-weights", "l2-smollm2", "--max-model-len", "2048"],
+        ["--kv-eviction", "namm", "--max-model-len", "2048"],
         env={"VLLM_CPU_KVCACHE_SPACE": "2"},
     )
     namm = complete(server, sample.prompt, max_tokens=sample.max_tokens)
@@ -49,6 +49,7 @@ def test_namm_on_smollm2_answers_a_real_text_question_with_fewer_blocks(
     block = 32
     full_blocks = -(-(full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"] - 1) // block)
     assert stats["evicted_blocks"] > 0 and stats["held_blocks"] < full_blocks, (stats, full_blocks)
+    assert "NAMM weights l2-smollm2" in server.log_text()  # chosen for this model, and said so
     assert not engine_errors(server)
 
 
