@@ -168,18 +168,25 @@ def record(
     return paths
 
 
+class ProxyError(ValueError):
+    """Recordings that cannot be used; the message names the file and why."""
+
+
 def load_recordings(paths: list[Path]) -> list[dict]:
     """Recordings from files (``*.pt``) or folders of them, checked for their format version."""
     files: list[Path] = []
     for p in paths:
         files += sorted(p.glob("*.pt")) if p.is_dir() else [p]
     if not files:
-        raise SystemExit(f"error: no recordings (*.pt) in {', '.join(map(str, paths))}")
+        raise ProxyError(f"no recordings (*.pt) in {', '.join(map(str, paths))}")
     recs = []
     for f in files:
-        rec = torch.load(f, weights_only=False)
+        try:
+            rec = torch.load(f, weights_only=False)
+        except Exception as e:  # a truncated or foreign file: one line, not a traceback
+            raise ProxyError(f"{f} cannot be read as a recording ({type(e).__name__}: {e})") from None
         if not isinstance(rec, dict) or rec.get("version") != RECORDING_VERSION:
-            raise SystemExit(f"error: {f} is not a proxy recording of version {RECORDING_VERSION}")
+            raise ProxyError(f"{f} is not a proxy recording of version {RECORDING_VERSION}")
         recs.append(rec)
     return recs
 
@@ -208,7 +215,9 @@ def _ema_key(rec: dict, gamma: float) -> str:
     keys = rec["steps"][0]["ema"]
     match = [k for k in keys if abs(float(k) - gamma) < 1e-9]
     if not match:
-        raise ValueError(f"weights use EMA {gamma}, recorded: {', '.join(keys)} (record it with --gammas)")
+        raise ProxyError(
+            f"the weights use EMA {gamma}, recorded: {', '.join(keys)} (record it with --gammas)"
+        )
     return match[0]
 
 
@@ -527,10 +536,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--weights", nargs="+", required=True)
     a = p.parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else list(argv)
-    if a.cmd == "record":
-        record(a.model, a.kinds, a.lengths, a.seeds, a.out, a.gammas)
-        return 0
-    return run(a) if a.cmd == "run" else score(a)
+    from evolve.assets import AssetError, check_model_dir
+    from vllm_namm.weights import WeightsError
+
+    try:
+        if a.cmd == "record":
+            check_model_dir(a.model)
+            record(a.model, a.kinds, a.lengths, a.seeds, a.out, a.gammas)
+            return 0
+        return run(a) if a.cmd == "run" else score(a)
+    except (ProxyError, AssetError, WeightsError) as e:
+        print(f"evolve.proxy: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

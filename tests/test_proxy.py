@@ -116,3 +116,22 @@ def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tm
     assert again.provenance.command == first.provenance.command
     assert again.provenance.command.endswith("--generations 2")  # the first run's command
     assert again.budget_ratio == 0.25 and again.page_score == "mean"
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    """No recordings, a corrupt recording, a missing model folder: one line each, exit code 2."""
+    from evolve.proxy import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "p.pt").write_bytes(b"not a recording")
+    for argv, says in (
+        (["score", "--recordings", str(empty), "--weights", "l2-smollm2"], "no recordings"),
+        (["score", "--recordings", str(corrupt), "--weights", "l2-smollm2"], "cannot be read as a recording"),
+        (["record", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rec")], "no model folder"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err and "Traceback" not in err
