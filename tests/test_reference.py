@@ -97,3 +97,22 @@ def test_page_selection_keeps_whole_pages_shared_by_every_layer_and_head(model, 
     assert scored.numel() == pages.numel() * page_size  # whole pages only
     assert 0 in pages.tolist() and 511 // page_size in pages.tolist()  # sink page, newest scored page
     assert torch.equal(pos[pos >= 512], torch.arange(512, 600 + 3))
+
+
+@pytest.mark.parametrize("selection", ["page", "token"])
+def test_namm_under_a_budget_selects_as_the_engine(model, selection):
+    """NAMM ranked under a budget keeps whole pages shared by every layer and head (the engine's
+    rule) under page selection, and each KV head its own tokens under token selection."""
+    w = NammWeights.zeros(features=FeatureConfig(n_up=128, key_norm=True))  # heads' keys differ
+    w.params = 0.5 * torch.randn(w.params.numel(), generator=torch.Generator().manual_seed(5))
+    cfg = EvictionConfig(policy="namm", interval=128, budget=BudgetConfig(ratio=0.25), selection=selection)
+    pol = NammPolicy(w, budget=cfg.budget)
+    out = generate(model, None, _prompt(600, seed=7), pol, 4, cfg, page_size=32)
+    scored = [layer[:, layer[0] < 512] for layer in out.cache_positions]
+    if selection == "page":
+        pos = scored[0][0]
+        assert all(torch.equal(layer, pos.expand_as(layer)) for layer in scored)
+        assert pos.numel() == torch.unique(pos // 32).numel() * 32 == 4 * 32  # ceil(0.25 x 512 / 32) pages
+    else:
+        assert all(layer.shape[1] == 128 for layer in scored)  # 0.25 x 512 tokens in every head
+        assert any(not torch.equal(layer[0], layer[h]) for layer in scored for h in range(1, layer.shape[0]))

@@ -14,11 +14,11 @@ How it follows evo-memory (``memory_llms/llama.py``, ``memory_policy/base.py``):
 * Every KV head keeps its own tokens, but all heads of a layer drop the same count
   (:func:`~vllm_namm.policies.base.equalize_head_drops`, evo ``BinarySelection``); layers
   shrink independently. Evicted keys/values are physically gathered out of the HF cache.
-* Budget policies under ``selection="page"`` (the default, as in the paged engine) keep the
-  same tokens in every layer and head: whole pages of ``page_size`` logical positions, chosen
-  by :func:`vllm_namm.page_plan.select_pages` exactly as the engine chooses them (16 is the
-  common GPU block size; the CPU build of vLLM uses 32). ``selection="token"`` is the per-head
-  rule above.
+* Budget policies, and NAMM ranked under a budget, under ``selection="page"`` (the default, as
+  in the paged engine) keep the same tokens in every layer and head: whole pages of
+  ``page_size`` logical positions, chosen by :func:`vllm_namm.page_plan.select_pages` exactly as
+  the engine chooses them (16 is the common GPU block size; the CPU build of vLLM uses 32).
+  ``selection="token"`` is the per-head rule above; so is NAMM's threshold rule (the paper's).
 * RoPE positions stay logical: ``position_ids`` are passed explicitly and the causal mask is
   built from each head's cached *positions*, not from cache indices, by a registered
   attention function that reproduces HF's eager attention bit for bit.
@@ -298,8 +298,8 @@ def _evict(
     page_size: int = 16,
 ) -> ReferenceStep:
     """One eviction step on every layer: score, select, protect, equalise heads, gather."""
-    if config.selection == "page" and policy.budget_rule == "required":
-        # the policies that only rank; NAMM under a budget keeps its per-head token rule here
+    if config.selection == "page" and policy.budget is not None:
+        # budget policies and NAMM ranked under a budget, as the engine selects them
         return _evict_pages(cache, run, states, policy, config, qpos, page_size)
     before, after = [], []
     for layer_idx, layer in enumerate(cache.layers):
