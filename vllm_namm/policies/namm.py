@@ -62,7 +62,9 @@ class NammSettings(PolicySettings):
             "output layer evolved against the offline proxy) or 'hand' (the hand-set starting point).",
         ),
     ] = Field(
-        None, description=f"NAMM weights file or shipped name ({', '.join(SHIPPED_WEIGHTS)}); None = evolved"
+        None,
+        description=f"NAMM weights file or shipped name ({', '.join(SHIPPED_WEIGHTS)}); "
+        "None = the shipped weights made for the served model, else evolved",
     )
     params: Annotated[
         tuple[float, ...] | None, AfterValidator(_finite), Knob(key="namm_params", request_only=True)
