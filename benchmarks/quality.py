@@ -61,6 +61,10 @@ class QualityConfig(BaseModel):
     """label -> weights file of extra NAMM variants (each on a server of its own)."""
     namm_ratios: list[float] = Field(default_factory=list)
     one_shot_ratios: list[float] = Field(default_factory=list)
+    one_shot_policies: list[str] = Field(default_factory=lambda: ["snapkv"])
+    """Baselines that get one-shot rows beside NAMM's."""
+    namm_incremental: bool = True
+    """False: NAMM only in the one-shot rows (weights made for the one-shot step)."""
     kinds: list[str]
     lengths: list[int]
     samples: int
@@ -73,6 +77,8 @@ class QualityConfig(BaseModel):
     selection: str = "page"
     page_score: str = "max"
     page_rule: str = "all"
+    recent_tokens: int = 1
+    """Newest tokens no policy evicts (``--kv-eviction-recent-tokens``); SnapKV keeps its window anyway."""
     runner: str = "server"
     tasks: Literal["synthetic", "realtext"] = "synthetic"
     essays: str | None = None
@@ -149,16 +155,17 @@ LAYER_SUFFIX = f" [{LAYER}]"
 def build_settings(cfg: QualityConfig) -> list[Setting]:
     """Rows: full cache, every baseline at every ratio, NAMM with the main weights (its default rule,
     extra thresholds, ranked at ``namm_ratios``), each extra weights file likewise (its own server),
-    and kvpress-style one-shot rows (SnapKV and NAMM, one step after the whole prompt)."""
+    and kvpress-style one-shot rows (``one_shot_policies`` and NAMM, one step after the whole prompt)."""
     settings = [Setting(label="full", policy="none")]
     for policy in cfg.policies:
         for r in cfg.ratios:
             settings.append(Setting(label=f"{policy}@{r:g}", policy=policy, ratio=r))
-    for t in cfg.namm_thresholds:
+    incremental = cfg.namm_thresholds if cfg.namm_incremental else []
+    for t in incremental:
         settings.append(
             Setting(label="namm" if t is None else f"namm(thr={t:g})", policy="namm", threshold=t)
         )
-    if cfg.namm_thresholds:
+    if incremental:
         settings += [Setting(label=f"namm@{r:g}", policy="namm", ratio=r) for r in cfg.namm_ratios]
     for name, _ in cfg.namm_files.items():
         settings.append(Setting(label=f"namm[{name}]", policy="namm", group=name))
@@ -166,7 +173,10 @@ def build_settings(cfg: QualityConfig) -> list[Setting]:
             Setting(label=f"namm[{name}]@{r:g}", policy="namm", ratio=r, group=name) for r in cfg.namm_ratios
         ]
     for r in cfg.one_shot_ratios:
-        settings.append(Setting(label=f"snapkv one-shot@{r:g}", policy="snapkv", ratio=r, group=ONE_SHOT))
+        settings += [
+            Setting(label=f"{policy} one-shot@{r:g}", policy=policy, ratio=r, group=ONE_SHOT)
+            for policy in cfg.one_shot_policies
+        ]
         if cfg.namm_thresholds:
             settings.append(Setting(label=f"namm one-shot@{r:g}", policy="namm", ratio=r, group=ONE_SHOT))
     if cfg.layer_pages:  # the main server's eviction rows once more, each layer freeing its own pages
@@ -366,7 +376,7 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from vllm_namm.config import BudgetConfig
+    from vllm_namm.config import BudgetConfig, ProtectConfig
     from vllm_namm.policies import make_policy
     from vllm_namm.reference import generate
 
@@ -385,6 +395,7 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
                     selection=cfg.selection,
                     page_score=cfg.page_score,
                     page_rule=cfg.page_rule,
+                    protect=ProtectConfig(recent_tokens=cfg.recent_tokens),
                     budget=None if st.ratio is None else BudgetConfig(ratio=st.ratio),
                     weights=cfg.namm_weights if st.policy == "namm" else None,
                     threshold=st.threshold,
@@ -625,8 +636,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="*",
         type=float,
         default=[],
-        help="kvpress-style rows: SnapKV and NAMM with one eviction step after the whole prompt "
+        help="kvpress-style rows: --one-shot-policies and NAMM with one eviction step after the whole prompt "
         "(question included), at these budgets",
+    )
+    p.add_argument(
+        "--one-shot-policies",
+        nargs="*",
+        default=["snapkv"],
+        choices=BASELINES,
+        help="baselines with one-shot rows (default snapkv)",
+    )
+    p.add_argument(
+        "--no-namm-incremental",
+        action="store_true",
+        help="NAMM only in the one-shot rows (for weights made for the one-shot step)",
     )
     p.add_argument(
         "--namm-thresholds",
@@ -669,6 +692,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["max", "mean", "vote"],
         default=defaults["page_score"].default,
         help="--kv-eviction-page-score of the server (page-level selection)",
+    )
+    p.add_argument(
+        "--recent-tokens",
+        type=int,
+        default=1,
+        help="--kv-eviction-recent-tokens of the server: newest tokens no policy evicts (SnapKV keeps its "
+        "observation window whatever this says; 32 puts the other policies on the same footing)",
     )
     p.add_argument("--block-size", type=int, default=32, help="KV block size (= page size with --reference)")
     p.add_argument(
@@ -777,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         namm_files=extra,
         namm_ratios=args.namm_ratios,
         one_shot_ratios=args.one_shot_ratios,
+        one_shot_policies=args.one_shot_policies,
+        namm_incremental=not args.no_namm_incremental,
         kinds=args.kinds,
         lengths=args.lengths,
         samples=args.samples,
@@ -788,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         selection=args.selection,
         page_score=args.page_score,
         page_rule=args.page_rule,
+        recent_tokens=args.recent_tokens,
         runner="reference" if args.reference else "server",
         tasks=args.tasks,
         essays=str(args.essays) if args.essays else None,
@@ -816,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
             args.selection,
             "--kv-eviction-page-score",
             args.page_score,
+            "--kv-eviction-recent-tokens",
+            str(args.recent_tokens),
         ]
         if group == LAYER:
             flags += ["--kv-eviction-granularity", "layer"]
