@@ -137,9 +137,18 @@ def record_prompt(
 
 
 def record(
-    model_dir: Path, kinds: list[str], lengths: list[int], seeds: list[int], out: Path, gammas: list[float]
+    model_dir: Path,
+    kinds: list[str],
+    lengths: list[int],
+    seeds: list[int],
+    out: Path,
+    gammas: list[float],
+    one_shot: bool = False,
 ) -> list[Path]:
-    """Record every (kind, length, seed) real-text prompt not recorded yet (idempotent)."""
+    """Record every (kind, length, seed) real-text prompt not recorded yet (idempotent).
+
+    ``one_shot``: one step after the whole prompt, question included (the served one-shot mode,
+    an interval longer than the prompt), instead of one every 512 tokens."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -160,8 +169,12 @@ def record(
         sample = realtext.make_sample(kind, seed, n, tok)
         enc = tok(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
         labels = fact_token_labels(sample.prompt, sample.answers, torch.tensor(enc["offset_mapping"]))
-        rec = record_prompt(model, enc["input_ids"], labels, gammas)
-        rec.update(kind=kind, seed=seed, target_tokens=n, model=str(model_dir))
+        ids = enc["input_ids"]
+        # one-shot: the interval must be a multiple of the hop, so the step falls up to 15 tokens
+        # before the prompt's end (the chat template's closing tokens)
+        interval = len(ids) // 16 * 16 if one_shot else 512
+        rec = record_prompt(model, ids, labels, gammas, interval=interval)
+        rec.update(kind=kind, seed=seed, target_tokens=n, model=str(model_dir), one_shot=one_shot)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(rec, tmp)
         tmp.replace(path)
@@ -511,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--gammas", type=float, nargs="+", default=[0.99, 0.999], help="EMA coefficients per step to record"
     )
+    r.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="one step after the whole prompt, question included (as a server whose interval exceeds the prompt)",
+    )
     r.add_argument("--out", type=Path, required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--budget-ratio", type=float, default=0.25)
@@ -542,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "record":
             check_model_dir(a.model)
-            record(a.model, a.kinds, a.lengths, a.seeds, a.out, a.gammas)
+            record(a.model, a.kinds, a.lengths, a.seeds, a.out, a.gammas, a.one_shot)
             return 0
         return run(a) if a.cmd == "run" else score(a)
     except (ProxyError, AssetError, WeightsError) as e:
