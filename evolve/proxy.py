@@ -136,6 +136,14 @@ def record_prompt(
     return {"version": RECORDING_VERSION, "labels": labels, "steps": steps}
 
 
+def recording_interval(n_tokens: int, one_shot: bool, hop: int = 16) -> int:
+    """The reference runner's interval for a recording: 512 (the served default), or for one-shot
+    the prompt's length rounded down to the STFT hop (the interval must be a multiple of it), so
+    the single step falls up to ``hop - 1`` tokens before the prompt's end (the chat template's
+    closing tokens)."""
+    return max(n_tokens // hop, 1) * hop if one_shot else 512
+
+
 def record(
     model_dir: Path,
     kinds: list[str],
@@ -170,10 +178,7 @@ def record(
         enc = tok(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
         labels = fact_token_labels(sample.prompt, sample.answers, torch.tensor(enc["offset_mapping"]))
         ids = enc["input_ids"]
-        # one-shot: the interval must be a multiple of the hop, so the step falls up to 15 tokens
-        # before the prompt's end (the chat template's closing tokens)
-        interval = len(ids) // 16 * 16 if one_shot else 512
-        rec = record_prompt(model, ids, labels, gammas, interval=interval)
+        rec = record_prompt(model, ids, labels, gammas, interval=recording_interval(len(ids), one_shot))
         rec.update(kind=kind, seed=seed, target_tokens=n, model=str(model_dir), one_shot=one_shot)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(rec, tmp)

@@ -87,6 +87,23 @@ def test_recording_replays_like_its_own_features(recording: tuple[dict, dict]) -
     assert 0.0 <= out["fact_kept"] <= 1.0
 
 
+def test_one_shot_recording_is_one_step_at_the_prompt_end() -> None:
+    """``record --one-shot``: a single step covering the prompt up to its last whole hop."""
+    transformers = pytest.importorskip("transformers")
+    from benchmarks.tiny_model import VOCAB_SIZE, llama_config
+    from evolve.proxy import record_prompt, recording_interval
+
+    assert recording_interval(2047, one_shot=True) == 2032 and recording_interval(2047, one_shot=False) == 512
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(hidden=64, intermediate=128)).eval()
+    ids = torch.randint(4, VOCAB_SIZE, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    rec = record_prompt(
+        model, ids, torch.zeros(1100, dtype=torch.bool), [0.99], recording_interval(1100, True)
+    )
+    assert [s["newest"] for s in rec["steps"]] == [1087]
+    assert rec["steps"][0]["positions"].numel() == 1088
+
+
 def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tmp_path) -> None:
     """Two generations of 4 candidates, then --resume with 3: one more generation, same command in
     the provenance, a file the server's loader reads."""
