@@ -314,39 +314,20 @@ def test_quality_layer_pages_rows_pair_with_their_shared_rows(tmp_path):
     assert "Per-layer pages paired against shared pages" in saved["table"]
 
 
-def test_quality_one_shot_rows_for_every_named_baseline_and_namm_alone():
+def test_quality_one_shot_rows_for_every_named_baseline_and_namm_alone(tmp_path):
     """``--one-shot-policies`` gives each named baseline a one-shot row beside NAMM's, and
     ``--no-namm-incremental`` leaves NAMM only there (weights made for the one-shot step)."""
     from benchmarks.quality import ONE_SHOT, QualityConfig, build_settings
 
-    cfg = QualityConfig(
-        model="m",
-        policies=["l2"],
-        ratios=[0.3],
-        namm_weights=None,
-        namm_thresholds=[None],
-        namm_ratios=[0.3],
-        one_shot_ratios=[0.3],
-        one_shot_policies=["snapkv", "h2o"],
-        namm_incremental=False,
-        kinds=["passkey"],
-        lengths=[4096],
-        samples=1,
-        seed_base=10**9,
-        max_tokens=8,
-        interval=512,
-        block_size=32,
-        concurrency=4,
-    )
-    rows = {s.label: s for s in build_settings(cfg)}
+    saved = json.loads(_saved_quality_report(tmp_path).read_text())["config"]
+    cfg = QualityConfig.model_validate(saved | {"one_shot_policies": ["snapkv", "h2o"], "namm_ratios": [0.3]})
+    default = {s.label for s in build_settings(cfg) if s.policy == "namm"}
+    assert default == {"namm", "namm@0.3", "namm one-shot@0.3"}
+    rows = {s.label: s for s in build_settings(cfg.model_copy(update={"namm_incremental": False}))}
     one_shot = {label for label, s in rows.items() if s.group == ONE_SHOT}
     assert one_shot == {"snapkv one-shot@0.3", "h2o one-shot@0.3", "namm one-shot@0.3"}
     assert [label for label, s in rows.items() if s.policy == "namm"] == ["namm one-shot@0.3"]
     assert "l2@0.3" in rows and "full" in rows
-    default = build_settings(
-        cfg.model_copy(update={"one_shot_policies": ["snapkv"], "namm_incremental": True})
-    )
-    assert {s.label for s in default if s.policy == "namm"} == {"namm", "namm@0.3", "namm one-shot@0.3"}
 
 
 def test_quality_report_names_an_unreadable_file(tmp_path, capsys):
