@@ -47,6 +47,7 @@ from benchmarks.serving import (
 from evolve.assets import SMOLLM2_DIR
 from evolve.tasks.synthetic import TASK_KINDS as SYNTHETIC_KINDS
 from vllm_namm.config import EvictionConfig
+from vllm_namm.settings import ProtectConfig
 
 BASELINES = ("streaming", "h2o", "l2", "snapkv")
 
@@ -77,7 +78,7 @@ class QualityConfig(BaseModel):
     selection: str = "page"
     page_score: str = "max"
     page_rule: str = "all"
-    recent_tokens: int = 1
+    recent_tokens: int = ProtectConfig.model_fields["recent_tokens"].default
     """Newest tokens no policy evicts (``--kv-eviction-recent-tokens``); SnapKV keeps its window anyway."""
     runner: str = "server"
     tasks: Literal["synthetic", "realtext"] = "synthetic"
@@ -376,7 +377,7 @@ def _run_reference(settings: list[Setting], samples: list[Any], cfg: QualityConf
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from vllm_namm.config import BudgetConfig, ProtectConfig
+    from vllm_namm.config import BudgetConfig
     from vllm_namm.policies import make_policy
     from vllm_namm.reference import generate
 
@@ -696,7 +697,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--recent-tokens",
         type=int,
-        default=1,
+        default=ProtectConfig.model_fields["recent_tokens"].default,
         help="--kv-eviction-recent-tokens of the server: newest tokens no policy evicts (SnapKV keeps its "
         "observation window whatever this says; 32 puts the other policies on the same footing)",
     )

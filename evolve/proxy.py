@@ -136,12 +136,15 @@ def record_prompt(
     return {"version": RECORDING_VERSION, "labels": labels, "steps": steps}
 
 
-def recording_interval(n_tokens: int, one_shot: bool, hop: int = 16) -> int:
-    """The reference runner's interval for a recording: 512 (the served default), or for one-shot
+def recording_interval(n_tokens: int, one_shot: bool) -> int:
+    """The reference runner's interval for a recording: n_up (the served default), or for one-shot
     the prompt's length rounded down to the STFT hop (the interval must be a multiple of it), so
-    the single step falls up to ``hop - 1`` tokens before the prompt's end (the chat template's
+    the single step falls up to hop - 1 tokens before the prompt's end (the chat template's
     closing tokens)."""
-    return max(n_tokens // hop, 1) * hop if one_shot else 512
+    from vllm_namm.settings import FeatureConfig
+
+    features = FeatureConfig()
+    return max(n_tokens // features.s_w, 1) * features.s_w if one_shot else features.n_up
 
 
 def record(
