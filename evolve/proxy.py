@@ -209,6 +209,13 @@ def load_recordings(paths: list[Path]) -> list[dict]:
         if not isinstance(rec, dict) or rec.get("version") != RECORDING_VERSION:
             raise ProxyError(f"{f} is not a proxy recording of version {RECORDING_VERSION}")
         recs.append(rec)
+    modes = {bool(r.get("one_shot", False)) for r in recs}
+    if len(modes) > 1:  # one fitness over two schedules would evolve for neither
+        one_shot = [str(f) for f, r in zip(files, recs, strict=True) if r.get("one_shot", False)]
+        raise ProxyError(
+            f"recordings mix one-shot ({len(one_shot)}, e.g. {one_shot[0]}) and incremental "
+            f"({len(recs) - len(one_shot)}) steps: keep each schedule in its own folder"
+        )
     return recs
 
 

@@ -43,15 +43,23 @@ def test_replay_keeps_the_budget_and_the_pages_it_scores_best() -> None:
 
 
 @pytest.fixture(scope="module")
-def recording() -> tuple[dict, dict]:
-    """A 1100-token prompt of a tiny random Llama recorded with EMA 0.99 and 0.999, and with 0.999 alone."""
+def tiny_prompt() -> tuple[object, list[int]]:
+    """A tiny random Llama and a 1100-token prompt for it."""
     transformers = pytest.importorskip("transformers")
     from benchmarks.tiny_model import VOCAB_SIZE, llama_config
-    from evolve.proxy import record_prompt
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(llama_config(hidden=64, intermediate=128)).eval()
     ids = torch.randint(4, VOCAB_SIZE, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    return model, ids
+
+
+@pytest.fixture(scope="module")
+def recording(tiny_prompt: tuple[object, list[int]]) -> tuple[dict, dict]:
+    """The tiny prompt recorded with EMA 0.99 and 0.999, and with 0.999 alone."""
+    from evolve.proxy import record_prompt
+
+    model, ids = tiny_prompt
     labels = torch.zeros(1100, dtype=torch.bool)
     labels[600:640] = True
     return record_prompt(model, ids, labels, [0.99, 0.999]), record_prompt(model, ids, labels, [0.999])
@@ -87,16 +95,12 @@ def test_recording_replays_like_its_own_features(recording: tuple[dict, dict]) -
     assert 0.0 <= out["fact_kept"] <= 1.0
 
 
-def test_one_shot_recording_is_one_step_at_the_prompt_end() -> None:
+def test_one_shot_recording_is_one_step_at_the_prompt_end(tiny_prompt: tuple[object, list[int]]) -> None:
     """``record --one-shot``: a single step covering the prompt up to its last whole hop."""
-    transformers = pytest.importorskip("transformers")
-    from benchmarks.tiny_model import VOCAB_SIZE, llama_config
     from evolve.proxy import record_prompt, recording_interval
 
     assert recording_interval(2047, one_shot=True) == 2032 and recording_interval(2047, one_shot=False) == 512
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config(hidden=64, intermediate=128)).eval()
-    ids = torch.randint(4, VOCAB_SIZE, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    model, ids = tiny_prompt
     rec = record_prompt(
         model, ids, torch.zeros(1100, dtype=torch.bool), [0.99], recording_interval(1100, True)
     )
@@ -135,8 +139,9 @@ def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tm
     assert again.budget_ratio == 0.25 and again.page_score == "mean"
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
-    """No recordings, a corrupt recording, a missing model folder: one line each, exit code 2."""
+def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path, capsys) -> None:
+    """No recordings, a corrupt recording, one-shot and incremental recordings mixed, a missing
+    model folder: one line each, exit code 2."""
     from evolve.proxy import main
 
     empty = tmp_path / "empty"
@@ -144,9 +149,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "p.pt").write_bytes(b"not a recording")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name, one_shot in (("a.pt", True), ("b.pt", False)):
+        torch.save({**recording[0], "one_shot": one_shot}, mixed / name)
     for argv, says in (
         (["score", "--recordings", str(empty), "--weights", "l2-smollm2"], "no recordings"),
         (["score", "--recordings", str(corrupt), "--weights", "l2-smollm2"], "cannot be read as a recording"),
+        (["score", "--recordings", str(mixed), "--weights", "l2-smollm2"], "mix one-shot (1"),
         (["record", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rec")], "no model folder"),
     ):
         assert main(argv) == 2
