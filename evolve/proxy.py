@@ -406,9 +406,13 @@ def run(a: argparse.Namespace) -> int:
     start = load_weights(resolve_weights(a.weights))
     space = ParamSpace(start, ExtraParamsConfig(scorer_layers=a.layers))
     output_only = a.layers == "output"
+    train_recs, valid_recs = load_recordings(a.train), load_recordings(a.valid)
+    one_shot = bool(train_recs[0].get("one_shot", False))
+    if bool(valid_recs[0].get("one_shot", False)) != one_shot:
+        raise ProxyError("--train and --valid recordings differ in schedule (one-shot against incremental)")
     train, valid = (
-        ProxyScorer(load_recordings(paths), start, a.budget_ratio, a.block_size, output_only)
-        for paths in (a.train, a.valid)
+        ProxyScorer(recs, start, a.budget_ratio, a.block_size, output_only)
+        for recs in (train_recs, valid_recs)
     )
 
     def fit(proxy: ProxyScorer, x: np.ndarray) -> dict[str, float]:
@@ -488,7 +492,7 @@ def run(a: argparse.Namespace) -> int:
         generations=best["generation"] + 1,
         fitness=overall(best),
         retained_fraction=best["valid"]["retained"],
-        mode=f"budget {a.budget_ratio}",
+        mode=f"{'one-shot ' if one_shot else ''}budget {a.budget_ratio}",  # one-shot: serve with an interval > the prompt
         fitness_kind="proxy: share of the asked facts' tokens kept, over the training and validation recordings",
         command=command,
         budget_ratio=a.budget_ratio,

@@ -137,6 +137,7 @@ def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tm
     assert again.provenance.command == first.provenance.command
     assert again.provenance.command.endswith("--generations 2")  # the first run's command
     assert again.budget_ratio == 0.25 and again.page_score == "mean"
+    assert again.provenance.mode == "budget 0.25"  # incremental recordings; one-shot ones say so
 
 
 def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path, capsys) -> None:
@@ -157,6 +158,18 @@ def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path
         (["score", "--recordings", str(empty), "--weights", "l2-smollm2"], "no recordings"),
         (["score", "--recordings", str(corrupt), "--weights", "l2-smollm2"], "cannot be read as a recording"),
         (["score", "--recordings", str(mixed), "--weights", "l2-smollm2"], "mix one-shot (1"),
+        (
+            [
+                "run",
+                "--train",
+                str(mixed / "a.pt"),
+                "--valid",
+                str(mixed / "b.pt"),
+                "--out",
+                str(tmp_path / "e"),
+            ],
+            "differ in schedule",
+        ),
         (["record", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rec")], "no model folder"),
     ):
         assert main(argv) == 2
