@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -525,6 +525,55 @@ def score(a: argparse.Namespace) -> int:
     return 0
 
 
+def first_bin_start(
+    base: Any, ema_per_step: float, page_score: str, base_name: str, command: str | None = None
+) -> Any:
+    """A start for the one-shot step from ``base`` (its scorer shape and feature statistics): every
+    parameter 0 but the output weight of the spectrogram's first bin, so a token scores its
+    normalised EMA'd attention energy. With a short EMA (0.95 per query: the question's frames)
+    that is SnapKV's signal in NAMM's inputs; CMA-ES goes on from there (the study's section 1)."""
+    import dataclasses
+
+    from vllm_namm.weights import Provenance
+
+    scorer = base.build_scorer()
+    flat = torch.zeros_like(base.params)
+    w_out, _ = scorer.layers(flat)[-1]  # a view into flat; the MLP's residual passes the inputs on
+    w_out[base.features.pos_dims, 0] = 1.0
+    old = base.provenance or Provenance()
+    return dataclasses.replace(
+        base,
+        features=base.features.model_copy(update={"ema_coeff_per_step": ema_per_step}),
+        params=flat,
+        threshold=0.0,
+        page_score=page_score,
+        provenance=Provenance(
+            description=f"one-shot start: the normalised first spectrogram bin (EMA {ema_per_step}/query), "
+            f"{page_score} page scores, on the feature statistics of {base_name}",
+            base_model=old.base_model,
+            stages=["hand:first-bin"],
+            command=command,
+            model_shape=old.model_shape,
+        ),
+    )
+
+
+def start(a: argparse.Namespace) -> int:
+    from evolve.command import command_line
+    from vllm_namm.weights import describe, load_weights, save_weights
+
+    base = load_weights(a.base)
+    if base.scorer.kind != "mlp":
+        raise ProxyError(f"--base {a.base} is a {base.scorer.kind} scorer; the first-bin start needs an MLP")
+    weights = first_bin_start(
+        base, a.ema, a.page_score, str(a.base), command_line("python -m evolve.proxy", a.argv)
+    )
+    save_weights(a.out, weights)
+    print(describe(weights))
+    print(f"wrote {a.out}")
+    return 0
+
+
 def _seeds(text: str) -> list[int]:
     lo, _, hi = text.partition("-")
     return list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
@@ -532,6 +581,7 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     from evolve.tasks.realtext import REALTEXT_KINDS
+    from vllm_namm.settings import PageScore
 
     p = argparse.ArgumentParser(prog="python -m evolve.proxy", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -568,6 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-every", type=int, default=4, help="score the CMA mean on both sets every N generations"
     )
     e.add_argument("--out", type=Path, required=True)
+    st = sub.add_parser("start", help="a one-shot start: a weights file reduced to its first spectrogram bin")
+    st.add_argument("--base", default="l2-smollm2", help="weights file or shipped name (an MLP)")
+    st.add_argument(
+        "--ema", type=float, default=0.95, help="EMA coefficient per query (recorded with --gammas)"
+    )
+    st.add_argument("--page-score", choices=get_args(PageScore), default="max")
+    st.add_argument("--out", type=Path, required=True)
     s = sub.add_parser("score", parents=[common], help="weights files' proxy fitness on recordings")
     s.add_argument("--recordings", type=Path, nargs="+", required=True)
     s.add_argument("--weights", nargs="+", required=True)
@@ -581,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             check_model_dir(a.model)
             record(a.model, a.kinds, a.lengths, a.seeds, a.out, a.gammas, a.one_shot)
             return 0
-        return run(a) if a.cmd == "run" else score(a)
+        return {"run": run, "start": start, "score": score}[a.cmd](a)
     except (ProxyError, AssetError, WeightsError) as e:
         print(f"evolve.proxy: {e}", file=sys.stderr)
         return 2

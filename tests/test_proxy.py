@@ -140,6 +140,26 @@ def test_run_exports_a_weights_file_and_resumes(recording: tuple[dict, dict], tm
     assert again.provenance.mode == "budget 0.25"  # incremental recordings; one-shot ones say so
 
 
+def test_start_scores_the_first_spectrogram_bin(tmp_path) -> None:
+    """``start``: the base's statistics and shape, a scorer that returns its first-bin input, the
+    EMA and page score asked for, and the command in the provenance."""
+    from evolve.proxy import main
+    from vllm_namm.weights import load_weights
+
+    out = tmp_path / "start.safetensors"
+    assert (
+        main(["start", "--base", "l2-smollm2", "--ema", "0.9", "--page-score", "max", "--out", str(out)]) == 0
+    )
+    w, base = load_weights(out), load_weights("l2-smollm2")
+    assert w.features.ema_coeff_per_step == 0.9 and w.page_score == "max" and w.scorer == base.scorer
+    assert torch.equal(w.norm_mean, base.norm_mean)
+    x = torch.randn(3, 50, w.scorer.input_dim)
+    scores = w.build_scorer()(x, w.params).reshape(3, 50)
+    assert torch.allclose(scores, x[..., w.features.pos_dims])
+    assert w.provenance.stages == ["hand:first-bin"]
+    assert w.provenance.command.startswith("python -m evolve.proxy start --base l2-smollm2")
+
+
 def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path, capsys) -> None:
     """No recordings, a corrupt recording, one-shot and incremental recordings mixed, a missing
     model folder: one line each, exit code 2."""
@@ -170,6 +190,7 @@ def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path
             ],
             "differ in schedule",
         ),
+        (["start", "--base", "hand", "--out", str(tmp_path / "s.safetensors")], "needs an MLP"),
         (["record", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rec")], "no model folder"),
     ):
         assert main(argv) == 2
