@@ -543,7 +543,9 @@ def first_bin_start(
     old = base.provenance or Provenance()
     return dataclasses.replace(
         base,
-        features=base.features.model_copy(update={"ema_coeff_per_step": ema_per_step}),
+        features=type(base.features).model_validate(  # validated, unlike model_copy
+            {**base.features.model_dump(), "ema_coeff_per_step": ema_per_step}
+        ),
         params=flat,
         threshold=0.0,
         page_score=page_score,
@@ -563,6 +565,8 @@ def start(a: argparse.Namespace) -> int:
     from vllm_namm.weights import describe, load_weights, save_weights
 
     base = load_weights(a.base)
+    if not 0.0 < a.ema < 1.0:
+        raise ProxyError(f"--ema {a.ema}: an EMA coefficient per query lies strictly between 0 and 1")
     if base.scorer.kind != "mlp":
         raise ProxyError(f"--base {a.base} is a {base.scorer.kind} scorer; the first-bin start needs an MLP")
     weights = first_bin_start(

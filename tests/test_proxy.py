@@ -191,6 +191,7 @@ def test_bad_input_is_one_line_and_exit_2(recording: tuple[dict, dict], tmp_path
             "differ in schedule",
         ),
         (["start", "--base", "hand", "--out", str(tmp_path / "s.safetensors")], "needs an MLP"),
+        (["start", "--ema", "1.5", "--out", str(tmp_path / "s.safetensors")], "--ema 1.5"),
         (["record", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rec")], "no model folder"),
     ):
         assert main(argv) == 2
