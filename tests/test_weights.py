@@ -93,6 +93,15 @@ def test_nan_values(tmp_path):
         save_weights(tmp_path / "never.safetensors", w)
 
 
+def test_save_refuses_metadata_the_loader_would(tmp_path):
+    """A config edited with model_copy skips pydantic's checks; save validates it as load reads it."""
+    w = _weights()
+    w.features = w.features.model_copy(update={"ema_coeff_per_step": 1.5})
+    with pytest.raises(WeightsError, match="ema_coeff_per_step"):
+        save_weights(tmp_path / "never.safetensors", w)
+    assert not (tmp_path / "never.safetensors").exists()
+
+
 def test_inspect_cli_on_shipped_file():
     r = subprocess.run(
         [sys.executable, "-m", "vllm_namm.weights", "inspect", str(DEFAULT_WEIGHTS)],

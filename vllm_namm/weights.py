@@ -151,6 +151,10 @@ def save_weights(path: str | Path, weights: NammWeights) -> None:
         budget_ratio=weights.budget_ratio,
         page_score=weights.page_score,
     )
+    try:  # as load_weights reads it: a config edited with model_copy is not validated on its own
+        WeightsMeta.model_validate_json(meta.model_dump_json())
+    except ValidationError as e:
+        raise WeightsError(f"{path}: invalid metadata: {_first_error(e)}") from e
     tensors = {
         "params": weights.params.detach().float().contiguous().cpu(),
         "norm_mean": weights.norm_mean.detach().float().contiguous().cpu(),
