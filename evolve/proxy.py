@@ -209,9 +209,8 @@ def load_recordings(paths: list[Path]) -> list[dict]:
         if not isinstance(rec, dict) or rec.get("version") != RECORDING_VERSION:
             raise ProxyError(f"{f} is not a proxy recording of version {RECORDING_VERSION}")
         recs.append(rec)
-    modes = {bool(r.get("one_shot", False)) for r in recs}
-    if len(modes) > 1:  # one fitness over two schedules would evolve for neither
-        one_shot = [str(f) for f, r in zip(files, recs, strict=True) if r.get("one_shot", False)]
+    one_shot = [str(f) for f, r in zip(files, recs, strict=True) if r.get("one_shot", False)]
+    if 0 < len(one_shot) < len(recs):  # one fitness over two schedules would evolve for neither
         raise ProxyError(
             f"recordings mix one-shot ({len(one_shot)}, e.g. {one_shot[0]}) and incremental "
             f"({len(recs) - len(one_shot)}) steps: keep each schedule in its own folder"
@@ -543,9 +542,7 @@ def first_bin_start(
     old = base.provenance or Provenance()
     return dataclasses.replace(
         base,
-        features=type(base.features).model_validate(  # validated, unlike model_copy
-            {**base.features.model_dump(), "ema_coeff_per_step": ema_per_step}
-        ),
+        features=base.features.model_copy(update={"ema_coeff_per_step": ema_per_step}),
         params=flat,
         threshold=0.0,
         page_score=page_score,
